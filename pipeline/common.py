@@ -1,0 +1,125 @@
+"""Helpers every stage shares: logging, atomic writes, seeding, the compute device, quiet fastai.
+
+Nothing here knows about a particular stage; stages never import each other, only this module, `params` and the
+dataset helpers (`paddy`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+def log(stage: str, message: str) -> None:
+    """One readable line on stderr, prefixed by the stage name (DVC shows stderr as it runs)."""
+    print(f"[{stage}] {message}", file=sys.stderr, flush=True)
+
+
+def banner(stage: str, message: str) -> None:
+    """A line meant to be noticed among the rest (e.g. 'this run uses SYNTHETIC data')."""
+    bar = "=" * min(100, len(message) + 4)
+    print(f"[{stage}] {bar}\n[{stage}]   {message}\n[{stage}] {bar}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def atomic_path(target: Path | str) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces `target` in one rename, on error it is removed.
+
+    Works for files and directories: a killed writer leaves the previous `target` untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    staging = tmp / target.name
+    try:
+        yield staging
+        if not staging.exists():
+            raise FileNotFoundError(f"{staging}: the writer produced nothing")
+        if target.is_dir() and not target.is_symlink():
+            # os.replace cannot replace a non-empty directory: move the old one aside first, so that at every
+            # instant either the old or the new complete directory is at `target`.
+            old = tmp / (target.name + ".old")
+            os.replace(target, old)
+            os.replace(staging, target)
+        else:
+            os.replace(staging, target)
+    finally:
+        _remove_tree(tmp)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_json(path: Path | str, payload: Any) -> None:
+    """Write `payload` as indented JSON, atomically (metrics files are tracked by git and diffed by DVC)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (fastai's set_seed also makes cudnn deterministic)."""
+    from fastai.torch_core import set_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    set_seed(seed, reproducible=True)
+
+
+def compute_device():
+    """CUDA when present, else CPU: the only two paths this pipeline supports."""
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def quiet_progress(learn) -> None:
+    """Swap fastai's progress bars for one plain line per epoch when stdout is not a terminal.
+
+    fastprogress redraws its bars with carriage returns that turn CI and `dvc repro` logs into walls of text (its
+    own non-terminal check is always true). Without ProgressCallback, fastai's Recorder hands each epoch's row to
+    `learn.logger`, which we point at a formatter.
+    """
+    from fastai.callback.progress import ProgressCallback
+
+    if sys.stdout.isatty() or os.environ.get("PADDY_PROGRESS") == "1":
+        return
+    if any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
+        learn.remove_cb(ProgressCallback)
+    learn.logger = functools.partial(_log_epoch_row, learn)
+
+
+def _log_epoch_row(learn, row) -> None:
+    fields = [
+        f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}"
+        for name, value in zip(learn.recorder.metric_names, row)
+        if value is not None
+    ]
+    print("  " + " ".join(fields), file=sys.stderr, flush=True)

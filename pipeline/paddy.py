@@ -1,0 +1,89 @@
+"""What every paddy stage knows about the dataset: its layout, names, and the validation split they share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+COMPETITION = "paddy-disease-classification"
+DATA_DIR = Path("data/paddy")
+
+# The competition's 10 labels (folder names under train_images/) and 10 rice varieties, in sorted order.
+CLASSES = (
+    "bacterial_leaf_blight",
+    "bacterial_leaf_streak",
+    "bacterial_panicle_blight",
+    "blast",
+    "brown_spot",
+    "dead_heart",
+    "downy_mildew",
+    "hispa",
+    "normal",
+    "tungro",
+)
+VARIETIES = (
+    "ADT45",
+    "AndraPonni",
+    "AtchayaPonni",
+    "IR20",
+    "KarnatakaPonni",
+    "Onthanel",
+    "Ponni",
+    "RR",
+    "Surya",
+    "Zonal",
+)
+SMALLEST_CLASS = "bacterial_panicle_blight"  # 337 images in the real training set
+TRAIN_COLUMNS = ("image_id", "label", "variety", "age")
+SUBMISSION_COLUMNS = ("image_id", "label")
+
+
+def train_csv(data_dir: Path = DATA_DIR) -> Path:
+    return Path(data_dir) / "train.csv"
+
+
+def sample_submission_csv(data_dir: Path = DATA_DIR) -> Path:
+    return Path(data_dir) / "sample_submission.csv"
+
+
+def source_json(data_dir: Path = DATA_DIR) -> Path:
+    return Path(data_dir) / "SOURCE.json"
+
+
+def train_image_path(data_dir: Path, label: str, image_id: str) -> Path:
+    return Path(data_dir) / "train_images" / label / image_id
+
+
+def test_image_dir(data_dir: Path = DATA_DIR) -> Path:
+    return Path(data_dir) / "test_images"
+
+
+def read_train_table(data_dir: Path = DATA_DIR) -> pd.DataFrame:
+    """train.csv with a `path` column pointing at each image (the stage that wrote it has verified it)."""
+    table = pd.read_csv(train_csv(data_dir), dtype={"image_id": str, "label": str, "variety": str})
+    table["path"] = [train_image_path(data_dir, lbl, iid) for lbl, iid in zip(table["label"], table["image_id"])]
+    return table
+
+
+def test_image_ids(data_dir: Path = DATA_DIR) -> list[str]:
+    """Test ids in sample_submission's order: the order every submission must keep."""
+    return pd.read_csv(sample_submission_csv(data_dir), dtype={"image_id": str})["image_id"].tolist()
+
+
+def validation_mask(labels: pd.Series | np.ndarray, valid_pct: float, seed: int) -> np.ndarray:
+    """Boolean mask of the rows held out for validation: seeded and stratified by label.
+
+    Every member and the ensemble use this one split, so their validation accuracies are comparable.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    if not 0 < valid_pct < 1:
+        raise ValueError(f"valid_pct must be between 0 and 1, got {valid_pct}")
+    indices = np.arange(len(labels))
+    _, valid_idx = train_test_split(indices, test_size=valid_pct, random_state=seed, stratify=labels)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[valid_idx] = True
+    return mask

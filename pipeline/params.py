@@ -1,0 +1,161 @@
+"""Read params.yaml once and turn a section of it into a typed, validated config.
+
+Every stage declares its config as a frozen dataclass and calls `load_section`. Validation is strict: an unknown
+key, a missing key or a value of the wrong type is a one-line `ParamsError` that names the file, the dotted key
+and the fix. We hand-roll this (about a hundred lines) instead of adding pydantic because the configs are plain
+dataclasses of scalars, lists and nested dataclasses, and pydantic's multi-line reports are not the one-line
+errors this project promises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+PROFILES = ("demo", "competition")
+
+C = TypeVar("C")
+
+
+class ParamsError(ValueError):
+    """A bad params.yaml: the message is one line naming the file, the key and the fix."""
+
+
+def read_params(path: Path | str = PARAMS_FILE) -> dict:
+    """The whole params file as a dict; a missing or malformed file is a ParamsError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the project root or copy pipeline/profiles/demo.yaml there")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level; see pipeline/profiles/demo.yaml")
+    return raw
+
+
+def profile_of(params: Mapping[str, Any], path: Path | str = PARAMS_FILE) -> str:
+    """The profile named at the top of params.yaml (recorded in every metrics file)."""
+    profile = params.get("profile")
+    if profile not in PROFILES:
+        raise ParamsError(f"{path}: key 'profile' is {profile!r}; set it to one of {', '.join(PROFILES)}")
+    return profile
+
+
+def load_section(cls: type[C], params: Mapping[str, Any], section: str, path: Path | str = PARAMS_FILE) -> C:
+    """Build dataclass `cls` from `params[section]`, validating every key and value."""
+    if section not in params:
+        raise ParamsError(f"{path}: missing section '{section}'; copy it from pipeline/profiles/demo.yaml")
+    return from_mapping(cls, params[section], section, path)
+
+
+def from_mapping(cls: type[C], raw: Any, key: str, path: Path | str = PARAMS_FILE) -> C:
+    """Build dataclass `cls` from mapping `raw` found at dotted `key` of `path`."""
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{path}: key '{key}' must be a mapping, got {_shown(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"{path}: unknown key '{key}.{unknown[0]}'; remove it or use one of: {', '.join(sorted(fields))}"
+        )
+    hints = get_type_hints(cls)
+    values = {}
+    for name, field in fields.items():
+        if name not in raw:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ParamsError(f"{path}: missing key '{key}.{name}'; add it (see pipeline/profiles/demo.yaml)")
+            continue
+        values[name] = _coerce(hints[name], raw[name], f"{key}.{name}", path)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as err:
+        # __post_init__ checks raise plain ValueErrors; give them the file and section they are about.
+        raise ParamsError(f"{path}: key '{key}': {err}") from None
+
+
+def _coerce(hint: Any, value: Any, key: str, path: Path | str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key, path)
+            except ParamsError as err:
+                errors.append(err)
+        raise ParamsError(f"{path}: key '{key}' is {_shown(value)}; expected {_type_name(hint)}")
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"{path}: key '{key}' is {_shown(value)}; use one of: {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, key, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{path}: key '{key}' is {_shown(value)}; expected a list ({_type_name(hint)})")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ParamsError(f"{path}: key '{key}' has {len(value)} items; expected {len(args)}")
+            return tuple(_coerce(a, v, f"{key}[{i}]", path) for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [_coerce(item, v, f"{key}[{i}]", path) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ParamsError(f"{path}: key '{key}' is {_shown(value)}; expected a mapping")
+        key_type, value_type = args or (str, Any)
+        return {
+            _coerce(key_type, k, f"{key}", path): _coerce(value_type, v, f"{key}.{k}", path) for k, v in value.items()
+        }
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the number the user meant.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ParamsError(f"{path}: key '{key}' is {_shown(value)}; expected {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args if a is not Ellipsis)}]"
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+__all__ = [
+    "PARAMS_FILE",
+    "PROFILES",
+    "ParamsError",
+    "from_mapping",
+    "load_section",
+    "profile_of",
+    "read_params",
+]
