@@ -1,0 +1,331 @@
+"""Stage `movielens_data`: the MovieLens 100k ratings and titles in data/movielens/, verified.
+
+Sources (param `movielens.source`):
+- `grouplens`: GroupLens' ml-100k.zip (u.data tab-separated, u.item latin-1 pipe-separated), as the seeds read it.
+- `recbole`: the same ratings and titles shipped inside the recbole wheel (RecBole's atomic files), fetched from PyPI
+  with `pip download --no-deps` and read straight out of the wheel: PyPI is reachable where GroupLens is not.
+- `auto`: GroupLens with a short timeout, else recbole.
+- a path: an ml-100k zip, a folder holding u.data and u.item, a recbole wheel, or a folder in our own layout
+  (ratings.csv, movies.csv).
+Downloads are cached in data/downloads/ so reruns do not fetch again. Output: ratings.csv (user, movie, rating,
+timestamp), movies.csv (movie, title) and SOURCE.json, swapped in atomically; metrics/movielens_data.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.common import atomic_path, banner, log, write_json
+from pipeline.params import ParamsError, load_section, profile_of, read_params
+
+STAGE = "movielens_data"
+DATA_DIR = Path("data/movielens")
+DOWNLOADS_DIR = Path("data/downloads")
+METRICS_FILE = Path("metrics/movielens_data.json")
+GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+RECBOLE_MEMBERS = (
+    "recbole/dataset_example/ml-100k/ml-100k.inter",
+    "recbole/dataset_example/ml-100k/ml-100k.item",
+)
+RATING_COLUMNS = ("user", "movie", "rating", "timestamp")
+MOVIE_COLUMNS = ("movie", "title")
+RATING_RANGE = (1, 5)
+# The published size of ML-100k: a download that does not match is not the data the seeds' numbers are about.
+ML_100K_COUNTS = {"n_ratings": 100_000, "n_users": 943, "n_movies": 1_682}
+
+
+class MovielensDataError(ValueError):
+    """Unusable MovieLens input: the message is one line naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class MovielensConfig:
+    source: str = "auto"  # auto | grouplens | recbole | a path
+    timeout_s: float = 5.0  # for GroupLens: `auto` falls back to recbole quickly on offline machines
+
+    def __post_init__(self):
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s is {self.timeout_s}; use a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class MovieLens:
+    ratings: pd.DataFrame  # user, movie, rating, timestamp
+    movies: pd.DataFrame  # movie, title
+    source: str  # what was read, for SOURCE.json and the banner
+
+
+# ---------------------------------------------------------------- readers (each returns raw, unvalidated tables)
+
+
+def read_grouplens_zip(path: Path) -> MovieLens:
+    """ml-100k.zip as GroupLens publishes it: ml-100k/u.data and ml-100k/u.item."""
+    with _open_zip(path) as archive:
+        data_name = _member_ending(archive, "u.data", path)
+        item_name = _member_ending(archive, "u.item", path)
+        ratings = _read_table(archive.read(data_name), f"{path}:{data_name}", sep="\t", names=RATING_COLUMNS)
+        movies = _read_table(
+            archive.read(item_name), f"{path}:{item_name}", sep="|", names=MOVIE_COLUMNS, usecols=(0, 1), encoding="latin-1"
+        )
+    return MovieLens(ratings, movies, f"grouplens:{path.name}")
+
+
+def read_grouplens_folder(folder: Path) -> MovieLens:
+    """An extracted ml-100k folder (u.data, u.item)."""
+    ratings = _read_table((folder / "u.data").read_bytes(), folder / "u.data", sep="\t", names=RATING_COLUMNS)
+    movies = _read_table(
+        (folder / "u.item").read_bytes(), folder / "u.item", sep="|", names=MOVIE_COLUMNS, usecols=(0, 1), encoding="latin-1"
+    )
+    return MovieLens(ratings, movies, f"grouplens:{folder}")
+
+
+def read_recbole_wheel(path: Path) -> MovieLens:
+    """ml-100k from inside the recbole wheel: RecBole atomic files with typed headers (`user_id:token` ...).
+
+    RecBole splits GroupLens' 'Star Wars (1977)' into a title and a release_year column; we join them back so titles
+    read as in the seeds whichever source was used.
+    """
+    with _open_zip(path) as archive:
+        missing = [name for name in RECBOLE_MEMBERS if name not in archive.namelist()]
+        if missing:
+            raise MovielensDataError(f"{path}: no {missing[0]} inside; pass a recbole wheel that ships ml-100k")
+        inter_name, item_name = RECBOLE_MEMBERS
+        inter = _read_table(archive.read(inter_name), f"{path}:{inter_name}", sep="\t", header=0)
+        items = _read_table(archive.read(item_name), f"{path}:{item_name}", sep="\t", header=0, dtype=str, keep_default_na=False)
+    inter.columns = [name.split(":")[0] for name in inter.columns]
+    items.columns = [name.split(":")[0] for name in items.columns]
+    _require_columns(inter, ("user_id", "item_id", "rating", "timestamp"), f"{path}:{inter_name}")
+    _require_columns(items, ("item_id", "movie_title", "release_year"), f"{path}:{item_name}")
+    ratings = inter.rename(columns={"user_id": "user", "item_id": "movie"})[list(RATING_COLUMNS)]
+    movies = pd.DataFrame({"movie": items["item_id"], "title": items.apply(_grouplens_title, axis=1)})
+    return MovieLens(ratings, movies, f"recbole:{path.name}")
+
+
+def read_csv_folder(folder: Path) -> MovieLens:
+    """A folder in this stage's own output layout (ratings.csv, movies.csv)."""
+    ratings = _read_table((folder / "ratings.csv").read_bytes(), folder / "ratings.csv", header=0)
+    movies = _read_table((folder / "movies.csv").read_bytes(), folder / "movies.csv", header=0)
+    return MovieLens(ratings, movies, f"local:{folder}")
+
+
+def read_local(path: Path) -> MovieLens:
+    """Any of the layouts a local path may hold."""
+    if not path.exists():
+        raise MovielensDataError(f"{path}: not found; set movielens.source to auto, grouplens, recbole or an existing path")
+    if path.is_file() and path.suffix == ".whl":
+        return read_recbole_wheel(path)
+    if path.is_file():
+        return read_grouplens_zip(path)
+    if (path / "u.data").is_file() and (path / "u.item").is_file():
+        return read_grouplens_folder(path)
+    if (path / "ratings.csv").is_file() and (path / "movies.csv").is_file():
+        return read_csv_folder(path)
+    raise MovielensDataError(f"{path}: holds neither u.data+u.item nor ratings.csv+movies.csv; point it at ml-100k")
+
+
+def _grouplens_title(item: pd.Series) -> str:
+    title, year = item["movie_title"], item["release_year"]
+    if title == "unkonwn":  # RecBole's spelling of GroupLens' placeholder for movie 267 (no title, no date)
+        return "unknown"
+    return f"{title} ({year})" if year.isdigit() else title
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise MovielensDataError(f"{path}: not a readable zip ({err}); delete it so that it is fetched again") from None
+
+
+def _member_ending(archive: zipfile.ZipFile, suffix: str, path: Path) -> str:
+    names = [name for name in archive.namelist() if name == suffix or name.endswith("/" + suffix)]
+    if not names:
+        raise MovielensDataError(f"{path}: no {suffix} inside; expected GroupLens' ml-100k.zip layout")
+    return names[0]
+
+
+def _read_table(raw: bytes, where, **read_csv_args) -> pd.DataFrame:
+    try:
+        return pd.read_csv(io.BytesIO(raw), header=read_csv_args.pop("header", None), **read_csv_args)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise MovielensDataError(f"{where}: cannot be parsed ({message}); check the file's format") from None
+
+
+def _require_columns(table: pd.DataFrame, columns, where) -> None:
+    missing = [name for name in columns if name not in table.columns]
+    if missing:
+        raise MovielensDataError(
+            f"{where}: missing column '{missing[0]}' (has {', '.join(map(str, table.columns))}); expected {', '.join(columns)}"
+        )
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(data: MovieLens, where: str, expected_counts: dict | None = None) -> MovieLens:
+    """Typed, checked tables: integer ids, ratings in 1..5, a title for every rated movie; else MovielensDataError.
+
+    `expected_counts` (e.g. ML_100K_COUNTS) also checks the sizes of a known release.
+    """
+    ratings, movies = data.ratings, data.movies
+    _require_columns(ratings, RATING_COLUMNS, f"{where} ratings")
+    _require_columns(movies, MOVIE_COLUMNS, f"{where} movies")
+    ratings = ratings[list(RATING_COLUMNS)].copy()
+    movies = movies[list(MOVIE_COLUMNS)].copy()
+    if ratings.empty:
+        raise MovielensDataError(f"{where} ratings: no rows; point movielens.source at a ratings file with data")
+    for column in ("user", "movie", "timestamp"):
+        ratings[column] = _integer_column(ratings[column], f"{where} ratings", column)
+    movies["movie"] = _integer_column(movies["movie"], f"{where} movies", "movie")
+    rating = pd.to_numeric(ratings["rating"], errors="coerce")
+    low, high = RATING_RANGE
+    bad = rating.isna() | (rating < low) | (rating > high)
+    if bad.any():
+        row = bad.to_numpy().nonzero()[0][0]
+        raise MovielensDataError(
+            f"{where} ratings: {int(bad.sum())} rating(s) outside {low}..{high} (first: row {row}, "
+            f"{ratings['rating'].iloc[row]!r}); fix or drop those rows"
+        )
+    ratings["rating"] = rating.astype("float32")
+    if movies["movie"].duplicated().any():
+        dup = movies.loc[movies["movie"].duplicated(), "movie"].iloc[0]
+        raise MovielensDataError(f"{where} movies: movie id {dup} appears twice; keep one title per id")
+    untitled = sorted(set(ratings["movie"]) - set(movies["movie"]))
+    if untitled:
+        raise MovielensDataError(
+            f"{where}: {len(untitled)} rated movie id(s) have no title (first: {untitled[0]}); add them to the movies file"
+        )
+    movies["title"] = movies["title"].astype(str)
+    checked = MovieLens(ratings.reset_index(drop=True), movies.sort_values("movie").reset_index(drop=True), data.source)
+    if expected_counts:
+        found = counts(checked)
+        wrong = {k: v for k, v in expected_counts.items() if found[k] != v}
+        if wrong:
+            key = next(iter(wrong))
+            raise MovielensDataError(
+                f"{where}: {key} is {found[key]}, expected {wrong[key]} for ML-100k; the download is damaged, delete it"
+            )
+    return checked
+
+
+def _integer_column(values: pd.Series, where: str, column: str) -> pd.Series:
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = numbers.isna() | (numbers != numbers.round())
+    if bad.any():
+        row = bad.to_numpy().nonzero()[0][0]
+        raise MovielensDataError(
+            f"{where}: column '{column}' needs integer ids, row {row} has {values.iloc[row]!r}; fix or drop that row"
+        )
+    return numbers.astype("int64")
+
+
+def counts(data: MovieLens) -> dict:
+    return {
+        "n_ratings": len(data.ratings),
+        "n_users": int(data.ratings["user"].nunique()),
+        "n_movies": int(data.ratings["movie"].nunique()),
+    }
+
+
+# ---------------------------------------------------------------- fetching (network; never called by tests)
+
+
+def fetch_grouplens(downloads: Path, timeout_s: float) -> Path:
+    """ml-100k.zip from GroupLens, cached in `downloads`; URLError/OSError when offline."""
+    target = downloads / "ml-100k.zip"
+    if target.is_file():
+        return target
+    log(STAGE, f"downloading {GROUPLENS_URL} (timeout {timeout_s:g} s)")
+    with urllib.request.urlopen(GROUPLENS_URL, timeout=timeout_s) as response, atomic_path(target) as tmp:
+        tmp.write_bytes(response.read())
+    return target
+
+
+def fetch_recbole_wheel(downloads: Path) -> Path:
+    """The recbole wheel from PyPI (without its dependencies), cached in `downloads`."""
+    cached = sorted(downloads.glob("recbole-*.whl"))
+    if cached:
+        return cached[-1]
+    log(STAGE, "fetching the recbole wheel from PyPI (pip download --no-deps) for its copy of ml-100k")
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "recbole", "-d", tmp]
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("recbole-*.whl"))
+        if result.returncode != 0 or not wheels:
+            reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise MovielensDataError(
+                f"pip download recbole failed ({reason}); set movielens.source to a local ml-100k zip or folder"
+            )
+        with atomic_path(downloads / wheels[0].name) as staged:
+            staged.write_bytes(wheels[0].read_bytes())
+    return downloads / wheels[0].name
+
+
+def load(config: MovielensConfig, downloads: Path = DOWNLOADS_DIR) -> MovieLens:
+    """Read and validate the configured source (auto: GroupLens, then the recbole wheel)."""
+    if config.source in ("auto", "grouplens"):
+        try:
+            archive = fetch_grouplens(downloads, config.timeout_s)
+        except OSError as err:  # URLError and socket timeouts are OSErrors
+            if config.source == "grouplens":
+                raise MovielensDataError(
+                    f"{GROUPLENS_URL}: unreachable ({err}); use source auto or recbole, or a local path"
+                ) from None
+            log(STAGE, f"GroupLens unreachable ({err}); falling back to the recbole wheel")
+        else:
+            return validate(read_grouplens_zip(archive), str(archive), ML_100K_COUNTS)
+    if config.source in ("auto", "recbole"):
+        wheel = fetch_recbole_wheel(downloads)
+        return validate(read_recbole_wheel(wheel), str(wheel), ML_100K_COUNTS)
+    return validate(read_local(Path(config.source)), config.source)
+
+
+def write_dataset(data: MovieLens, target: Path = DATA_DIR) -> dict:
+    """ratings.csv, movies.csv and SOURCE.json, swapped in as one directory; returns SOURCE.json's content."""
+    with atomic_path(target) as staging:
+        staging.mkdir()
+        data.ratings.to_csv(staging / "ratings.csv", index=False)
+        data.movies.to_csv(staging / "movies.csv", index=False)
+        source = {
+            "source": data.source,
+            **counts(data),
+            "sha256": {name: _sha256(staging / name) for name in ("ratings.csv", "movies.csv")},
+        }
+        (staging / "SOURCE.json").write_text(json.dumps(source, indent=2) + "\n")
+    return source
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> None:
+    try:
+        params = read_params()
+        profile = profile_of(params)
+        config = load_section(MovielensConfig, params, "movielens")
+        data = load(config)
+        source = write_dataset(data)
+    except (ParamsError, MovielensDataError) as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    banner(STAGE, f"MovieLens source: {data.source} ({source['n_ratings']} ratings, {source['n_users']} users, "
+           f"{source['n_movies']} movies)")
+    write_json(METRICS_FILE, {"profile": profile, **source, "rating_mean": float(data.ratings["rating"].mean()),
+                              "params": asdict(config)})
+    log(STAGE, f"wrote {DATA_DIR}/ and {METRICS_FILE}")
+
+
+if __name__ == "__main__":
+    main()
