@@ -89,12 +89,16 @@ def _coerce(hint: Any, value: Any, key: str, path: Path | str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        same_shape_error = None
         for option in (a for a in args if a is not type(None)):
             try:
                 return _coerce(option, value, key, path)
             except ParamsError as err:
-                errors.append(err)
+                # A list given for `int | tuple[int, int]` is best explained by the tuple's own complaint.
+                if _same_shape(option, value):
+                    same_shape_error = err
+        if same_shape_error is not None:
+            raise same_shape_error
         raise ParamsError(f"{path}: key '{key}' is {_shown(value)}; expected {_type_name(hint)}")
     if origin is Literal:
         if value not in args:
@@ -130,6 +134,15 @@ def _coerce(hint: Any, value: Any, key: str, path: Path | str) -> Any:
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise ParamsError(f"{path}: key '{key}' is {_shown(value)}; expected {_type_name(hint)}")
+
+
+def _same_shape(hint: Any, value: Any) -> bool:
+    container = get_origin(hint) or (hint if dataclasses.is_dataclass(hint) else None)
+    if container in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if container is dict or dataclasses.is_dataclass(container):
+        return isinstance(value, Mapping)
+    return False
 
 
 def _type_name(hint: Any) -> str:
