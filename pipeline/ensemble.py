@@ -1,0 +1,334 @@
+"""Stage `ensemble`: average the members' TTA probabilities and write the submissions.
+
+Reads preds/<member>/{test,valid}.csv for every member in params `train.members`, checks the members agree (one
+vocab, the same test ids, the same validation ids and labels), averages their probabilities with the weights of
+params `ensemble` (or weights fitted on the validation probabilities), and writes:
+- submissions/members/<member>.csv: each member's own submission,
+- submissions/submission.csv: the ensemble's,
+each validated against data/paddy/sample_submission.csv before anything is written;
+- metrics/ensemble.json: every member's and the ensemble's accuracy on the shared validation set, and the gain of
+  the ensemble over its best member.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.common import atomic_path, log, write_json
+from pipeline.params import ParamsError, load_section, profile_of, read_params
+from pipeline.paddy import sample_submission_csv
+from pipeline.submission import (
+    SubmissionError,
+    build_submission,
+    read_sample_submission,
+    validate_submission,
+    write_submission_csv,
+)
+
+STAGE = "ensemble"
+PREDS_DIR = Path("preds")
+SUBMISSIONS_DIR = Path("submissions")
+METRICS_FILE = Path("metrics/ensemble.json")
+# Rows of TTA probabilities sum to 1 up to the rounding of the CSV they were written to.
+PROB_SUM_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    weights: dict[str, float] = field(default_factory=dict)  # members not listed weigh 1
+    fit_weights: bool = False
+
+    def __post_init__(self):
+        negative = [name for name, weight in self.weights.items() if not weight >= 0]
+        if negative:
+            raise ValueError(f"weight of '{negative[0]}' is {self.weights[negative[0]]}; weights must be >= 0")
+
+
+class MemberPredsError(ValueError):
+    """A member's predictions are missing or disagree with the others': one line naming the file."""
+
+
+@dataclass(frozen=True)
+class MemberPreds:
+    """One member's TTA probabilities; columns of the arrays are in `vocab` order."""
+
+    name: str
+    vocab: tuple[str, ...]
+    test_ids: tuple[str, ...]
+    test_probs: np.ndarray
+    valid_ids: tuple[str, ...]
+    valid_labels: tuple[str, ...]
+    valid_probs: np.ndarray
+
+
+def member_names(params: Mapping) -> list[str]:
+    """The ensemble's members: the keys of params `train.members`, in the order written there."""
+    members = params.get("train", {}).get("members") if isinstance(params.get("train"), Mapping) else None
+    if not isinstance(members, Mapping) or not members:
+        raise ParamsError("params.yaml: key 'train.members' must be a non-empty mapping of member name -> config")
+    return [str(name) for name in members]
+
+
+def resolve_weights(members: Sequence[str], weights: Mapping[str, float]) -> dict[str, float]:
+    """Each member's weight: the listed one, else 1; a weight for a member that is not trained is an error."""
+    strangers = [name for name in weights if name not in members]
+    if strangers:
+        raise ParamsError(
+            f"params.yaml: key 'ensemble.weights.{strangers[0]}' names no member of train.members "
+            f"({', '.join(members)}); remove it or add the member"
+        )
+    resolved = {name: float(weights.get(name, 1.0)) for name in members}
+    if sum(resolved.values()) <= 0:
+        raise ParamsError("params.yaml: key 'ensemble.weights': every weight is 0; give at least one member weight > 0")
+    return resolved
+
+
+def read_member_preds(preds_dir: Path, name: str) -> MemberPreds:
+    """preds/<name>/test.csv and valid.csv as written by train@<name>, checked for shape and probabilities."""
+    member_dir = Path(preds_dir) / name
+    test_file, valid_file = member_dir / "test.csv", member_dir / "valid.csv"
+    for path in (test_file, valid_file):
+        if not path.is_file():
+            raise MemberPredsError(f"{path}: missing predictions of member '{name}'; run dvc repro train@{name}")
+    test = pd.read_csv(test_file, dtype={"image_id": str})
+    valid = pd.read_csv(valid_file, dtype={"image_id": str, "label": str})
+    vocab = tuple(c for c in test.columns if c != "image_id")
+    if list(test.columns[:1]) != ["image_id"] or not vocab:
+        raise MemberPredsError(f"{test_file}: expected columns image_id then one per class; got {list(test.columns)}")
+    if list(valid.columns[:2]) != ["image_id", "label"] or set(valid.columns[2:]) != set(vocab):
+        raise MemberPredsError(
+            f"{valid_file}: expected columns image_id, label, then the classes of {test_file.name} ({', '.join(vocab)})"
+        )
+    for path, table in ((test_file, test), (valid_file, valid)):
+        _check_probabilities(path, table[list(vocab)].to_numpy(dtype=float))
+        duplicated = table["image_id"][table["image_id"].duplicated()]
+        if len(duplicated):
+            raise MemberPredsError(f"{path}: image_id {duplicated.iloc[0]!r} appears more than once")
+    return MemberPreds(
+        name=name,
+        vocab=vocab,
+        test_ids=tuple(test["image_id"]),
+        test_probs=test[list(vocab)].to_numpy(dtype=float),
+        valid_ids=tuple(valid["image_id"]),
+        valid_labels=tuple(valid["label"]),
+        valid_probs=valid[list(vocab)].to_numpy(dtype=float),
+    )
+
+
+def _check_probabilities(path: Path, probs: np.ndarray) -> None:
+    if not np.isfinite(probs).all() or (probs < 0).any():
+        raise MemberPredsError(f"{path}: probabilities must be finite and >= 0")
+    sums = probs.sum(axis=1)
+    off = np.flatnonzero(np.abs(sums - 1) > PROB_SUM_TOLERANCE)
+    if len(off):
+        raise MemberPredsError(f"{path}: row {int(off[0]) + 1} sums to {sums[off[0]]:.4f}, not 1; are these logits?")
+
+
+def align_members(members: Sequence[MemberPreds], test_ids: Sequence[str], preds_dir: Path) -> list[MemberPreds]:
+    """The members with columns in the first member's vocab order and test rows in `test_ids` order.
+
+    Every member must have the first member's vocab (as a set), exactly the ids of `test_ids`, and the first
+    member's validation ids and labels; otherwise a MemberPredsError names the member file that differs.
+    """
+    reference = members[0]
+    vocab = reference.vocab
+    valid_order = {image_id: row for row, image_id in enumerate(reference.valid_ids)}
+    aligned = []
+    for member in members:
+        where = Path(preds_dir) / member.name
+        if set(member.vocab) != set(vocab):
+            differ = sorted(set(member.vocab) ^ set(vocab))
+            raise MemberPredsError(
+                f"{where / 'test.csv'}: classes differ from member '{reference.name}' (e.g. {differ[0]!r}); "
+                "every member must be trained on the same labels"
+            )
+        if set(member.test_ids) != set(test_ids) or len(member.test_ids) != len(test_ids):
+            raise MemberPredsError(
+                f"{where / 'test.csv'}: test image ids differ from sample_submission.csv; rerun dvc repro train@{member.name}"
+            )
+        if set(member.valid_ids) != set(reference.valid_ids) or len(member.valid_ids) != len(reference.valid_ids):
+            raise MemberPredsError(
+                f"{where / 'valid.csv'}: validation ids differ from member '{reference.name}'; "
+                "every member must use the shared split (params validation)"
+            )
+        columns = [member.vocab.index(label) for label in vocab]
+        test_rows = pd.Index(member.test_ids).get_indexer(list(test_ids))
+        valid_rows = np.argsort([valid_order[image_id] for image_id in member.valid_ids])
+        valid_labels = tuple(np.asarray(member.valid_labels, dtype=object)[valid_rows])
+        if valid_labels != reference.valid_labels:
+            raise MemberPredsError(
+                f"{where / 'valid.csv'}: true labels differ from member '{reference.name}' for the same image ids"
+            )
+        aligned.append(
+            MemberPreds(
+                name=member.name,
+                vocab=vocab,
+                test_ids=tuple(test_ids),
+                test_probs=member.test_probs[test_rows][:, columns],
+                valid_ids=reference.valid_ids,
+                valid_labels=valid_labels,
+                valid_probs=member.valid_probs[valid_rows][:, columns],
+            )
+        )
+    return aligned
+
+
+def weighted_average(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """sum_i w_i p_i / sum_i w_i: rows still sum to 1 when each member's do."""
+    weights = np.asarray(weights, dtype=float)
+    if len(weights) != len(probs) or weights.sum() <= 0 or (weights < 0).any():
+        raise ValueError(f"need one weight >= 0 per member with a positive sum; got {weights.tolist()}")
+    return np.tensordot(weights, np.stack(probs), axes=1) / weights.sum()
+
+
+def accuracy(probs: np.ndarray, labels: Sequence[str], vocab: Sequence[str]) -> float | None:
+    """Share of rows whose most probable class is the label; None when there are no rows (validation.full)."""
+    if len(labels) == 0:
+        return None
+    predicted = np.asarray(vocab, dtype=object)[np.asarray(probs).argmax(axis=1)]
+    return float(np.mean(predicted == np.asarray(labels, dtype=object)))
+
+
+def fit_weights(valid_probs: Sequence[np.ndarray], labels: Sequence[str], vocab: Sequence[str]) -> list[float]:
+    """Non-negative weights summing to 1 that minimise the log-loss of the weighted average on validation.
+
+    They are fitted on the very set the accuracies are measured on, so the ensemble's validation accuracy is then
+    optimistic; metrics say so (`weights_fitted_on: valid`).
+    """
+    from scipy.optimize import minimize
+
+    if len(labels) == 0:
+        raise ParamsError(
+            "params.yaml: key 'ensemble.fit_weights' needs a validation set, but validation.full is true; "
+            "set one of them to false"
+        )
+    truth = pd.Index(list(vocab)).get_indexer(list(labels))
+    if (truth < 0).any():
+        raise MemberPredsError(f"validation label {labels[int(np.flatnonzero(truth < 0)[0])]!r} is not in the vocab")
+    stacked = np.stack(valid_probs)  # members x rows x classes
+    true_probs = stacked[:, np.arange(len(truth)), truth]  # members x rows
+
+    def log_loss(weights: np.ndarray) -> float:
+        return float(-np.mean(np.log(np.clip(weights @ true_probs, 1e-12, None))))
+
+    n_members = len(valid_probs)
+    result = minimize(
+        log_loss,
+        np.full(n_members, 1 / n_members),
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * n_members,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+    )
+    weights = np.clip(result.x, 0, None)
+    return [round(float(w), 6) for w in weights / weights.sum()]
+
+
+@dataclass(frozen=True)
+class EnsembleResult:
+    """Everything the stage writes, built and validated before any of it is written."""
+
+    member_submissions: dict[str, pd.DataFrame]
+    submission: pd.DataFrame
+    metrics: dict
+
+
+def ensemble(
+    members: Sequence[MemberPreds],
+    sample: pd.DataFrame,
+    weights: Mapping[str, float],
+    fit: bool,
+    profile: str,
+    submissions_dir: Path = SUBMISSIONS_DIR,
+) -> EnsembleResult:
+    """Average aligned members, build and validate every submission, and compute the metrics."""
+    vocab = members[0].vocab
+    labels = members[0].valid_labels
+    test_ids = list(sample["image_id"])
+    if fit:
+        used_weights = dict(zip([m.name for m in members], fit_weights([m.valid_probs for m in members], labels, vocab)))
+    else:
+        used_weights = {m.name: weights[m.name] for m in members}
+    weight_list = [used_weights[m.name] for m in members]
+    test_probs = weighted_average([m.test_probs for m in members], weight_list)
+    valid_probs = weighted_average([m.valid_probs for m in members], weight_list)
+
+    member_submissions = {}
+    for member in members:
+        submission = build_submission(test_ids, member.test_probs, vocab)
+        validate_submission(submission, sample, vocab, str(submissions_dir / "members" / f"{member.name}.csv"))
+        member_submissions[member.name] = submission
+    submission = build_submission(test_ids, test_probs, vocab)
+    validate_submission(submission, sample, vocab, str(submissions_dir / "submission.csv"))
+
+    member_accuracy = {m.name: accuracy(m.valid_probs, labels, vocab) for m in members}
+    ensemble_accuracy = accuracy(valid_probs, labels, vocab)
+    best_member = None if ensemble_accuracy is None else max(member_accuracy, key=member_accuracy.get)
+    metrics = {
+        "profile": profile,
+        "n_valid": len(labels),
+        "n_test": len(test_ids),
+        "members": {
+            m.name: {"valid_accuracy": member_accuracy[m.name], "weight": used_weights[m.name]} for m in members
+        },
+        "ensemble": {"valid_accuracy": ensemble_accuracy},
+        "best_member": best_member,
+        "gain_over_best_member": None
+        if best_member is None
+        else round(ensemble_accuracy - member_accuracy[best_member], 6),
+        "weights_fitted_on": "valid" if fit else None,
+    }
+    return EnsembleResult(member_submissions, submission, metrics)
+
+
+def write_outputs(result: EnsembleResult, submissions_dir: Path, metrics_file: Path) -> None:
+    """Write the validated submissions and the metrics, each atomically."""
+    with atomic_path(Path(submissions_dir) / "members") as members_dir:
+        members_dir.mkdir()
+        for name, submission in result.member_submissions.items():
+            submission.to_csv(members_dir / f"{name}.csv", index=False)
+    write_submission_csv(Path(submissions_dir) / "submission.csv", result.submission)
+    write_json(metrics_file, result.metrics)
+
+
+def run(
+    params: Mapping,
+    preds_dir: Path = PREDS_DIR,
+    sample_file: Path | None = None,
+    submissions_dir: Path = SUBMISSIONS_DIR,
+    metrics_file: Path = METRICS_FILE,
+) -> dict:
+    """The whole stage on `params` (params.yaml as a dict); returns the metrics it wrote."""
+    profile = profile_of(params)
+    config = load_section(EnsembleConfig, params, "ensemble")
+    names = member_names(params)
+    weights = resolve_weights(names, config.weights)
+    sample = read_sample_submission(sample_file or sample_submission_csv())
+    members = align_members([read_member_preds(preds_dir, name) for name in names], sample["image_id"], preds_dir)
+    result = ensemble(members, sample, weights, config.fit_weights, profile, submissions_dir)
+    write_outputs(result, submissions_dir, metrics_file)
+    return result.metrics
+
+
+def _shown(value: float | None) -> str:
+    return "n/a (validation.full)" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def main() -> None:
+    try:
+        metrics = run(read_params())
+    except (ParamsError, MemberPredsError, SubmissionError) as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    for name, member in metrics["members"].items():
+        log(STAGE, f"{name}: weight {member['weight']:g}, valid accuracy {_shown(member['valid_accuracy'])}")
+    log(STAGE, f"ensemble: valid accuracy {_shown(metrics['ensemble']['valid_accuracy'])}")
+    log(STAGE, f"wrote {SUBMISSIONS_DIR}/submission.csv, {SUBMISSIONS_DIR}/members/ and {METRICS_FILE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Submission CSVs: build one from probabilities, and check one against sample_submission.csv before it is used.
+
+Shared by the `ensemble` stage (which writes them) and `make submit` (which uploads one), so that both hold a
+submission to the same rules: sample_submission's columns, ids, row count and row order, and every label in the
+vocab.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.common import atomic_path
+from pipeline.paddy import SUBMISSION_COLUMNS
+
+
+class SubmissionError(ValueError):
+    """A submission that does not match sample_submission.csv: the message is one line naming the file."""
+
+
+def read_sample_submission(path: Path | str) -> pd.DataFrame:
+    """sample_submission.csv, ids as strings; a missing file or a duplicated id is a SubmissionError."""
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"{path}: not found; run `dvc repro paddy_data` to fetch or generate the data")
+    sample = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "image_id" not in sample.columns:
+        raise SubmissionError(f"{path}: no `image_id` column; it is not the competition's sample_submission.csv")
+    duplicated = sample["image_id"][sample["image_id"].duplicated()]
+    if len(duplicated):
+        raise SubmissionError(f"{path}: image_id {duplicated.iloc[0]!r} appears more than once")
+    return sample
+
+
+def build_submission(image_ids: Sequence[str], probs: np.ndarray, vocab: Sequence[str]) -> pd.DataFrame:
+    """image_id and the most probable label of each row of `probs` (columns in `vocab` order)."""
+    probs = np.asarray(probs)
+    if probs.shape != (len(image_ids), len(vocab)):
+        raise ValueError(f"probabilities have shape {probs.shape}; expected ({len(image_ids)}, {len(vocab)})")
+    labels = np.asarray(vocab, dtype=object)[probs.argmax(axis=1)]
+    return pd.DataFrame({"image_id": list(image_ids), "label": labels}, columns=list(SUBMISSION_COLUMNS))
+
+
+def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame, vocab: Sequence[str], name: str) -> None:
+    """Raise SubmissionError unless `submission` has sample's columns, ids in sample's order, and labels in vocab.
+
+    `name` is the file the submission is (or will be) at, so the one-line error says which one is wrong.
+    """
+    columns = list(submission.columns)
+    if columns != list(SUBMISSION_COLUMNS):
+        raise SubmissionError(f"{name}: columns are {columns}; expected {list(SUBMISSION_COLUMNS)}")
+    if len(submission) != len(sample):
+        raise SubmissionError(f"{name}: {len(submission)} rows; sample_submission.csv has {len(sample)}")
+    ids = submission["image_id"].astype(str).to_numpy()
+    expected = sample["image_id"].astype(str).to_numpy()
+    mismatch = np.flatnonzero(ids != expected)
+    if len(mismatch):
+        row = int(mismatch[0])
+        raise SubmissionError(
+            f"{name}: row {row + 1} has image_id {ids[row]!r} where sample_submission.csv has {expected[row]!r} "
+            "(same ids, same order required)"
+        )
+    labels = submission["label"]
+    unknown = labels[~labels.isin(list(vocab))]
+    if len(unknown):
+        raise SubmissionError(
+            f"{name}: label {unknown.iloc[0]!r} (row {int(unknown.index[0]) + 1}) is not one of the "
+            f"{len(vocab)} classes {', '.join(vocab)}"
+        )
+
+
+def read_submission(path: Path | str) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"{path}: not found; run `dvc repro ensemble` to write it")
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def write_submission_csv(path: Path | str, submission: pd.DataFrame) -> None:
+    """Write an already validated submission atomically: a failed write leaves the previous file in place."""
+    with atomic_path(path) as tmp:
+        submission.to_csv(tmp, index=False)
+
+
+__all__ = [
+    "SubmissionError",
+    "build_submission",
+    "read_sample_submission",
+    "read_submission",
+    "validate_submission",
+    "write_submission_csv",
+]
