@@ -1,0 +1,201 @@
+"""`make submit`: upload submissions/submission.csv to the Paddy Doctor competition with the official Kaggle client.
+
+An action, not a DVC stage. Before uploading it refuses (one line, non-zero exit):
+- data that is not the real competition's (data/paddy/SOURCE.json: synthetic, or not the real counts),
+- a submission that fails validation against data/paddy/sample_submission.csv,
+- a workspace whose outputs are stale relative to dvc.lock (`dvc status` not clean),
+- a file already uploaded (its hash is in submissions/log.csv), unless `--force`.
+The message carries the git revision, the ensemble's validation accuracy and the profile; every upload is appended
+to submissions/log.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from pipeline.common import atomic_path, log, read_json
+from pipeline.paddy import CLASSES, COMPETITION, DATA_DIR, sample_submission_csv, source_json
+from pipeline.submission import SubmissionError, read_sample_submission, read_submission, validate_submission
+
+STAGE = "submit"
+SUBMISSION_FILE = Path("submissions/submission.csv")
+LOG_FILE = Path("submissions/log.csv")
+METRICS_FILE = Path("metrics/ensemble.json")
+LOG_COLUMNS = ("time", "sha256", "message")
+# The real competition's image counts: anything else is not what Kaggle scores.
+REAL_TRAIN_COUNT = 10_407
+REAL_TEST_COUNT = 3_469
+
+
+class SubmitRefused(RuntimeError):
+    """A reason not to upload: the message is one line saying what is wrong and how to fix it."""
+
+
+def check_real_data(data_dir: Path = DATA_DIR) -> None:
+    """Refuse synthetic data, and data whose counts are not the real competition's."""
+    record_file = source_json(data_dir)
+    if not record_file.is_file():
+        raise SubmitRefused(f"{record_file}: not found; run `dvc repro` on the competition profile first")
+    record = read_json(record_file)
+    source = record.get("source")
+    if source == "synthetic":
+        raise SubmitRefused(
+            f"{record_file}: the data is synthetic; Kaggle scores only the real test set "
+            "(run `make profile PROFILE=competition`, then `dvc repro`)"
+        )
+    counts = record.get("counts", {})
+    n_sample = len(read_sample_submission(sample_submission_csv(data_dir)))
+    if (counts.get("train"), counts.get("test"), n_sample) != (REAL_TRAIN_COUNT, REAL_TEST_COUNT, REAL_TEST_COUNT):
+        raise SubmitRefused(
+            f"{record_file}: source {source!r} has {counts.get('train')} train / {counts.get('test')} test images and "
+            f"sample_submission.csv {n_sample} rows; the competition has {REAL_TRAIN_COUNT} / {REAL_TEST_COUNT}"
+        )
+
+
+def check_submission(submission_file: Path, data_dir: Path = DATA_DIR) -> None:
+    """The submission's ids, order, count and labels against sample_submission.csv and the competition's classes."""
+    sample = read_sample_submission(sample_submission_csv(data_dir))
+    validate_submission(read_submission(submission_file), sample, CLASSES, str(submission_file))
+
+
+def dvc_status(repo_dir: Path = Path(".")) -> dict:
+    """`dvc status` as a dict: stage -> what changed; empty when the outputs match dvc.lock."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(repo_dir)) as repo:
+            return repo.status()
+    except DvcException as err:
+        raise SubmitRefused(f"dvc status failed ({err}); run `dvc status` to see why") from None
+
+
+def check_up_to_date(status: dict) -> None:
+    if status:
+        stale = ", ".join(sorted(status))
+        raise SubmitRefused(f"dvc.lock: outputs are stale ({stale}); run `dvc repro` (then commit) before submitting")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_log(log_file: Path = LOG_FILE) -> pd.DataFrame:
+    if not Path(log_file).is_file():
+        return pd.DataFrame(columns=list(LOG_COLUMNS))
+    return pd.read_csv(log_file, dtype=str, keep_default_na=False)
+
+
+def check_not_submitted(sha256: str, log_file: Path, force: bool) -> None:
+    previous = read_log(log_file)
+    earlier = previous[previous["sha256"] == sha256]
+    if len(earlier) and not force:
+        raise SubmitRefused(
+            f"{log_file}: this exact file was already uploaded at {earlier['time'].iloc[-1]}; "
+            "pass --force (make submit ARGS=--force) to upload it again"
+        )
+
+
+def append_log(log_file: Path, time: str, sha256: str, message: str) -> None:
+    """Add one row to the upload log, rewriting it atomically so a crash never truncates the history."""
+    rows = pd.concat([read_log(log_file), pd.DataFrame([[time, sha256, message]], columns=list(LOG_COLUMNS))])
+    with atomic_path(log_file) as tmp:
+        rows.to_csv(tmp, index=False)
+
+
+def git_revision(repo_dir: Path = Path(".")) -> str:
+    """Short HEAD hash, with `-dirty` when tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        revision = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        raise SubmitRefused("git: cannot read the revision; submit from a git checkout with at least one commit") from None
+    return revision + ("-dirty" if dirty else "")
+
+
+def submission_message(revision: str, metrics: dict) -> str:
+    """git revision + the ensemble's validation accuracy + profile: enough to find the run behind a score."""
+    accuracy = metrics.get("ensemble", {}).get("valid_accuracy")
+    shown = "n/a (trained on all data)" if accuracy is None else f"{accuracy:.4f}"
+    return f"paddy-pipeline {revision}: ensemble valid_accuracy {shown}, profile {metrics.get('profile')}"
+
+
+def kaggle_upload(submission_file: Path, message: str, competition: str = COMPETITION) -> None:
+    """Upload with the official client; missing or wrong credentials are a one-line SubmitRefused."""
+    # Importing `kaggle` authenticates and prints a page of help when there are no credentials: keep it quiet and
+    # report one line instead.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from kaggle.api.kaggle_api_extended import KaggleApi
+
+        api = KaggleApi()
+        try:
+            api.authenticate()
+        except SystemExit:
+            raise SubmitRefused(
+                "kaggle: no usable credentials; set KAGGLE_API_TOKEN or put kaggle.json in ~/.kaggle "
+                "(see README 'Credentials')"
+            ) from None
+    try:
+        response = api.competition_submit(str(submission_file), message, competition)
+    except Exception as err:
+        # The client's exceptions can carry request details; report the kind and status only, never headers.
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        detail = f"HTTP {status}" if status else type(err).__name__
+        raise SubmitRefused(
+            f"kaggle: upload to {competition} failed ({detail}); check your credentials and that you accepted "
+            f"the rules at https://www.kaggle.com/competitions/{competition}/rules"
+        ) from None
+    if getattr(response, "message", None) == KaggleApi.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
+        raise SubmitRefused(f"kaggle: {response.message}; nothing was recorded in {LOG_FILE}, try again")
+
+
+def submit(
+    force: bool = False,
+    submission_file: Path = SUBMISSION_FILE,
+    data_dir: Path = DATA_DIR,
+    log_file: Path = LOG_FILE,
+    metrics_file: Path = METRICS_FILE,
+    status: Callable[[], dict] = dvc_status,
+    revision: Callable[[], str] = git_revision,
+    upload: Callable[[Path, str], None] = kaggle_upload,
+) -> str:
+    """Run every check, upload, and log the upload; returns the message sent with it."""
+    check_real_data(data_dir)
+    check_submission(submission_file, data_dir)
+    check_up_to_date(status())
+    sha256 = file_sha256(submission_file)
+    check_not_submitted(sha256, log_file, force)
+    if not Path(metrics_file).is_file():
+        raise SubmitRefused(f"{metrics_file}: not found; run `dvc repro ensemble`")
+    message = submission_message(revision(), read_json(metrics_file))
+    upload(submission_file, message)
+    append_log(log_file, datetime.now(timezone.utc).isoformat(timespec="seconds"), sha256, message)
+    return message
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="upload even if this exact file was uploaded before")
+    args = parser.parse_args(argv)
+    try:
+        message = submit(force=args.force)
+    except (SubmitRefused, SubmissionError) as err:
+        raise SystemExit(f"{STAGE}: refused: {err}") from None
+    log(STAGE, f"uploaded {SUBMISSION_FILE} to {COMPETITION}: {message!r} (logged in {LOG_FILE})")
+
+
+if __name__ == "__main__":
+    main()
