@@ -1,7 +1,7 @@
 """Spec of `make submit`: what it refuses, the message it sends, the log it keeps, and the Kaggle client call."""
 
 import ast
-import importlib.util
+import importlib.machinery
 import inspect
 import json
 import sys
@@ -198,7 +198,8 @@ def fake_kaggle(monkeypatch):
 def real_competition_submit_signature() -> inspect.Signature:
     """KaggleApi.competition_submit's signature, read from the installed client's source without importing it
     (importing `kaggle` authenticates, which may reach the network)."""
-    package_dir = Path(importlib.util.find_spec("kaggle").submodule_search_locations[0])
+    # PathFinder looks on disk, past the stand-in modules the fake_kaggle fixture put in sys.modules.
+    package_dir = Path(importlib.machinery.PathFinder.find_spec("kaggle").submodule_search_locations[0])
     tree = ast.parse((package_dir / "api" / "kaggle_api_extended.py").read_text())
     api_class = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "KaggleApi")
     method = next(
