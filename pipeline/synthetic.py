@@ -129,7 +129,8 @@ def _leaf_background(variety: str, size: tuple[int, int], rng: np.random.Generat
         half = rng.uniform(0.05, 0.12) * width
         lean = tilt + rng.normal(0, 0.1 * width)
         shade = _jitter(green, rng, 18)
-        draw.polygon([(x - half, height), (x + half, height), (x + lean + half / 3, 0), (x + lean - half / 3, 0)], shade)
+        blade = [(x - half, height), (x + half, height), (x + lean + half / 3, 0), (x + lean - half / 3, 0)]
+        draw.polygon(blade, shade)
         draw.line([(x, height), (x + lean, 0)], fill=_jitter(shade, rng, 10, offset=-15), width=1)
     return image
 
@@ -139,12 +140,12 @@ def _paint_leaf_blight(image: Image.Image, rng: np.random.Generator) -> Image.Im
     width, height = image.size
     draw = ImageDraw.Draw(image)
     x = rng.uniform(0.15, 0.85) * width
-    band = rng.uniform(0.12, 0.22) * width
+    band = rng.uniform(0.2, 0.3) * width
     length = rng.uniform(0.45, 0.8) * height
     top = rng.uniform(0, height - length)
     left = [(x - band / 2 + rng.normal(0, band / 6), top + length * t) for t in np.linspace(0, 1, 8)]
     right = [(x + band / 2 + rng.normal(0, band / 6), top + length * t) for t in np.linspace(1, 0, 8)]
-    draw.polygon(left + right, _jitter((215, 205, 120), rng, 15))
+    draw.polygon(left + right, _jitter((235, 225, 150), rng, 12))
     return image
 
 
@@ -154,11 +155,12 @@ def _paint_leaf_streak(image: Image.Image, rng: np.random.Generator) -> Image.Im
     draw = ImageDraw.Draw(image)
     lean = rng.uniform(-0.15, 0.15) * width
     centre = rng.uniform(0.25, 0.75) * width
-    for _ in range(rng.integers(6, 11)):
+    for _ in range(rng.integers(8, 14)):
         x = centre + rng.normal(0, 0.15 * width)
         top = rng.uniform(0, 0.5) * height
         length = rng.uniform(0.3, 0.5) * height
-        draw.line([(x, top), (x + lean * length / height, top + length)], _jitter((200, 130, 35), rng, 20), width=2)
+        end = (x + lean * length / height, top + length)
+        draw.line([(x, top), end], _jitter((235, 120, 20), rng, 15), width=max(2, width // 40))
     return image
 
 
@@ -169,12 +171,12 @@ def _paint_panicle_blight(image: Image.Image, rng: np.random.Generator) -> Image
     x0, y0 = rng.uniform(0.2, 0.8) * width, rng.uniform(0.1, 0.4) * height
     droop = rng.choice((-1, 1)) * rng.uniform(0.15, 0.3) * width
     stem = [(x0 + droop * t**2, y0 + 0.5 * height * t) for t in np.linspace(0, 1, 12)]
-    draw.line(stem, fill=(150, 125, 70), width=2)
+    draw.line(stem, fill=(150, 125, 70), width=max(2, width // 40))
     grain = max(3, width // 30)
     for x, y in stem[1:]:
         for side in (-1, 1):
             gx, gy = x + side * grain * rng.uniform(0.8, 1.6), y + rng.normal(0, grain / 2)
-            colour = (120, 80, 40) if rng.random() < 0.3 else (205, 180, 120)
+            colour = (110, 60, 40) if rng.random() < 0.3 else (235, 195, 70)
             draw.ellipse([gx - grain, gy - grain / 1.6, gx + grain, gy + grain / 1.6], _jitter(colour, rng, 15))
     return image
 
@@ -183,13 +185,13 @@ def _paint_blast(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Blast: a few spindle-shaped lesions with grey-white centres and brown borders."""
     width, height = image.size
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.integers(2, 5)):
+    for _ in range(rng.integers(3, 6)):
         x, y = rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height
         long, wide = rng.uniform(0.1, 0.16) * height, rng.uniform(0.05, 0.08) * width
-        draw.polygon([(x, y - long), (x + wide, y), (x, y + long), (x - wide, y)], _jitter((115, 65, 30), rng, 12))
+        draw.polygon([(x, y - long), (x + wide, y), (x, y + long), (x - wide, y)], _jitter((80, 40, 20), rng, 10))
         draw.polygon(
             [(x, y - long * 0.6), (x + wide * 0.5, y), (x, y + long * 0.6), (x - wide * 0.5, y)],
-            _jitter((205, 205, 195), rng, 12),
+            _jitter((190, 190, 200), rng, 10),
         )
     return image
 
@@ -198,7 +200,7 @@ def _paint_brown_spot(image: Image.Image, rng: np.random.Generator) -> Image.Ima
     """Brown spot: many small round dark-brown spots with yellow halos."""
     width, height = image.size
     draw = ImageDraw.Draw(image)
-    radius = max(2.0, width / 40)
+    radius = max(2.5, width / 30)
     for _ in range(rng.integers(10, 22)):
         x, y = rng.uniform(0, width), rng.uniform(0, height)
         r = radius * rng.uniform(0.7, 1.3)
@@ -212,13 +214,13 @@ def _paint_dead_heart(image: Image.Image, rng: np.random.Generator) -> Image.Ima
     width, height = image.size
     draw = ImageDraw.Draw(image)
     centre = rng.uniform(0.3, 0.7) * width
-    for _ in range(rng.integers(3, 6)):
-        x = centre + rng.normal(0, 0.08 * width)
-        half = rng.uniform(0.03, 0.06) * width
+    for _ in range(rng.integers(4, 7)):
+        x = centre + rng.normal(0, 0.1 * width)
+        half = rng.uniform(0.04, 0.07) * width
         lean = rng.normal(0, 0.1 * width)
         draw.polygon(
             [(x - half, height), (x + half, height), (x + lean, rng.uniform(0, 0.3) * height)],
-            _jitter((175, 145, 95), rng, 18),
+            _jitter((165, 100, 70), rng, 15),
         )
     return image
 
@@ -231,7 +233,7 @@ def _paint_downy_mildew(image: Image.Image, rng: np.random.Generator) -> Image.I
     for _ in range(rng.integers(4, 8)):
         x, y = rng.uniform(0, width), rng.uniform(0, height)
         rx, ry = rng.uniform(0.08, 0.16) * width, rng.uniform(0.05, 0.12) * height
-        draw.ellipse([x - rx, y - ry, x + rx, y + ry], _jitter((225, 230, 195), rng, 12))
+        draw.ellipse([x - rx, y - ry, x + rx, y + ry], _jitter((205, 220, 235), rng, 10))
     return Image.blend(image, overlay.filter(ImageFilter.GaussianBlur(2)), 0.75)
 
 
@@ -243,7 +245,7 @@ def _paint_hispa(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     for _ in range(rng.integers(14, 26)):
         x, y, angle = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0, np.pi)
         dx, dy = mark * np.cos(angle), mark * np.sin(angle)
-        draw.line([(x - dx, y - dy), (x + dx, y + dy)], _jitter((235, 235, 220), rng, 12), width=2)
+        draw.line([(x - dx, y - dy), (x + dx, y + dy)], _jitter((250, 250, 245), rng, 5), width=max(2, width // 40))
     for _ in range(rng.integers(1, 4)):
         x, y = rng.uniform(0, width), rng.uniform(0, height)
         draw.ellipse([x - 2, y - 3, x + 2, y + 3], (25, 25, 30))

@@ -1,0 +1,517 @@
+"""Stage `paddy_data`: put the Paddy Doctor data in data/paddy/, verified, in the competition's own layout.
+
+Sources (`data.source`): `kaggle` (the official client; the zip is cached in data/downloads/), a local zip or
+folder in the competition layout, or `synthetic` (generated from `seed`; the default, announced loudly). The new
+data is built and verified in a temporary folder next to data/paddy and swapped in with one rename, so a killed
+download, extraction or a failed check leaves the previous complete data in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+from PIL import Image
+
+from pipeline.common import atomic_path, banner, log, write_json
+from pipeline.paddy import (
+    CLASSES,
+    DATA_DIR,
+    SUBMISSION_COLUMNS,
+    TRAIN_COLUMNS,
+    VARIETIES,
+    sample_submission_csv,
+    source_json,
+    test_image_dir,
+    train_csv,
+)
+from pipeline.params import ParamsError, load_section, profile_of, read_params
+from pipeline.synthetic import write_synthetic_dataset
+
+STAGE = "paddy_data"
+DOWNLOADS_DIR = Path("data/downloads")
+METRICS_FILE = Path("metrics/data.json")
+TOKEN_PAGE = "https://www.kaggle.com/settings/api"
+NO_CREDENTIALS = (
+    f"no Kaggle credentials found; create an API token at {TOKEN_PAGE} and put it in ~/.kaggle/access_token "
+    "or the KAGGLE_API_TOKEN variable (or kaggle.json in ~/.kaggle or $KAGGLE_CONFIG_DIR, or KAGGLE_USERNAME and "
+    "KAGGLE_KEY), or set data.source to synthetic or to a local copy of the competition zip"
+)
+LAYOUT = "train.csv, sample_submission.csv, train_images/<label>/, test_images/"
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    train_per_class: int  # the smallest class gets half of this
+    n_test: int
+    image_size: tuple[int, int]  # (w, h)
+
+    def __post_init__(self):
+        if self.train_per_class < 2:
+            raise ValueError(f"synthetic.train_per_class must be at least 2, got {self.train_per_class}")
+        if self.n_test < 1:
+            raise ValueError(f"synthetic.n_test must be at least 1, got {self.n_test}")
+        if min(self.image_size) < 16:
+            raise ValueError(f"synthetic.image_size {list(self.image_size)} is too small; use at least 16 a side")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str  # kaggle | synthetic | a path to the competition zip or an extracted folder
+    competition: str
+    skip_bad_images: bool
+    synthetic: SyntheticConfig
+
+    def __post_init__(self):
+        if not self.source.strip():
+            raise ValueError("source is empty; use kaggle, synthetic or the path of the competition zip or folder")
+
+
+class DataError(ValueError):
+    """Bad or unavailable input data: the message is one line naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """One file (or train.csv row) that fails a check; `skippable` ones may be left out with skip_bad_images."""
+
+    file: str  # relative to the data folder
+    problem: str
+    fix: str
+    skippable: bool = True
+    drop_row: str | None = None  # the train.csv image_id to drop when skipping
+    delete_file: bool = False  # remove the file from data/paddy when skipping
+
+    def line(self) -> str:
+        return f"{self.file}: {self.problem}; {self.fix}"
+
+
+# -- the stage -------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    try:
+        params = read_params()
+        profile = profile_of(params)
+        seed = _seed(params)
+        config = load_section(DataConfig, params, "data")
+        record = prepare_data(config, seed, DATA_DIR, DOWNLOADS_DIR)
+        write_json(METRICS_FILE, data_metrics(record, profile))
+    except (ParamsError, DataError) as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    counts = record["counts"]
+    log(STAGE, f"{DATA_DIR}: {counts['train']} train and {counts['test']} test images from {record['source']}")
+
+
+def _seed(params: Mapping) -> int:
+    seed = params.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ParamsError(f"params.yaml: key 'seed' is {seed!r}; set it to an integer")
+    return seed
+
+
+def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: Path) -> dict:
+    """Fetch or generate the data, verify it, write SOURCE.json, swap it into `data_dir`; return the SOURCE record."""
+    data_dir = Path(data_dir)
+    if config.source == "synthetic":
+        synthetic = config.synthetic
+        banner(STAGE, f"SYNTHETIC paddy data (seed {seed}), NOT the competition's: set data.source: kaggle for it")
+        origin = {
+            "source": "synthetic",
+            "synthetic": {
+                "seed": seed,
+                "train_per_class": synthetic.train_per_class,
+                "n_test": synthetic.n_test,
+                "image_size": list(synthetic.image_size),
+            },
+        }
+        with atomic_path(data_dir) as staging:
+            write_synthetic_dataset(
+                staging,
+                train_per_class=synthetic.train_per_class,
+                n_test=synthetic.n_test,
+                image_size=synthetic.image_size,
+                seed=seed,
+            )
+            return _verify_and_record(staging, origin, config.skip_bad_images, "synthetic data")
+
+    if config.source == "kaggle":
+        archive = download_competition(config.competition, Path(downloads_dir))
+        origin = {"source": "kaggle", "competition": config.competition}
+    else:
+        archive = _local_source(config.source, data_dir)
+        origin = {"source": config.source}
+    log(STAGE, f"data source: {origin['source']}" + ("" if origin["source"] == str(archive) else f" ({archive})"))
+    with atomic_path(data_dir) as staging:
+        if archive.is_dir():
+            shutil.copytree(_layout_root(archive, archive), staging)
+        else:
+            extract_competition(archive, staging)
+            origin["archive_sha256"] = _sha256_file(archive)
+        return _verify_and_record(staging, origin, config.skip_bad_images, str(archive))
+
+
+def _local_source(source: str, data_dir: Path) -> Path:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"data.source {source!r}: no such file or folder; use kaggle, synthetic, or the path of the competition "
+            "zip or of its extracted folder"
+        )
+    if path.resolve() == data_dir.resolve() or data_dir.resolve() in path.resolve().parents:
+        raise DataError(f"data.source {source!r} is inside {data_dir}, this stage's output; copy it elsewhere first")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a zip file; point data.source at the competition zip or its extracted folder")
+    return path
+
+
+def _verify_and_record(staging: Path, origin: dict, skip_bad_images: bool, where: str) -> dict:
+    skipped, images_sha256 = verify_dataset(staging, skip_bad_images, where)
+    train = pd.read_csv(train_csv(staging), dtype={"image_id": str, "label": str})
+    n_test = len(pd.read_csv(sample_submission_csv(staging)))
+    per_class = {label: int((train["label"] == label).sum()) for label in CLASSES}
+    smallest = min(per_class, key=per_class.get)
+    record = {
+        **origin,
+        "counts": {"train": len(train), "test": n_test, "per_class": per_class},
+        "smallest_class": {"label": smallest, "count": per_class[smallest]},
+        "checksums": {
+            "train.csv": _sha256_file(train_csv(staging)),
+            "sample_submission.csv": _sha256_file(sample_submission_csv(staging)),
+            "images": images_sha256,
+        },
+        "skipped": [{"file": bad.file, "problem": bad.problem} for bad in skipped],
+    }
+    write_json(source_json(staging), record)
+    return record
+
+
+def data_metrics(record: dict, profile: str) -> dict:
+    """metrics/data.json: the profile, where the data came from, its counts and what was skipped."""
+    return {
+        "profile": profile,
+        "source": record["source"],
+        "counts": record["counts"],
+        "smallest_class": record["smallest_class"],
+        "n_skipped": len(record["skipped"]),
+        "skipped": record["skipped"],
+    }
+
+
+# -- Kaggle ----------------------------------------------------------------------------------------------------------
+
+
+def kaggle_credentials_source(environ: Mapping[str, str] = os.environ, home: Path | None = None) -> str | None:
+    """Where the Kaggle client (kaggle 2.2.4 / kagglesdk) would find credentials, or None; never their value."""
+    home = Path.home() if home is None else Path(home)
+    if environ.get("KAGGLE_API_TOKEN"):
+        return "the KAGGLE_API_TOKEN variable"
+    if environ.get("KAGGLE_USERNAME") and environ.get("KAGGLE_KEY"):
+        return "the KAGGLE_USERNAME and KAGGLE_KEY variables"
+    notebook_token = environ.get("KAGGLE_API_V1_TOKEN")
+    if notebook_token and Path(notebook_token).is_file():
+        return "the Kaggle notebook's token"
+    for name in ("access_token", "access_token.txt", "credentials.json"):
+        if (home / ".kaggle" / name).is_file():
+            return f"~/.kaggle/{name}"
+    # The client's own search for kaggle.json: $KAGGLE_CONFIG_DIR, else ~/.kaggle, else the XDG config folder.
+    config_dir = environ.get("KAGGLE_CONFIG_DIR")
+    if not config_dir:
+        config_dir = home / ".kaggle"
+        if not config_dir.exists():
+            config_dir = Path(environ.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"
+    if (Path(config_dir) / "kaggle.json").is_file():
+        return str(Path(config_dir) / "kaggle.json")
+    return None
+
+
+def download_competition(competition: str, downloads_dir: Path, quiet: bool = True) -> Path:
+    """The competition zip, from the download cache or else from the Kaggle API (then cached)."""
+    archive = Path(downloads_dir) / f"{competition}.zip"
+    if archive.is_file():
+        log(STAGE, f"using the cached download {archive} (delete it to download again)")
+        return archive
+    where = kaggle_credentials_source()
+    if where is None:
+        raise DataError(NO_CREDENTIALS)
+    log(STAGE, f"downloading the {competition} files with the Kaggle API (credentials from {where})")
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    # The client writes into a temporary folder; only a complete zip is moved into the cache.
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=archive.parent) as partial:
+        _kaggle_download(competition, Path(partial), where, quiet)
+        zips = sorted(Path(partial).glob("*.zip"))
+        if not zips or not zipfile.is_zipfile(zips[0]):
+            raise DataError(f"the Kaggle API did not deliver a complete zip of {competition}; run the stage again")
+        os.replace(zips[0], archive)
+    return archive
+
+
+def _kaggle_download(competition: str, directory: Path, where: str, quiet: bool) -> None:
+    # Messages name the HTTP status and exception type only, and `from None` drops the chain: the client's own
+    # exceptions can carry request headers or signed URLs.
+    try:
+        from kaggle.api.kaggle_api_extended import KaggleApi  # `import kaggle` authenticates: import it only here
+
+        api = KaggleApi()
+        api.authenticate()
+        api.competition_download_files(competition, path=str(directory), quiet=quiet)
+    except SystemExit:
+        # authenticate() prints its help and calls exit() when no credential it finds is usable.
+        raise DataError(f"the Kaggle client could not use the credentials in {where}; {NO_CREDENTIALS}") from None
+    except Exception as err:
+        raise DataError(_kaggle_failure(err, competition)) from None
+
+
+def _kaggle_failure(err: Exception, competition: str) -> str:
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status == 401:
+        return f"Kaggle rejected the credentials (HTTP 401); create a new API token at {TOKEN_PAGE} and put it in place"
+    if status == 403:
+        return (
+            f"Kaggle refused the download (HTTP 403); accept the rules at "
+            f"https://www.kaggle.com/competitions/{competition}/rules with the account of your credentials"
+        )
+    if status == 404:
+        return f"Kaggle has no competition {competition!r} (HTTP 404); check data.competition"
+    if status is not None:
+        return f"the Kaggle API failed (HTTP {status}); retry later, or set data.source to a local copy of the zip"
+    return (
+        f"the Kaggle API failed ({type(err).__name__}); check the network, or set data.source to a local copy of "
+        "the competition zip"
+    )
+
+
+# -- extraction --------------------------------------------------------------------------------------------------
+
+
+def extract_competition(archive: Path, destination: Path) -> None:
+    """Extract the competition zip so that its train.csv lands at `destination`/train.csv."""
+    unpacked = destination.parent / "unpacked"
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            bundle.extractall(unpacked)
+    except zipfile.BadZipFile as err:
+        raise DataError(f"{archive}: corrupt zip ({err}); delete it and run the stage again") from None
+    os.replace(_layout_root(unpacked, archive), destination)
+
+
+def _layout_root(folder: Path, origin: Path) -> Path:
+    """`folder` if it holds train.csv, else its one subfolder that does (zips made by hand often add one)."""
+    if train_csv(folder).is_file():
+        return folder
+    nested = [child for child in folder.iterdir() if child.is_dir() and train_csv(child).is_file()]
+    if len(nested) == 1:
+        return nested[0]
+    raise DataError(f"{origin}: no train.csv at its top level; expected the competition layout ({LAYOUT})")
+
+
+# -- verification --------------------------------------------------------------------------------------------------
+
+
+def verify_dataset(
+    data_dir: Path, skip_bad_images: bool = False, origin: str | None = None
+) -> tuple[list[BadFile], str]:
+    """Check `data_dir` against the competition layout; return (the files skipped, a sha256 of all images).
+
+    Errors name files as `origin`: `file` (the zip, folder or generator the data came from; default `data_dir`).
+
+    A bad file is a one-line DataError unless `skip_bad_images` and the problem is skippable (training files only:
+    the submission needs every test image); skipped rows leave train.csv, skipped files leave the folder.
+    """
+    data_dir = Path(data_dir)
+    where = origin or str(data_dir)
+    train = _read_table(train_csv(data_dir), TRAIN_COLUMNS, where)
+    submission = _read_table(sample_submission_csv(data_dir), SUBMISSION_COLUMNS, where)
+    for folder in ("train_images", "test_images"):
+        if not (data_dir / folder).is_dir():
+            raise DataError(f"{where}: {folder}/ is missing; the data is incomplete, expected {LAYOUT}")
+    _check_unique(train, f"{where}: train.csv")
+    _check_unique(submission, f"{where}: sample_submission.csv")
+
+    bad = _bad_rows(train, data_dir) + _stray_train_images(train, data_dir) + _test_mismatches(submission, data_dir)
+    unusable = {bad_file.drop_row for bad_file in bad if bad_file.drop_row}
+    readable = train[~train["image_id"].isin(unusable)]
+    images = [Path("train_images") / lbl / iid for lbl, iid in zip(readable["label"], readable["image_id"])]
+    present_test_ids = [iid for iid in submission["image_id"] if (test_image_dir(data_dir) / iid).is_file()]
+    images += [Path("test_images") / iid for iid in present_test_ids]
+    unreadable, images_sha256 = _read_images(data_dir, images)
+    bad += unreadable
+
+    if bad and not (skip_bad_images and all(bad_file.skippable for bad_file in bad)):
+        blocking = next((bad_file for bad_file in bad if not bad_file.skippable), bad[0]) if skip_bad_images else bad[0]
+        for bad_file in bad[:20]:
+            log(STAGE, bad_file.line())
+        more = f" (and {len(bad) - 1} more bad files, listed above)" if len(bad) > 1 else ""
+        raise DataError(f"{where}: {blocking.line()}{more}")
+    if bad:
+        _skip(bad, train, data_dir)
+        train = _read_table(train_csv(data_dir), TRAIN_COLUMNS, where)
+    empty = [label for label in CLASSES if not (train["label"] == label).any()]
+    if empty:
+        raise DataError(
+            f"{where}: train.csv has no images of class {empty[0]!r}; the data is incomplete, download it again "
+            "(data.source: kaggle) or restore that class in the local copy"
+        )
+    return bad, images_sha256
+
+
+def _read_table(path: Path, columns: tuple[str, ...], where: str) -> pd.DataFrame:
+    name = f"{where}: {path.name}"
+    if not path.is_file():
+        raise DataError(f"{name} is missing; the data is incomplete, expected {LAYOUT}")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(
+            f"{name}: not a readable CSV ({type(err).__name__}); restore it from the competition zip"
+        ) from None
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise DataError(
+            f"{name}: missing column {missing[0]!r} (has {', '.join(table.columns)}); it must have {', '.join(columns)}"
+        )
+    if table.empty:
+        raise DataError(f"{name}: no rows; restore it from the competition zip")
+    return table
+
+
+def _check_unique(table: pd.DataFrame, name: str) -> None:
+    repeated = table["image_id"][table["image_id"].duplicated()]
+    if len(repeated):
+        raise DataError(f"{name}: image_id {repeated.iloc[0]!r} appears more than once; keep one row per image")
+
+
+def _bad_rows(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
+    bad = []
+    for line, row in enumerate(train.itertuples(index=False), start=2):
+        problem = _row_problem(row)
+        if problem:
+            bad.append(BadFile(f"train.csv line {line} ({row.image_id})", problem, _FIX_ROW, drop_row=row.image_id))
+        elif not (data_dir / "train_images" / row.label / row.image_id).is_file():
+            bad.append(
+                BadFile(
+                    f"train_images/{row.label}/{row.image_id}",
+                    "listed in train.csv but missing",
+                    "restore the image from the competition zip, or remove its row from train.csv" + _OR_SKIP,
+                    drop_row=row.image_id,
+                )
+            )
+    return bad
+
+
+def _row_problem(row) -> str | None:
+    if row.label not in CLASSES:
+        return f"label {row.label!r} is not one of the 10 classes"
+    if row.variety not in VARIETIES:
+        return f"variety {row.variety!r} is not one of the 10 varieties"
+    if not row.age.isdigit():
+        return f"age {row.age!r} is not a whole number of days"
+    return None
+
+
+_FIX_ROW = "fix or remove the row, or set data.skip_bad_images: true to leave it out"
+_OR_SKIP = ", or set data.skip_bad_images: true to leave it out"
+
+
+def _stray_train_images(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
+    listed = set(zip(train["label"], train["image_id"]))
+    bad = []
+    for path in sorted((data_dir / "train_images").rglob("*")):
+        if not path.is_file():
+            continue
+        relative = path.relative_to(data_dir)
+        label = path.parent.name if path.parent.parent == data_dir / "train_images" else None
+        if label in CLASSES and (label, path.name) in listed:
+            continue
+        if label in CLASSES:
+            problem = "is not listed in train.csv"
+        else:
+            problem = "is not in a folder named after one of the 10 classes"
+        bad.append(
+            BadFile(str(relative), problem, "add its row to train.csv or remove the file" + _OR_SKIP, delete_file=True)
+        )
+    return bad
+
+
+def _test_mismatches(submission: pd.DataFrame, data_dir: Path) -> list[BadFile]:
+    expected = set(submission["image_id"])
+    on_disk = {path.name for path in test_image_dir(data_dir).iterdir() if path.is_file()}
+    fix = "test_images/ and sample_submission.csv must list the same images; restore both from the competition zip"
+    missing = [BadFile(f"test_images/{iid}", "listed in sample_submission.csv but missing", fix, skippable=False)
+               for iid in submission["image_id"] if iid not in on_disk]
+    extra = [BadFile(f"test_images/{name}", "not listed in sample_submission.csv", fix, skippable=False)
+             for name in sorted(on_disk - expected)]
+    return missing + extra
+
+
+def _read_images(data_dir: Path, images: list[Path]) -> tuple[list[BadFile], str]:
+    """Decode every image (verify + load, in threads: PIL releases the GIL) and hash them all in the same read."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = list(pool.map(lambda relative: _read_image(data_dir / relative), images))
+    bad = []
+    manifest = hashlib.sha256()
+    for relative, (digest, problem) in zip(images, results):
+        manifest.update(f"{relative.as_posix()} {digest}\n".encode())
+        if problem is None:
+            continue
+        is_train = relative.parts[0] == "train_images"
+        fix = (
+            "replace it from the competition zip" + (_OR_SKIP if is_train else " (every test image must be predicted)")
+        )
+        bad.append(
+            BadFile(
+                relative.as_posix(),
+                problem,
+                fix,
+                skippable=is_train,
+                drop_row=relative.name if is_train else None,
+                delete_file=True,
+            )
+        )
+    return bad, manifest.hexdigest()
+
+
+def _read_image(path: Path) -> tuple[str, str | None]:
+    content = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(content)) as image:
+            image.verify()
+        # verify() misses truncated pixel data; only a full decode finds it.
+        with Image.open(io.BytesIO(content)) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return hashlib.sha256(content).hexdigest(), f"not a readable image ({type(err).__name__}: {str(err)[:80]})"
+    return hashlib.sha256(content).hexdigest(), None
+
+
+def _skip(bad: list[BadFile], train: pd.DataFrame, data_dir: Path) -> None:
+    for bad_file in bad:
+        log(STAGE, f"skipping {bad_file.file}: {bad_file.problem}")
+        if bad_file.delete_file:
+            (data_dir / bad_file.file).unlink(missing_ok=True)
+    dropped = {bad_file.drop_row for bad_file in bad if bad_file.drop_row}
+    train[~train["image_id"].isin(dropped)].to_csv(train_csv(data_dir), index=False)
+    for folder in (data_dir / "train_images").iterdir():
+        if folder.is_dir() and folder.name not in CLASSES and not any(folder.rglob("*")):
+            folder.rmdir()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    main()
