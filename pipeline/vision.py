@@ -257,3 +257,31 @@ def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precisi
         learn.to_fp16()
     quiet_progress(learn)
     return learn
+
+
+# -- gradient accumulation: the probe's choice, and which accum train uses -----------------------------------------
+
+
+def choose_accum(peaks: Mapping[int, float | None], budget_gib: float) -> int | None:
+    """The smallest accum whose measured peak memory fits `budget_gib`; None when none does.
+
+    A peak of None means that run did not finish (out of memory), so it does not fit.
+    """
+    fitting = [accum for accum, peak in peaks.items() if peak is not None and peak <= budget_gib]
+    return min(fitting, default=None)
+
+
+def accum_to_use(member: MemberConfig, probe_result: Mapping[str, Any]) -> tuple[int, str]:
+    """The accum a member trains with and where it comes from: its explicit `accum` in params, else the probe's.
+
+    `probe_result` is the member's metrics/probe/<member>.json as a dict.
+    """
+    if member.accum is not None:
+        return member.accum, "params"
+    chosen = probe_result.get("chosen_accum")
+    if chosen is None:
+        raise ValueError(
+            f"the probe of member {probe_result.get('member')!r} chose no accum (none fitted its budget); "
+            "set the member's accum in params.yaml or rerun the probe"
+        )
+    return int(chosen), "probe"

@@ -1,0 +1,456 @@
+"""Stage `probe@<member>`: how much memory a member needs to train, and the gradient accumulation that fits a budget.
+
+As in the seeds ("Road to the Top", part 3): train the member briefly on the smallest class only; every step sees
+as many images of the same size as the real run, so the peak memory is the real run's, at a fraction of the time.
+Each candidate accum is measured; the chosen accum is the smallest whose peak fits `probe.budget_gib` (the target
+GPU's memory). On CUDA the peak is torch.cuda's, with memory freed between runs (gc + empty_cache, the GPU's
+process list logged); on CPU it is the peak resident memory of a fresh child process per run, so the runs cannot
+leak into each other's numbers.
+
+Also checks that gradient accumulation is what the seeds say it is: one optimiser step over k small batches under
+fastai's GradientAccumulation against one step over the full batch. Without batch norm the weights agree to float
+precision; with it (fastai's head has BatchNorm1d) they do not, and the difference is reported.
+
+Outputs metrics/probe/<member>.json (train reads the accum from it) and plots/probe/<member>.csv.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pandas as pd
+
+from pipeline.common import compute_device, log, quiet_progress, seed_everything, write_json
+from pipeline.paddy import DATA_DIR, SMALLEST_CLASS, read_train_table, train_csv, validation_mask
+from pipeline.params import ParamsError, load_section, profile_of, read_params
+from pipeline.vision import (
+    MemberConfig,
+    accum_to_use,
+    choose_accum,
+    load_train_config,
+    member_dataloaders,
+    member_learner,
+)
+
+STAGE = "probe"
+METRICS_DIR = Path("metrics/probe")
+PLOTS_DIR = Path("plots/probe")
+GIB = 1024**3
+PROBE_VALID_PCT = 0.2  # the seeds' valid_pct for the smallest-class run
+LR_WHEN_FIND = 1e-3  # memory does not depend on the learning rate, so the probe skips lr_find
+EQUIVALENCE_IMAGES = 8  # images in the one optimiser step of the gradient-accumulation check
+EQUIVALENCE_K = 2  # ... split into this many accumulated steps
+EQUIVALENCE_ATOL = 1e-9  # in float64; the sums' rounding is ~1e-16, a real difference is many orders larger
+
+Measure = Callable[[MemberConfig, pd.DataFrame, int, int, int, int], dict]
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The `probe` section of params.yaml."""
+
+    accums: list[int]  # candidate gradient-accumulation factors
+    budget_gib: float  # memory of the GPU the real run must fit (16 GiB: a Kaggle GPU)
+    epochs: int = 1
+
+    def __post_init__(self):
+        if not self.accums or any(accum < 1 for accum in self.accums):
+            raise ValueError(f"accums must be a non-empty list of positive integers, got {self.accums}")
+        if self.budget_gib <= 0:
+            raise ValueError(f"budget_gib must be positive, got {self.budget_gib}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+
+
+class ProbeError(RuntimeError):
+    """The probe cannot run or its outcome is unusable: a one-line message naming the member and the fix."""
+
+
+def load_probe_config(params: Mapping[str, Any], bs: int) -> ProbeConfig:
+    config = load_section(ProbeConfig, params, "probe")
+    too_large = [accum for accum in config.accums if accum > bs]
+    if too_large:
+        raise ParamsError(f"params.yaml: key 'probe.accums' has {too_large[0]} > train.bs {bs}; use accums <= bs")
+    return config
+
+
+def load_seed(params: Mapping[str, Any]) -> int:
+    seed = params.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ParamsError(f"params.yaml: key 'seed' is {seed!r}; set it to an integer")
+    return seed
+
+
+# -- the data: the smallest class --------------------------------------------------------------------------------
+
+
+def smallest_class_table(table: pd.DataFrame, bs: int, seed: int) -> pd.DataFrame:
+    """The smallest class's rows with an `is_valid` column, the training rows repeated to at least 2 * bs.
+
+    Repeating matters on small data (the demo's smallest class has ~30 images, fewer than bs): fastai drops the
+    last incomplete training batch, and every step must see `bs // accum` images, the real run's memory per step.
+    Two effective batches, because the optimiser's state only exists from the first step on, so the second step
+    is the first to hold weights, gradients, optimiser state and activations at once (the real run's peak).
+    """
+    rows = table[table["label"] == SMALLEST_CLASS].reset_index(drop=True)
+    if len(rows) < 2:
+        raise ProbeError(f"the training table has {len(rows)} {SMALLEST_CLASS} images; the probe needs at least 2")
+    is_valid = validation_mask(rows["label"], PROBE_VALID_PCT, seed)
+    train_rows, valid_rows = rows[~is_valid], rows[is_valid]
+    repeats = math.ceil(2 * bs / len(train_rows))
+    return pd.concat(
+        [pd.concat([train_rows] * repeats).assign(is_valid=False), valid_rows.assign(is_valid=True)],
+        ignore_index=True,
+    )
+
+
+def candidate_accums(accums: list[int], explicit_accum: int | None) -> list[int]:
+    """The accums to measure: the candidates, plus a member's explicit accum so its peak is known too."""
+    return sorted(set(accums) | ({explicit_accum} if explicit_accum is not None else set()))
+
+
+# -- one measurement ---------------------------------------------------------------------------------------------
+
+
+def probe_fit(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int) -> None:
+    """A short fit of the member exactly as train builds it, unfrozen.
+
+    Unfrozen is the worst case for memory (a frozen body keeps no gradients), and what the seeds probe with
+    (finetune=False); fine_tune's unfrozen epochs need the same.
+    """
+    seed_everything(seed)
+    dls = member_dataloaders(member, table, bs, accum, seed)
+    learn = member_learner(member, dls, bs, accum)
+    learn.unfreeze()
+    learn.fit_one_cycle(epochs, member.lr if isinstance(member.lr, float) else LR_WHEN_FIND)
+
+
+def measure_cpu(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int) -> dict:
+    """Peak resident memory of a fresh child process running `probe_fit`.
+
+    A fresh process per run, because freed memory is not reliably returned to the OS and a process's peak never
+    falls: measured in one process, every run after the largest would report the largest. The children fork from
+    a server that has only imported the libraries (multiprocessing's forkserver), so none starts with another's
+    memory and none pays the imports' ten seconds. A child killed by the kernel (out of memory) is recorded as not
+    fitting; one that fails otherwise fails the probe.
+    """
+    import multiprocessing
+    import signal
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["fastai.vision.all", "timm", "pipeline.vision"])
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_measure_in_child, args=(sender, member, table, bs, accum, seed, epochs))
+    child.start()
+    sender.close()
+    try:
+        outcome = receiver.recv()
+    except EOFError:
+        child.join()
+        if child.exitcode == -signal.SIGKILL:
+            return {"peak_gib": None, "error": "the child process was killed (out of memory)"}
+        raise ProbeError(f"the child process measuring accum={accum} exited with code {child.exitcode}") from None
+    child.join()
+    if "failure" in outcome:
+        raise ProbeError(f"the fit at accum={accum} failed in its child process:\n{outcome['failure']}")
+    return outcome
+
+
+def _measure_in_child(sender, member, table, bs, accum, seed, epochs) -> None:
+    import traceback
+
+    try:
+        started = time.perf_counter()
+        baseline = _peak_rss_bytes()
+        probe_fit(member, table, bs, accum, seed, epochs)
+        peak = _peak_rss_bytes()
+        sender.send(
+            {
+                "peak_gib": peak / GIB,
+                "baseline_gib": baseline / GIB,
+                "above_baseline_gib": (peak - baseline) / GIB,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
+    except Exception:
+        sender.send({"failure": traceback.format_exc()})
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux (bytes on macOS; this project runs on Linux).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_cuda(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int) -> dict:
+    """Peak CUDA memory of `probe_fit` in this process, from a freshly emptied cache.
+
+    `peak_gib` is the peak reserved by PyTorch's caching allocator (what the GPU must have, near what nvidia-smi
+    shows less the CUDA context); `above_baseline_gib` is the peak allocated above what was allocated before. An
+    out-of-memory run is recorded as not fitting, and the next accum is tried.
+    """
+    import torch
+
+    free_cuda_memory()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    started = time.perf_counter()
+    try:
+        probe_fit(member, table, bs, accum, seed, epochs)
+    except torch.cuda.OutOfMemoryError:
+        outcome = {"peak_gib": None, "error": "CUDA out of memory"}
+    else:
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        outcome = {
+            "peak_gib": reserved / GIB,
+            "peak_reserved_gib": reserved / GIB,
+            "peak_allocated_gib": allocated / GIB,
+            "baseline_gib": baseline / GIB,
+            "above_baseline_gib": (allocated - baseline) / GIB,
+        }
+    outcome["seconds"] = round(time.perf_counter() - started, 2)
+    log(STAGE, f"GPU processes after accum={accum}:\n{free_cuda_memory()}")
+    return outcome
+
+
+def free_cuda_memory() -> str:
+    """The seeds' report_gpu(): gc + empty_cache, so the GPU is clean without restarting; returns the process list."""
+    import torch
+
+    processes = torch.cuda.list_gpu_processes()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return processes
+
+
+def measure_for(device) -> Measure:
+    return measure_cuda if device.type == "cuda" else measure_cpu
+
+
+# -- the gradient-accumulation check -----------------------------------------------------------------------------
+
+
+def grad_accum_equivalence(model_factory: Callable, inputs, targets, k: int, lr: float = 0.1) -> float:
+    """Largest |weight difference| between one optimiser step over `k` batches of len(inputs) // k items under
+    fastai's GradientAccumulation(len(inputs)) and one step over all of them; same initial weights, same order, SGD.
+
+    The model stays in training mode (batch norm uses batch statistics, as in a real run).
+    """
+    import torch
+    import torch.nn.functional as F
+    from fastai.callback.training import GradientAccumulation
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.learner import Learner
+    from fastai.optimizer import SGD
+
+    n_items = len(inputs)
+    if k < 1 or n_items % k:
+        raise ValueError(f"k={k} must be a positive divisor of the {n_items} items")
+    items = list(zip(inputs, targets))
+    initial = model_factory()
+
+    def float32_loss(output, target):
+        # fastai's Recorder smooths the loss in float32. The cast's gradient is exact (1, or 1/k under
+        # GradientAccumulation), so a float64 model still gets float64 gradients.
+        return F.cross_entropy(output, target).float()
+
+    def weights_after_one_step(step_bs: int, cbs: list):
+        loader = DataLoader(items, bs=step_bs, shuffle=False, drop_last=False, device=inputs.device)
+        learn = Learner(DataLoaders(loader, loader), copy.deepcopy(initial), loss_func=float32_loss,
+                        opt_func=SGD, lr=lr, cbs=cbs)
+        quiet_progress(learn)
+        with learn.no_logging():
+            learn.fit(1, lr)
+        return [p.detach() for p in learn.model.parameters()]
+
+    full = weights_after_one_step(n_items, [])
+    accumulated = weights_after_one_step(n_items // k, [GradientAccumulation(n_items)])
+    return max(float((a - b).abs().max()) for a, b in zip(accumulated, full))
+
+
+def has_batchnorm(model) -> bool:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return any(isinstance(module, _BatchNorm) for module in model.modules())
+
+
+def member_model(member: MemberConfig):
+    """The member's network as vision_learner builds it (timm body + fastai head), without dropout, in float64.
+
+    Dropout draws different masks for k small batches than for one large one, a difference that has nothing to
+    do with accumulation; float64 makes rounding negligible next to a real difference.
+    """
+    import torch
+    from fastai.vision.learner import create_timm_model
+
+    model, _ = create_timm_model(member.arch, member.n_out, pretrained=False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.double()
+
+
+def member_grad_accum_check(member: MemberConfig, seed: int, device) -> dict:
+    """The equivalence check on the member's own network, on random images of its training size."""
+    import torch
+
+    from pipeline.vision import N_CLASSES
+
+    seed_everything(seed)
+    height, width = member.size if isinstance(member.size, tuple) else (member.size, member.size)
+    inputs = torch.randn(EQUIVALENCE_IMAGES, 3, height, width, dtype=torch.float64, device=device)
+    targets = torch.randint(0, N_CLASSES, (EQUIVALENCE_IMAGES,), device=device)
+    model = member_model(member)
+    diff = grad_accum_equivalence(lambda: member_model(member).to(device), inputs, targets, EQUIVALENCE_K)
+    return {
+        "has_batchnorm": has_batchnorm(model),
+        "k": EQUIVALENCE_K,
+        "images": EQUIVALENCE_IMAGES,
+        "max_abs_weight_diff": diff,
+        "equivalent": diff <= EQUIVALENCE_ATOL,
+    }
+
+
+# -- the whole probe of one member -------------------------------------------------------------------------------
+
+
+def probe_member(
+    name: str,
+    member: MemberConfig,
+    table: pd.DataFrame,
+    config: ProbeConfig,
+    bs: int,
+    seed: int,
+    measure: Measure,
+) -> dict:
+    """Measure every candidate accum on the smallest class and choose one; the result train reads."""
+    probe_table = smallest_class_table(table, bs, seed)
+    peaks = {}
+    for accum in candidate_accums(config.accums, member.accum):
+        log(STAGE, f"{name}: {member.arch}, {bs // accum} images per step (accum={accum}) ...")
+        peaks[accum] = measure(member, probe_table, bs, accum, seed, config.epochs)
+        peaks[accum]["fits"] = peaks[accum]["peak_gib"] is not None and peaks[accum]["peak_gib"] <= config.budget_gib
+        log(STAGE, f"{name}: accum={accum}: {_shown_peak(peaks[accum])}")
+    chosen = choose_accum({accum: run["peak_gib"] for accum, run in peaks.items()}, config.budget_gib)
+    result = {
+        "member": name,
+        "arch": member.arch,
+        "bs": bs,
+        "budget_gib": config.budget_gib,
+        "smallest_class": SMALLEST_CLASS,
+        "train_images_per_epoch": int((~probe_table["is_valid"]).sum()),
+        "epochs": config.epochs,
+        "peaks": {str(accum): run for accum, run in peaks.items()},
+        "chosen_accum": chosen,
+    }
+    if chosen is None and member.accum is None:
+        result.update(accum=None, accum_source=None)
+    else:
+        accum, source = accum_to_use(member, result)
+        result.update(accum=accum, accum_source=source)
+    return result
+
+
+def check_fits(result: Mapping[str, Any]) -> None:
+    """Raise ProbeError, naming the member, its smallest peak and what to change, when it has no accum to use."""
+    if result["accum"] is not None:
+        return
+    measured = {accum: run["peak_gib"] for accum, run in result["peaks"].items() if run["peak_gib"] is not None}
+    if measured:
+        accum, peak = min(measured.items(), key=lambda item: item[1])
+        smallest = f"its smallest peak is {peak:.2f} GiB at accum={accum}"
+    else:
+        smallest = "every run ran out of memory"
+    raise ProbeError(
+        f"member {result['member']!r} fits the {result['budget_gib']} GiB budget with no accum in "
+        f"{list(map(int, result['peaks']))}: {smallest}; add a larger accum to probe.accums, lower the member's "
+        "size/resize or pick a smaller arch, raise probe.budget_gib, or set the member's accum explicitly"
+    )
+
+
+def _shown_peak(run: Mapping[str, Any]) -> str:
+    if run["peak_gib"] is None:
+        return f"did not finish ({run['error']})"
+    return (
+        f"peak {run['peak_gib']:.3f} GiB ({run['above_baseline_gib']:.3f} GiB above baseline), "
+        f"{'fits' if run['fits'] else 'over budget'}, {run['seconds']} s"
+    )
+
+
+def plot_rows(result: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per measured accum: what dvc plots draws (peak and budget vs accum)."""
+    return pd.DataFrame(
+        [
+            {
+                "member": result["member"],
+                "accum": int(accum),
+                "peak_gib": run["peak_gib"],
+                "above_baseline_gib": run.get("above_baseline_gib"),
+                "budget_gib": result["budget_gib"],
+            }
+            for accum, run in result["peaks"].items()
+        ]
+    )
+
+
+def device_name(device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    import torch
+
+    return f"cuda ({torch.cuda.get_device_name(device)})"
+
+
+def write_outputs(result: Mapping[str, Any], metrics_path: Path, plot_path: Path) -> None:
+    from pipeline.common import atomic_path
+
+    write_json(metrics_path, result)
+    with atomic_path(plot_path) as tmp:
+        plot_rows(result).to_csv(tmp, index=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit(f"{STAGE}: usage: python -m pipeline.probe <member> (a name under train.members)")
+    name = args[0]
+    try:
+        params = read_params()
+        profile = profile_of(params)
+        train = load_train_config(params)
+        member = train.member(name)
+        config = load_probe_config(params, train.bs)
+        seed = load_seed(params)
+        if not train_csv(DATA_DIR).is_file():
+            raise ProbeError(f"{train_csv(DATA_DIR)}: not found; run `dvc repro paddy_data` first")
+        table = read_train_table(DATA_DIR)
+        device = compute_device()
+        started = time.perf_counter()
+        result = probe_member(name, member, table, config, train.bs, seed, measure_for(device))
+        check = member_grad_accum_check(member, seed, device)
+        log(STAGE, f"{name}: gradient accumulation vs full batch: {check}")
+        result = {
+            "profile": profile,
+            "device": device_name(device),
+            "memory": "torch.cuda peak reserved" if device.type == "cuda" else "peak RSS of a fresh child process",
+            **result,
+            "grad_accum_check": check,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        write_outputs(result, METRICS_DIR / f"{name}.json", PLOTS_DIR / f"{name}.csv")
+        check_fits(result)
+    except (ParamsError, ProbeError) as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    log(STAGE, f"{name}: accum {result['accum']} (from {result['accum_source']}), budget {config.budget_gib} GiB")
+
+
+if __name__ == "__main__":
+    main()
