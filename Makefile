@@ -12,6 +12,7 @@ help:
 	@echo "make test      install with test extras, then run the test suite (CPU, a few minutes)"
 	@echo "make bench     benchmarks: training throughput, collab vs collab_learner, demo DAG wall time"
 	@echo "make submit    upload submissions/submission.csv to Kaggle (refuses synthetic or stale outputs)"
+	@echo "               make submit ARGS=--force re-uploads a file that was submitted before"
 	@echo "make profile PROFILE=competition|demo   switch params.yaml to a profile"
 	@echo "make clean     remove caches of Python and pytest (never data, models, preds or submissions)"
 
@@ -35,7 +36,7 @@ bench:
 
 submit:
 	@echo ">> submitting submissions/submission.csv to Kaggle (checks first)"
-	$(PYTHON) -m pipeline.submit
+	$(PYTHON) -m pipeline.submit $(ARGS)
 
 profile:
 	@echo ">> switching params.yaml to the $(PROFILE) profile"
