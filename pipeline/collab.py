@@ -1,0 +1,399 @@
+"""Stage `collab`: collaborative filtering on MovieLens 100k, the seeds' DotProductBias trained with fastai.
+
+The model is the dot product of user and movie latent factors plus a user bias and a movie bias, squashed by
+sigmoid_range into y_range (fastbook chapter 8), written out as the seeds do instead of fastai's EmbeddingDotBias so
+the reader sees every parameter; fastai's collab_learner is the reference it is benchmarked against
+(pipeline/bench_collab.py). Trained with fit_one_cycle and weight decay on a seeded 80/20 split.
+
+Outputs: models/collab.pth (weights + id vocabularies), metrics/collab.json (validation MSE/RMSE, time),
+dvclive/collab (training curves), reports/collab/ (movie-bias ranking, PCA map of movie factors, "movies like X").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.common import atomic_path, log, quiet_progress, seed_everything, write_json
+from pipeline.params import ParamsError, load_section, profile_of, read_params
+
+STAGE = "collab"
+DATA_DIR = Path("data/movielens")
+MODEL_FILE = Path("models/collab.pth")
+METRICS_FILE = Path("metrics/collab.json")
+REPORTS_DIR = Path("reports/collab")
+DVCLIVE_DIR = Path("dvclive/collab")
+# "Movies like X" for these when the data has them (the seeds' examples), else for the most-rated movies.
+WELL_KNOWN_TITLES = ("Star Wars (1977)", "Silence of the Lambs, The (1991)", "Toy Story (1995)")
+
+
+class CollabError(ValueError):
+    """Unusable input for the collab stage: the message is one line naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class CollabConfig:
+    n_factors: int = 50
+    y_range: tuple[float, float] = (0.0, 5.5)
+    epochs: int = 5
+    lr: float = 5e-3
+    wd: float = 0.1
+    bs: int = 64
+    valid_pct: float = 0.2
+    seed: int = 42
+    threads: int | None = None  # torch CPU threads; null leaves torch's default
+    report_min_ratings: int = 20  # movies rated less often are left out of the reports (their factors are noise)
+
+    def __post_init__(self):
+        low, high = self.y_range
+        if not low < high:
+            raise ValueError(f"y_range is {list(self.y_range)}; use [low, high] with low < high, e.g. [0.0, 5.5]")
+        if not 0 < self.valid_pct < 1:
+            raise ValueError(f"valid_pct is {self.valid_pct}; use a fraction between 0 and 1, e.g. 0.2")
+        for name in ("n_factors", "epochs", "bs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} is {getattr(self, name)}; use a positive integer")
+
+
+def _dot_product_bias_class():
+    # Built lazily so that importing this module (e.g. for CollabConfig) does not import fastai.
+    from fastai.layers import Embedding, Module, sigmoid_range
+
+    class DotProductBias(Module):
+        """The seeds' model: sigmoid_range(user·movie + user_bias + movie_bias) into y_range."""
+
+        def __init__(self, n_users, n_movies, n_factors, y_range=(0, 5.5)):
+            self.user_factors = Embedding(n_users, n_factors)
+            self.user_bias = Embedding(n_users, 1)
+            self.movie_factors = Embedding(n_movies, n_factors)
+            self.movie_bias = Embedding(n_movies, 1)
+            self.y_range = y_range
+
+        def forward(self, x):
+            users = self.user_factors(x[:, 0])
+            movies = self.movie_factors(x[:, 1])
+            res = (users * movies).sum(dim=1, keepdim=True)
+            res += self.user_bias(x[:, 0]) + self.movie_bias(x[:, 1])
+            return sigmoid_range(res, *self.y_range)
+
+    return DotProductBias
+
+
+def __getattr__(name: str):
+    if name == "DotProductBias":
+        return _dot_product_bias_class()
+    raise AttributeError(name)
+
+
+# ---------------------------------------------------------------- data
+
+
+def read_movielens(data_dir: Path = DATA_DIR) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """ratings (user, movie, rating) and movies (movie, title) as movielens_data wrote them."""
+    tables = {}
+    for name, columns in (("ratings", ("user", "movie", "rating")), ("movies", ("movie", "title"))):
+        path = data_dir / f"{name}.csv"
+        if not path.is_file():
+            raise CollabError(f"{path}: not found; run `python -m pipeline.movielens_data` (or dvc repro movielens_data)")
+        table = pd.read_csv(path)
+        missing = [c for c in columns if c not in table.columns]
+        if missing:
+            raise CollabError(f"{path}: missing column '{missing[0]}'; rebuild it with `python -m pipeline.movielens_data`")
+        tables[name] = table[list(columns)]
+    return tables["ratings"], tables["movies"]
+
+
+def random_split(n_rows: int, valid_pct: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """fastai's RandomSplitter: the same seeded split CollabDataLoaders.from_df(valid_pct, seed) makes."""
+    from fastai.data.transforms import RandomSplitter
+
+    train, valid = RandomSplitter(valid_pct=valid_pct, seed=seed)(range(n_rows))
+    return np.asarray(train), np.asarray(valid)
+
+
+def kfold_splits(n_rows: int, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import KFold
+
+    return list(KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.arange(n_rows)))
+
+
+def collab_dataloaders(ratings: pd.DataFrame, splits, bs: int, seed: int):
+    """fastai's collab DataLoaders (Categorify on user and movie, fitted on the training rows only) for `splits`."""
+    from fastai.collab import TabularCollab
+    from fastai.data.block import TransformBlock
+    from fastai.tabular.core import Categorify
+
+    seed_everything(seed)
+    tabular = TabularCollab(
+        ratings[["user", "movie", "rating"]], [Categorify], ["user", "movie"], y_names=["rating"],
+        y_block=TransformBlock(), splits=[list(split) for split in splits],
+    )
+    return tabular.dataloaders(bs=bs)
+
+
+# ---------------------------------------------------------------- training
+
+
+def make_learner(dls, config: CollabConfig, cbs=()):
+    """Learner around our DotProductBias, MSE loss, RMSE per epoch."""
+    from fastai.learner import Learner
+    from fastai.losses import MSELossFlat
+    from fastai.metrics import rmse
+
+    model = _dot_product_bias_class()(
+        len(dls.classes["user"]), len(dls.classes["movie"]), config.n_factors, tuple(config.y_range)
+    )
+    learn = Learner(dls, model, loss_func=MSELossFlat(), metrics=rmse, cbs=list(cbs))
+    quiet_progress(learn)
+    return learn
+
+
+def fit(learn, config: CollabConfig) -> float:
+    """fit_one_cycle(epochs, lr, wd) as the seeds; returns the seconds it took."""
+    start = time.perf_counter()
+    learn.fit_one_cycle(config.epochs, config.lr, wd=config.wd)
+    return time.perf_counter() - start
+
+
+def validation_errors(learn) -> dict:
+    """MSE and RMSE of the model's predictions on the validation set."""
+    preds, targets = learn.get_preds(ds_idx=1)
+    mse = float(((preds.view(-1) - targets.view(-1)) ** 2).mean())
+    return {"mse": mse, "rmse": mse**0.5}
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def train_and_evaluate(ratings: pd.DataFrame, splits, config: CollabConfig, cbs=()) -> tuple[object, dict]:
+    """Train on `splits[0]`, score on `splits[1]`: (learner, {mse, rmse, train_seconds})."""
+    dls = collab_dataloaders(ratings, splits, config.bs, config.seed)
+    learn = make_learner(dls, config, cbs)
+    seconds = fit(learn, config)
+    return learn, {**validation_errors(learn), "train_seconds": seconds}
+
+
+def cross_validated_rmse(ratings: pd.DataFrame, config: CollabConfig, folds: int) -> dict:
+    """RMSE of `folds`-fold cross-validation (seeded KFold): per fold, mean and standard deviation."""
+    per_fold = [train_and_evaluate(ratings, split, config)[1]["rmse"] for split in kfold_splits(len(ratings), folds, config.seed)]
+    return {"folds": folds, "rmse_per_fold": per_fold, "rmse_mean": float(np.mean(per_fold)), "rmse_std": float(np.std(per_fold))}
+
+
+# ---------------------------------------------------------------- the trained model as plain data
+
+
+@dataclass(frozen=True)
+class TrainedCollab:
+    """Weights as numpy arrays plus the raw ids they belong to: what models/collab.pth holds.
+
+    Row 0 of each table is fastai's '#na#' category (never seen in training); row i+1 belongs to ids[i].
+    """
+
+    user_ids: np.ndarray
+    movie_ids: np.ndarray
+    user_factors: np.ndarray
+    user_bias: np.ndarray
+    movie_factors: np.ndarray
+    movie_bias: np.ndarray
+    y_range: tuple[float, float]
+
+
+def trained_collab(learn) -> TrainedCollab:
+    model, classes = learn.model, learn.dls.classes
+    weights = {name: getattr(model, name).weight.detach().cpu().numpy().copy()
+               for name in ("user_factors", "user_bias", "movie_factors", "movie_bias")}
+    return TrainedCollab(
+        user_ids=np.asarray([int(u) for u in classes["user"][1:]]),
+        movie_ids=np.asarray([int(m) for m in classes["movie"][1:]]),
+        user_bias=weights["user_bias"][:, 0], movie_bias=weights["movie_bias"][:, 0],
+        user_factors=weights["user_factors"], movie_factors=weights["movie_factors"],
+        y_range=tuple(float(v) for v in model.y_range),
+    )
+
+
+def save_model(trained: TrainedCollab, path: Path = MODEL_FILE) -> None:
+    import torch
+
+    payload = {name: (torch.from_numpy(value) if isinstance(value, np.ndarray) else list(value))
+               for name, value in asdict(trained).items()}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_model(path: Path = MODEL_FILE) -> TrainedCollab:
+    import torch
+
+    if not path.is_file():
+        raise CollabError(f"{path}: not found; train it with `python -m pipeline.collab`")
+    payload = torch.load(path, weights_only=True)
+    return TrainedCollab(**{name: (value.numpy() if isinstance(value, torch.Tensor) else tuple(value))
+                            for name, value in payload.items()})
+
+
+def predict(trained: TrainedCollab, users, movies) -> pd.DataFrame:
+    """Predicted ratings for (user, movie) pairs given as raw ids; unknown ids fall back to biases (cold start).
+
+    A user (movie) never seen in training has no factors; its bias is taken as the mean bias of known users
+    (movies), so an unknown user gets the movie's bias-based rating, and an unknown pair the global baseline.
+    Column `basis` says which case each row is.
+    """
+    users, movies = np.asarray(users), np.asarray(movies)
+    user_rows, known_user = _rows(trained.user_ids, users)
+    movie_rows, known_movie = _rows(trained.movie_ids, movies)
+    both = known_user & known_movie
+    dot = np.where(both, (trained.user_factors[user_rows] * trained.movie_factors[movie_rows]).sum(axis=1), 0.0)
+    user_bias = np.where(known_user, trained.user_bias[user_rows], trained.user_bias[1:].mean())
+    movie_bias = np.where(known_movie, trained.movie_bias[movie_rows], trained.movie_bias[1:].mean())
+    low, high = trained.y_range
+    rating = low + (high - low) / (1 + np.exp(-(dot + user_bias + movie_bias)))
+    basis = np.select(
+        [both, known_movie, known_user],
+        ["factors+biases", "movie bias (unknown user)", "user bias (unknown movie)"],
+        "mean biases (unknown user and movie)",
+    )
+    return pd.DataFrame({"user": users, "movie": movies, "rating": rating, "basis": basis})
+
+
+def _rows(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding rows of `wanted` ids (0, fastai's '#na#', when unknown) and which were known."""
+    order = np.argsort(ids)
+    positions = np.searchsorted(ids, wanted, sorter=order).clip(0, len(ids) - 1)
+    found = order[positions]
+    known = ids[found] == wanted
+    return np.where(known, found + 1, 0), known
+
+
+# ---------------------------------------------------------------- interpretation
+
+
+def movie_table(trained: TrainedCollab, ratings: pd.DataFrame, movies: pd.DataFrame) -> pd.DataFrame:
+    """One row per trained movie: id, title, bias, number of ratings (index = embedding row)."""
+    table = pd.DataFrame({"movie": trained.movie_ids, "bias": trained.movie_bias[1:]}, index=np.arange(1, len(trained.movie_ids) + 1))
+    table["title"] = table["movie"].map(movies.set_index("movie")["title"])
+    table["n_ratings"] = table["movie"].map(ratings["movie"].value_counts()).fillna(0).astype(int)
+    return table
+
+
+def movie_bias_ranking(table: pd.DataFrame, top: int = 10, min_ratings: int = 1) -> pd.DataFrame:
+    """Most and least liked movies once user taste and movie factors are accounted for: the extremes of the bias."""
+    rated = table[table["n_ratings"] >= min_ratings].sort_values("bias", ascending=False)
+    most, least = rated.head(top).assign(group="most liked"), rated.tail(top)[::-1].assign(group="least liked")
+    return pd.concat([most, least])[["group", "movie", "title", "bias", "n_ratings"]].reset_index(drop=True)
+
+
+def similar_movies(trained: TrainedCollab, table: pd.DataFrame, titles, top: int = 5, min_ratings: int = 1) -> pd.DataFrame:
+    """For each title, the movies whose factor vectors are closest by cosine similarity."""
+    candidates = table[table["n_ratings"] >= min_ratings]
+    factors = trained.movie_factors[candidates.index]
+    unit = factors / np.linalg.norm(factors, axis=1, keepdims=True).clip(1e-12)
+    rows = []
+    for title in titles:
+        query = candidates.index[candidates["title"] == title]
+        if query.empty:
+            continue
+        position = candidates.index.get_loc(query[0])
+        similarity = unit @ unit[position]
+        similarity[position] = -np.inf
+        for rank, neighbour in enumerate(np.argsort(-similarity)[:top], start=1):
+            match = candidates.iloc[neighbour]
+            rows.append({"query": title, "rank": rank, "title": match["title"], "movie": match["movie"],
+                         "cosine_similarity": float(similarity[neighbour]), "n_ratings": match["n_ratings"]})
+    return pd.DataFrame(rows, columns=["query", "rank", "title", "movie", "cosine_similarity", "n_ratings"])
+
+
+def query_titles(table: pd.DataFrame, count: int = 3) -> list[str]:
+    """The seeds' example titles when present, else the most-rated movies."""
+    present = [title for title in WELL_KNOWN_TITLES if title in set(table["title"])]
+    return present or table.sort_values("n_ratings", ascending=False)["title"].head(count).tolist()
+
+
+def plot_pca_map(trained: TrainedCollab, table: pd.DataFrame, path: Path, n_fit: int = 1000, n_shown: int = 50) -> None:
+    """Movie factors of the `n_fit` most-rated movies projected on their first two principal components (as fastbook),
+    with the `n_shown` most-rated labelled by title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    popular = table.sort_values("n_ratings", ascending=False).head(n_fit)
+    coords = PCA(n_components=2, random_state=0).fit_transform(trained.movie_factors[popular.index])
+    shown = slice(0, min(n_shown, len(popular)))
+    figure, axes = plt.subplots(figsize=(12, 12))
+    axes.scatter(coords[shown, 0], coords[shown, 1], s=8)
+    for (x, y), title in zip(coords[shown], popular["title"].iloc[shown]):
+        axes.text(x, y, title, fontsize=8)
+    axes.set(title=f"Movie factors: first two principal components ({len(popular)} most-rated movies; labelled: top {n_shown})",
+             xlabel="PC 1", ylabel="PC 2")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def plot_training_curves(learn, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    learn.recorder.plot_loss()
+    with atomic_path(path) as tmp:
+        plt.gcf().savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close("all")
+
+
+def write_reports(learn, trained: TrainedCollab, ratings, movies, min_ratings: int, reports_dir: Path = REPORTS_DIR) -> None:
+    table = movie_table(trained, ratings, movies)
+    with atomic_path(reports_dir) as staging:
+        staging.mkdir()
+        movie_bias_ranking(table, min_ratings=min_ratings).to_csv(staging / "movie_bias.csv", index=False)
+        similar_movies(trained, table, query_titles(table), min_ratings=min_ratings).to_csv(staging / "similar_movies.csv", index=False)
+        plot_pca_map(trained, table[table["n_ratings"] >= min_ratings], staging / "pca_movies.png")
+        plot_training_curves(learn, staging / "training_curves.png")
+
+
+def main() -> None:
+    try:
+        params = read_params()
+        profile = profile_of(params)
+        config = load_section(CollabConfig, params, "collab")
+        ratings, movies = read_movielens()
+    except (ParamsError, CollabError) as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    from dvclive import Live
+    from dvclive.fastai import DVCLiveCallback
+
+    set_threads(config.threads)
+    log(STAGE, f"{len(ratings)} ratings; DotProductBias n_factors={config.n_factors}, bs={config.bs}, "
+        f"fit_one_cycle({config.epochs}, {config.lr}, wd={config.wd})")
+    live = Live(dir=str(DVCLIVE_DIR), dvcyaml=False, save_dvc_exp=False)
+    splits = random_split(len(ratings), config.valid_pct, config.seed)
+    learn, errors = train_and_evaluate(ratings, splits, config, cbs=[DVCLiveCallback(live=live)])
+    trained = trained_collab(learn)
+    save_model(trained)
+    write_reports(learn, trained, ratings, movies, config.report_min_ratings)
+    write_json(METRICS_FILE, {
+        "profile": profile, **errors,
+        "n_ratings": len(ratings), "n_users": int(ratings["user"].nunique()), "n_movies": int(ratings["movie"].nunique()),
+        "n_train": len(splits[0]), "n_valid": len(splits[1]), "threads": _threads(), "params": asdict(config),
+    })
+    log(STAGE, f"validation RMSE {errors['rmse']:.4f} (MSE {errors['mse']:.4f}) in {errors['train_seconds']:.1f} s; "
+        f"wrote {MODEL_FILE}, {METRICS_FILE}, {REPORTS_DIR}/")
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    main()
