@@ -120,8 +120,8 @@ def _variety_look(variety: str) -> tuple[Rgb, int]:
 def _leaf_background(variety: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
     width, height = size
     green, blades = _variety_look(variety)
-    soil = tuple(int(c) for c in rng.integers((50, 40, 25), (90, 75, 50)))
-    image = Image.new("RGB", size, soil)
+    # Leaves fill most of a real photo: the ground between blades is a shadowed green, not a cue of its own.
+    image = Image.new("RGB", size, _jitter(tuple(int(c * 0.55) for c in green), rng, 8))
     draw = ImageDraw.Draw(image)
     tilt = rng.uniform(-0.35, 0.35) * width
     for _ in range(blades * 3):
@@ -304,7 +304,7 @@ def _distractors(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def _camera_noise(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.9)))
-    pixels = np.asarray(image, dtype=np.float32) * rng.uniform(0.8, 1.15)
+    pixels = np.asarray(image, dtype=np.float32) * rng.uniform(0.9, 1.1)
     pixels += rng.normal(0, 6, pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
