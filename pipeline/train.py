@@ -1,0 +1,530 @@
+"""train@<member>: one ensemble member, a fastai Learner on a timm architecture ("Road to the Top").
+
+`python -m pipeline.train <member>` trains the member named under `train.members` of params.yaml on the shared
+validation split (or on everything when `validation.full` is true), then writes its weights, its TTA probabilities
+on the test and validation images, its metrics and its DVCLive plots. A killed run resumes from its last completed
+epoch; a CUDA out-of-memory error doubles the gradient accumulation and carries on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from pipeline.common import atomic_path, banner, log, read_json, write_json
+from pipeline.paddy import CLASSES, DATA_DIR, VARIETIES, read_train_table, test_image_dir, test_image_ids, validation_mask
+from pipeline.params import ParamsError, from_mapping, profile_of, read_params
+from pipeline import vision
+from pipeline.vision import MemberConfig
+
+STAGE = "train"
+MODELS_DIR = Path("models")
+CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"  # not a DVC output: DVC would delete it before the rerun that needs it
+PREDS_DIR = Path("preds")
+METRICS_DIR = Path("metrics/train")
+PROBE_DIR = Path("metrics/probe")
+LIVE_DIR = Path("dvclive/train")
+TOP_LOSSES = 9
+MOST_CONFUSED = 10
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """The `validation` section: the split every member and the ensemble share."""
+
+    valid_pct: float = 0.2
+    seed: int = 42
+    full: bool = False
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Everything one train@<member> run reads from params.yaml."""
+
+    profile: str
+    seed: int
+    name: str
+    member: MemberConfig
+    bs: int
+    tta: bool
+    validation: ValidationConfig
+    precision: str = "auto"
+
+
+def load_stage_config(params: Mapping[str, Any], name: str) -> StageConfig:
+    train = vision.load_train_config(params)
+    return StageConfig(
+        profile=profile_of(params),
+        seed=_seed(params),
+        name=name,
+        member=train.member(name),
+        bs=train.bs,
+        tta=train.tta,
+        validation=from_mapping(ValidationConfig, params.get("validation", {}), "validation"),
+        precision=train.precision,
+    )
+
+
+def _seed(params: Mapping[str, Any]) -> int:
+    seed = params.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ParamsError(f"params.yaml: key 'seed' is {seed!r}; set it to an integer")
+    return seed
+
+
+# -- inputs --------------------------------------------------------------------------------------------------------
+
+
+def member_accum(member: MemberConfig, probe_json: Path) -> tuple[int, str]:
+    """The gradient accumulation to train with and its source: params' explicit accum, else the probe's choice."""
+    if member.accum is not None:
+        return vision.accum_to_use(member, {})
+    if not probe_json.is_file():
+        raise FileNotFoundError(f"{probe_json}: not found; run `dvc repro probe` or set the member's accum in params")
+    return vision.accum_to_use(member, read_json(probe_json))
+
+
+def split_table(data_dir: Path, validation: ValidationConfig) -> pd.DataFrame:
+    """train.csv with `path` and the shared `is_valid` split (all False when training on everything)."""
+    table = read_train_table(data_dir)
+    if validation.full:
+        table["is_valid"] = False
+    else:
+        table["is_valid"] = validation_mask(table["label"], validation.valid_pct, validation.seed)
+    return table
+
+
+def run_fingerprint(cfg: StageConfig, table: pd.DataFrame) -> str:
+    """What a checkpoint must match to be resumed: config, data and split (not accum: the effective batch is bs)."""
+    member = dataclasses.asdict(cfg.member) | {"accum": None}
+    payload = dict(
+        member=member,
+        bs=cfg.bs,
+        seed=cfg.seed,
+        validation=dataclasses.asdict(cfg.validation),
+        rows=table[["image_id", "label", "variety", "is_valid"]].to_csv(index=False),
+    )
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# -- the schedule: fine_tune's two phases made explicit, so that fit_one_cycle's start_epoch can resume either --------
+
+
+@dataclass(frozen=True)
+class Phase:
+    frozen: bool
+    epochs: int
+    lr: Any
+    kwargs: dict
+
+
+def schedule_phases(member: MemberConfig, lr: float) -> list[Phase]:
+    """The member's schedule as fit_one_cycle phases; fine_tune matches fastai's own (freeze_epochs=1, lr/2 after)."""
+    if member.schedule == "fit_one_cycle":
+        return [Phase(frozen=False, epochs=member.epochs, lr=lr, kwargs={})]
+    base_lr = lr / 2
+    return [
+        Phase(frozen=True, epochs=1, lr=slice(lr), kwargs=dict(pct_start=0.99)),
+        Phase(frozen=False, epochs=member.epochs, lr=slice(base_lr / 100, base_lr), kwargs=dict(pct_start=0.3, div=5.0)),
+    ]
+
+
+# -- checkpoints: model, optimiser and every random state after each completed epoch ---------------------------------
+
+
+class Checkpoints:
+    """A member's resumable progress: `state.json` names the last completed epoch, saved beside it."""
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.directory, self.fingerprint = Path(directory), fingerprint
+
+    def state(self) -> dict | None:
+        """The saved progress, if it belongs to this run's fingerprint."""
+        state_file = self.directory / "state.json"
+        if not state_file.is_file():
+            return None
+        state = read_json(state_file)
+        return state if state.get("fingerprint") == self.fingerprint else None
+
+    def start(self, lr: float, lr_suggestion: float | None) -> dict:
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        self.directory.mkdir(parents=True)
+        state = dict(fingerprint=self.fingerprint, completed_epochs=0, lr=lr, lr_suggestion=lr_suggestion)
+        write_json(self.directory / "state.json", state)
+        return state
+
+    def save(self, learn, completed_epochs: int) -> None:
+        import torch
+        from fastai.learner import save_model
+        from fastai.torch_core import get_random_states
+
+        weights = self.directory / f"epoch_{completed_epochs}.pth"
+        with atomic_path(weights) as tmp:
+            save_model(tmp, learn.model, learn.opt, with_opt=True)
+        with atomic_path(self.directory / "random.pth") as tmp:
+            torch.save(dict(get_random_states(), loader=learn.dls.train.rng.getstate()), tmp)
+        state = read_json(self.directory / "state.json") | dict(completed_epochs=completed_epochs)
+        write_json(self.directory / "state.json", state)
+        for older in self.directory.glob("epoch_*.pth"):
+            if older != weights:
+                older.unlink()
+
+    def restore(self, learn, completed_epochs: int) -> None:
+        import torch
+        from fastai.learner import load_model
+        from fastai.torch_core import set_random_states
+
+        if learn.opt is None:
+            learn.create_opt()
+        load_model(self.directory / f"epoch_{completed_epochs}.pth", learn.model, learn.opt, device=learn.dls.device)
+        states = torch.load(self.directory / "random.pth", weights_only=False)
+        learn.dls.train.rng.setstate(states.pop("loader"))
+        set_random_states(**states)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _epoch_callbacks(checkpoints: Checkpoints, live, offset: int, start_epoch: int):
+    """Per-epoch checkpointing and DVCLive logging, silent on the epochs fit_one_cycle's start_epoch skips."""
+    from dvclive.fastai import DVCLiveCallback
+    from fastai.callback.core import Callback
+
+    class SaveEpoch(Callback):
+        order = 60  # after the Recorder (50) has the epoch's metrics
+
+        def after_epoch(self):
+            if self.epoch >= start_epoch:
+                checkpoints.save(self.learn, offset + self.epoch + 1)
+
+    class LiveEpoch(DVCLiveCallback):
+        # fastai still calls after_epoch on skipped epochs (with no metrics), and DVCLive's own after_fit would end
+        # the Live run after the first of fine_tune's explicit phases: the stage ends it once, after the last.
+        def after_epoch(self):
+            if self.epoch >= start_epoch:
+                super().after_epoch()
+
+        def after_fit(self):
+            pass
+
+    return [SaveEpoch(), LiveEpoch(live=live)]
+
+
+# -- training ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    learn: Any
+    accum: int
+    oom_retries: int
+    lr: float
+    lr_suggestion: float | None
+    resumed_from_epoch: int
+    train_seconds: float
+    images_trained: int
+
+
+def fit_member(
+    cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live, num_workers: int = 0
+) -> TrainResult:
+    """Build the member's DataLoaders and Learner and run its schedule, resuming from a matching checkpoint."""
+    dls = vision.member_dataloaders(cfg.member, table, cfg.bs, accum, cfg.seed, num_workers=num_workers)
+    learn = vision.member_learner(cfg.member, dls, cfg.bs, accum, mixed_precision=cfg.precision)
+    learn.path, learn.model_dir = checkpoints.directory, "."  # lr_find's temporary weights go there too
+    state = checkpoints.state()
+    if state is None:
+        lr, suggestion = learning_rate(learn, cfg.member)
+        state = checkpoints.start(lr, suggestion)
+    resume_after = state["completed_epochs"]  # 0 for a fresh run
+    if resume_after:
+        log(STAGE, f"{cfg.name}: resuming after epoch {resume_after} from {checkpoints.directory}")
+    restore_pending = resume_after > 0
+    started, images = time.perf_counter(), 0
+    offset = 0
+    for phase in schedule_phases(cfg.member, state["lr"]):
+        start_epoch = max(0, resume_after - offset)
+        if start_epoch < phase.epochs:
+            set_frozen = learn.freeze if phase.frozen else learn.unfreeze
+            if not restore_pending:
+                set_frozen()
+            elif start_epoch:
+                set_frozen()  # fastai's freeze/unfreeze clears the optimiser state: restore it after, mid-phase
+                checkpoints.restore(learn, resume_after)
+            else:
+                checkpoints.restore(learn, resume_after)
+                set_frozen()  # at a phase boundary the uninterrupted run clears it too
+            restore_pending = False
+            cbs = _epoch_callbacks(checkpoints, live, offset, start_epoch)
+            learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=start_epoch, cbs=cbs, **phase.kwargs)
+            images += (phase.epochs - start_epoch) * len(dls.train.items)
+        offset += phase.epochs
+    return TrainResult(
+        learn=learn,
+        accum=accum,
+        oom_retries=0,
+        lr=state["lr"],
+        lr_suggestion=state["lr_suggestion"],
+        resumed_from_epoch=resume_after,
+        train_seconds=time.perf_counter() - started,
+        images_trained=images,
+    )
+
+
+def learning_rate(learn, member: MemberConfig) -> tuple[float, float | None]:
+    """The member's lr, or lr_find's `valley` suggestion when it is `find` (returned twice: used and suggested)."""
+    if member.lr != "find":
+        return member.lr, None
+    if member.schedule == "fit_one_cycle":
+        learn.unfreeze()
+    suggestion = float(learn.lr_find(show_plot=False).valley)
+    return suggestion, suggestion
+
+
+def train_with_oom_fallback(
+    cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live, num_workers: int = 0
+) -> TrainResult:
+    """fit_member, doubling accum (halving the step's images) after each CUDA out-of-memory error, up to accum = bs.
+
+    Progress is kept: the retry resumes from the last completed epoch's checkpoint.
+    """
+    import torch
+
+    retries = 0
+    while True:
+        try:
+            result = fit_member(cfg, table, accum, checkpoints, live, num_workers=num_workers)
+            result.oom_retries = retries
+            return result
+        except torch.OutOfMemoryError:
+            if accum * 2 > cfg.bs:
+                raise
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            retries += 1
+            log(STAGE, f"{cfg.name}: CUDA out of memory at accum {accum}; retrying with accum {accum * 2}")
+            accum *= 2
+
+
+# -- outputs -------------------------------------------------------------------------------------------------------
+
+
+def tta_disease_probs(learn, dl=None, ds_idx: int = 1, use_tta: bool = True) -> np.ndarray:
+    """Disease probabilities (rows sum to 1, columns in CLASSES order), with fastai's TTA unless told otherwise."""
+    if use_tta:
+        probs, _ = learn.tta(dl=dl, ds_idx=ds_idx)
+    else:
+        probs, _ = learn.get_preds(dl=dl, ds_idx=ds_idx)
+    return vision.disease_probs(probs).float().numpy()
+
+
+def prediction_frames(
+    learn, table: pd.DataFrame, data_dir: Path, use_tta: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(test, valid) probability tables in the ensemble's contract: image_id[, label], then one column per class."""
+    test_ids = test_image_ids(data_dir)
+    test_items = pd.DataFrame({"path": [test_image_dir(data_dir) / image_id for image_id in test_ids]})
+    test_probs = tta_disease_probs(learn, dl=learn.dls.test_dl(test_items), use_tta=use_tta)
+    test = pd.concat([pd.DataFrame({"image_id": test_ids}), pd.DataFrame(test_probs, columns=list(CLASSES))], axis=1)
+    valid_rows = table[table["is_valid"]].reset_index(drop=True)
+    valid_probs = (
+        tta_disease_probs(learn, ds_idx=1, use_tta=use_tta) if len(valid_rows) else np.zeros((0, len(CLASSES)))
+    )
+    valid = pd.concat(
+        [valid_rows[["image_id", "label"]], pd.DataFrame(valid_probs, columns=list(CLASSES))], axis=1
+    )
+    return test, valid
+
+
+def write_predictions(preds_dir: Path, test: pd.DataFrame, valid: pd.DataFrame) -> None:
+    with atomic_path(preds_dir) as tmp:
+        tmp.mkdir()
+        test.to_csv(tmp / "test.csv", index=False)
+        valid.to_csv(tmp / "valid.csv", index=False)
+
+
+def write_weights(path: Path, learn, member: MemberConfig) -> None:
+    """The model's state_dict with what is needed to rebuild it (arch, targets, class order)."""
+    import torch
+
+    payload = dict(
+        arch=member.arch,
+        targets=member.targets,
+        n_out=member.n_out,
+        classes=list(CLASSES),
+        state_dict={k: v.detach().cpu() for k, v in learn.model.state_dict().items()},
+    )
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def validation_summary(valid: pd.DataFrame) -> dict:
+    """Error rate, accuracy and the most confused (actual, predicted) pairs of the TTA validation probabilities."""
+    if valid.empty:
+        return dict(valid_error_rate=None, valid_accuracy=None, most_confused=[])
+    predicted = np.asarray(CLASSES)[valid[list(CLASSES)].to_numpy().argmax(axis=1)]
+    accuracy = float((predicted == valid["label"].to_numpy()).mean())
+    pairs = (
+        pd.DataFrame({"actual": valid["label"], "predicted": predicted})
+        .query("actual != predicted")
+        .value_counts()
+        .head(MOST_CONFUSED)
+    )
+    most_confused = [dict(actual=a, predicted=p, count=int(n)) for (a, p), n in pairs.items()]
+    return dict(valid_error_rate=1 - accuracy, valid_accuracy=accuracy, most_confused=most_confused)
+
+
+def log_interpretation(live, valid: pd.DataFrame, table: pd.DataFrame) -> None:
+    """Confusion matrix and the top-losses image grid (the seeds' data-cleaning step) as DVC plots.
+
+    Hand-written rather than fastai's ClassificationInterpretation: that does not handle the multi-target model, and
+    these use the TTA probabilities the ensemble will use.
+    """
+    if valid.empty:
+        return
+    probs = valid[list(CLASSES)].to_numpy()
+    predicted = np.asarray(CLASSES)[probs.argmax(axis=1)]
+    live.log_sklearn_plot("confusion_matrix", valid["label"].tolist(), predicted.tolist(), name="confusion_matrix.json")
+    live.log_image("top_losses.png", top_losses_figure(valid, table))
+
+
+def top_losses_figure(valid: pd.DataFrame, table: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    probs = valid[list(CLASSES)].to_numpy()
+    true_idx = valid["label"].map(CLASSES.index).to_numpy()
+    losses = -np.log(np.clip(probs[np.arange(len(valid)), true_idx], 1e-12, None))
+    paths = dict(zip(table["image_id"], table["path"]))
+    worst = np.argsort(-losses)[:TOP_LOSSES]
+    cols = 3
+    rows = max(1, int(np.ceil(len(worst) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, worst):
+        ax.imshow(Image.open(paths[valid["image_id"].iloc[i]]))
+        predicted = probs[i].argmax()
+        ax.set_title(
+            f"{CLASSES[predicted]}\nactual {valid['label'].iloc[i]}\nloss {losses[i]:.2f} p {probs[i, predicted]:.2f}",
+            fontsize=7,
+        )
+    fig.suptitle("top losses (predicted / actual / loss / probability)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def variety_error(learn, table: pd.DataFrame) -> float | None:
+    """The multi-target model's variety error rate on the validation set (no TTA: it is a by-product)."""
+    if learn.loss_func.__class__ is not vision.DiseaseVarietyLoss or not table["is_valid"].any():
+        return None
+    probs, _ = learn.get_preds(ds_idx=1)
+    varieties = np.asarray(VARIETIES)[probs[:, len(CLASSES) :].argmax(dim=1).numpy()]
+    return float((varieties != table.loc[table["is_valid"], "variety"].to_numpy()).mean())
+
+
+def precision_used(learn) -> str:
+    from fastai.callback.fp16 import AMPMode, MixedPrecision
+
+    amp = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
+    if amp is None:
+        return "fp32"
+    return "bf16" if amp.amp_mode == AMPMode.BF16 else "fp16"
+
+
+# -- the stage -----------------------------------------------------------------------------------------------------
+
+
+def run_stage(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path("."), num_workers: int = 0) -> dict:
+    """Train one member and write all its outputs under `root`; returns its metrics."""
+    from dvclive import Live
+
+    from pipeline.common import compute_device, seed_everything
+
+    root = Path(root)
+    accum, accum_source = member_accum(cfg.member, root / PROBE_DIR / f"{cfg.name}.json")
+    table = split_table(data_dir, cfg.validation)
+    checkpoints = Checkpoints(root / CHECKPOINTS_DIR / cfg.name, run_fingerprint(cfg, table))
+    state = checkpoints.state()
+    resuming = state is not None and state["completed_epochs"] > 0
+    live = Live(
+        dir=str(root / LIVE_DIR / cfg.name), resume=resuming, dvcyaml=None, save_dvc_exp=False, report=None
+    )
+    if resuming:
+        live.step = state["completed_epochs"]
+    seed_everything(cfg.seed)
+    log(STAGE, f"{cfg.name}: {cfg.member.arch}, accum {accum} ({accum_source}), {len(table)} images")
+    result = train_with_oom_fallback(cfg, table, accum, checkpoints, live, num_workers=num_workers)
+    learn = result.learn
+
+    test, valid = prediction_frames(learn, table, data_dir, use_tta=cfg.tta)
+    summary = validation_summary(valid)
+    log_interpretation(live, valid, table)
+    metrics = dict(
+        profile=cfg.profile,
+        member=cfg.name,
+        arch=cfg.member.arch,
+        targets=cfg.member.targets,
+        schedule=cfg.member.schedule,
+        accum=result.accum,
+        accum_source=accum_source,
+        oom_retries=result.oom_retries,
+        device=str(compute_device()),
+        precision=precision_used(learn),
+        epochs=cfg.member.epochs,
+        lr=result.lr,
+        lr_suggestion=result.lr_suggestion,
+        full=cfg.validation.full,
+        tta=cfg.tta,
+        valid_error_rate=summary["valid_error_rate"],
+        valid_accuracy=summary["valid_accuracy"],
+        valid_variety_error_rate=variety_error(learn, table),
+        train_images=int((~table["is_valid"]).sum()),
+        resumed_from_epoch=result.resumed_from_epoch,
+        train_seconds=round(result.train_seconds, 2),
+        images_per_second=round(result.images_trained / result.train_seconds, 2) if result.images_trained else None,
+        most_confused=summary["most_confused"],
+    )
+    write_weights(root / MODELS_DIR / f"{cfg.name}.pth", learn, cfg.member)
+    write_predictions(root / PREDS_DIR / cfg.name, test, valid)
+    write_json(root / METRICS_DIR / f"{cfg.name}.json", metrics)
+    live.end()
+    checkpoints.remove()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("member", help="a member name under train.members in params.yaml")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_stage_config(read_params(), args.member)
+        if not (DATA_DIR / "train.csv").is_file():
+            raise FileNotFoundError(f"{DATA_DIR}/train.csv: not found; run `dvc repro paddy_data` first")
+        if cfg.validation.full:
+            banner(STAGE, f"{cfg.name}: validation.full is true: training on ALL images, no held-out metrics")
+        metrics = run_stage(cfg, num_workers=args.num_workers)
+    except (ParamsError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    log(STAGE, f"{cfg.name}: valid error rate {metrics['valid_error_rate']}, {metrics['train_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
