@@ -61,7 +61,7 @@ def run(cv_folds: int = 0) -> dict:
     figures = {
         "profile": profile_of(params),
         "n_ratings": len(ratings), "n_valid": len(splits[1]),
-        "threads": collab._threads(), "cpu": platform.processor() or platform.machine(),
+        "threads": collab.torch_threads(), "cpu": platform.processor() or platform.machine(),
         "collab_learner": reference, "ours": ours,
         "rmse_gain": reference["rmse"] - ours["rmse"],
         "speedup": reference["train_seconds"] / ours["train_seconds"],

@@ -173,6 +173,12 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def train_and_evaluate(ratings: pd.DataFrame, splits, config: CollabConfig, cbs=()) -> tuple[object, dict]:
     """Train on `splits[0]`, score on `splits[1]`: (learner, {mse, rmse, train_seconds})."""
     dls = collab_dataloaders(ratings, splits, config.bs, config.seed)
@@ -383,16 +389,10 @@ def main() -> None:
     write_json(METRICS_FILE, {
         "profile": profile, **errors,
         "n_ratings": len(ratings), "n_users": int(ratings["user"].nunique()), "n_movies": int(ratings["movie"].nunique()),
-        "n_train": len(splits[0]), "n_valid": len(splits[1]), "threads": _threads(), "params": asdict(config),
+        "n_train": len(splits[0]), "n_valid": len(splits[1]), "threads": torch_threads(), "params": asdict(config),
     })
     log(STAGE, f"validation RMSE {errors['rmse']:.4f} (MSE {errors['mse']:.4f}) in {errors['train_seconds']:.1f} s; "
         f"wrote {MODEL_FILE}, {METRICS_FILE}, {REPORTS_DIR}/")
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":
