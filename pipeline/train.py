@@ -200,6 +200,7 @@ class Checkpoints:
 def _epoch_callbacks(checkpoints: Checkpoints, live, offset: int, start_epoch: int):
     """Per-epoch checkpointing and DVCLive logging, silent on the epochs fit_one_cycle's start_epoch skips."""
     from dvclive.fastai import DVCLiveCallback
+    from dvclive.utils import standardize_metric_name
     from fastai.callback.core import Callback
 
     class SaveEpoch(Callback):
@@ -210,11 +211,16 @@ def _epoch_callbacks(checkpoints: Checkpoints, live, offset: int, start_epoch: i
                 checkpoints.save(self.learn, offset + self.epoch + 1)
 
     class LiveEpoch(DVCLiveCallback):
-        # fastai still calls after_epoch on skipped epochs (with no metrics), and DVCLive's own after_fit would end
-        # the Live run after the first of fine_tune's explicit phases: the stage ends it once, after the last.
+        # DVCLive's own after_epoch fails on the None validation metrics of a `full` run, and fastai still calls it on
+        # skipped epochs; its after_fit would end the Live run after the first of fine_tune's explicit phases: the
+        # stage ends it once, after the last.
         def after_epoch(self):
-            if self.epoch >= start_epoch:
-                super().after_epoch()
+            if self.epoch < start_epoch:
+                return
+            for key, value in zip(self.learn.recorder.metric_names, self.learn.recorder.log):
+                if key != "epoch" and value is not None:
+                    self.live.log_metric(standardize_metric_name(key, "dvclive.fastai"), float(value))
+            self.live.next_step()
 
         def after_fit(self):
             pass
