@@ -11,7 +11,8 @@ Also checks that gradient accumulation is what the seeds say it is: one optimise
 fastai's GradientAccumulation against one step over the full batch. Without batch norm the weights agree to float
 precision; with it (fastai's head has BatchNorm1d) they do not, and the difference is reported.
 
-Outputs metrics/probe/<member>.json (train reads the accum from it) and plots/probe/<member>.csv.
+Outputs metrics/probe/<member>.json (train reads the accum from it), plots/probe/<member>.csv (peak vs accum) and
+plots/probe/<member>.png (the same with the budget line).
 """
 
 from __future__ import annotations
@@ -409,12 +410,40 @@ def device_name(device) -> str:
     return f"cuda ({torch.cuda.get_device_name(device)})"
 
 
-def write_outputs(result: Mapping[str, Any], metrics_path: Path, plot_path: Path) -> None:
+def write_budget_chart(result: Mapping[str, Any], path: Path) -> None:
+    """Peak memory vs accum with the budget as a line (dvc's templates draw one y column per plot output).
+
+    Log scale, so that a demo model's few hundred MiB and a 16 GiB budget are both readable.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = plot_rows(result)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(rows["accum"], rows["peak_gib"], marker="o", label=f"peak ({result['memory']})")
+    axes.plot(rows["accum"], rows["above_baseline_gib"], marker="o", linestyle="--", label="above baseline")
+    axes.axhline(result["budget_gib"], color="red", label=f"budget {result['budget_gib']} GiB")
+    axes.set(xscale="log", yscale="log", xlabel="accum (images per step = bs // accum)", ylabel="GiB",
+             title=f"probe: {result['member']} ({result['arch']}, {result['device']}), chosen accum "
+                   f"{result['chosen_accum']}")
+    axes.set_xticks(rows["accum"], [str(accum) for accum in rows["accum"]], minor=False)
+    axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=100)
+    plt.close(figure)
+
+
+def write_outputs(result: Mapping[str, Any], metrics_path: Path, table_path: Path, chart_path: Path) -> None:
     from pipeline.common import atomic_path
 
     write_json(metrics_path, result)
-    with atomic_path(plot_path) as tmp:
+    with atomic_path(table_path) as tmp:
         plot_rows(result).to_csv(tmp, index=False)
+    with atomic_path(chart_path) as tmp:
+        write_budget_chart(result, tmp)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -445,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
             "grad_accum_check": check,
             "seconds": round(time.perf_counter() - started, 1),
         }
-        write_outputs(result, METRICS_DIR / f"{name}.json", PLOTS_DIR / f"{name}.csv")
+        write_outputs(result, METRICS_DIR / f"{name}.json", PLOTS_DIR / f"{name}.csv", PLOTS_DIR / f"{name}.png")
         check_fits(result)
     except (ParamsError, ProbeError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None

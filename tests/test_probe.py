@@ -222,6 +222,7 @@ def test_probe_stage_on_tiny_data_writes_metrics_and_plot(tiny_paddy, tmp_path, 
     plot = pd.read_csv("plots/probe/tiny.csv")
     assert list(plot.columns) == ["member", "accum", "peak_gib", "above_baseline_gib", "budget_gib"]
     assert plot["accum"].tolist() == [1, 2] and (plot["budget_gib"] == 16).all()
+    assert Path("plots/probe/tiny.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_unknown_member_is_a_one_line_exit(tmp_path, monkeypatch):
