@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from pipeline import collab
-from pipeline.common import log, write_json
+from pipeline.common import log, quiet_progress, write_json
 from pipeline.params import ParamsError, load_section, profile_of, read_params
 
 STAGE = "bench_collab"
@@ -28,8 +28,6 @@ def reference_learner(dls, config: collab.CollabConfig):
     """fastai's own dot-product model, as the seeds call it."""
     from fastai.collab import collab_learner
     from fastai.metrics import rmse
-
-    from pipeline.common import quiet_progress
 
     learn = collab_learner(dls, n_factors=config.n_factors, y_range=tuple(config.y_range), metrics=rmse)
     quiet_progress(learn)
