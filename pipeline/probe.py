@@ -18,6 +18,7 @@ plots/probe/<member>.png (the same with the budget line).
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import math
 import resource
@@ -121,7 +122,9 @@ def candidate_accums(accums: list[int], explicit_accum: int | None) -> list[int]
 # -- one measurement ---------------------------------------------------------------------------------------------
 
 
-def probe_fit(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int) -> None:
+def probe_fit(
+    member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int, precision: str = "auto"
+) -> None:
     """A short fit of the member exactly as train builds it, unfrozen.
 
     Unfrozen is the worst case for memory (a frozen body keeps no gradients), and what the seeds probe with
@@ -129,12 +132,14 @@ def probe_fit(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, se
     """
     seed_everything(seed)
     dls = member_dataloaders(member, table, bs, accum, seed)
-    learn = member_learner(member, dls, bs, accum)
+    learn = member_learner(member, dls, bs, accum, mixed_precision=precision)
     learn.unfreeze()
     learn.fit_one_cycle(epochs, member.lr if isinstance(member.lr, float) else LR_WHEN_FIND)
 
 
-def measure_cpu(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int) -> dict:
+def measure_cpu(
+    member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int, precision: str = "auto"
+) -> dict:
     """Peak resident memory of a fresh child process running `probe_fit`.
 
     A fresh process per run, because freed memory is not reliably returned to the OS and a process's peak never
@@ -149,7 +154,9 @@ def measure_cpu(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["fastai.vision.all", "timm", "pipeline.vision"])
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_measure_in_child, args=(sender, member, table, bs, accum, seed, epochs))
+    child = context.Process(
+        target=_measure_in_child, args=(sender, member, table, bs, accum, seed, epochs, precision)
+    )
     child.start()
     sender.close()
     try:
@@ -165,13 +172,13 @@ def measure_cpu(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, 
     return outcome
 
 
-def _measure_in_child(sender, member, table, bs, accum, seed, epochs) -> None:
+def _measure_in_child(sender, member, table, bs, accum, seed, epochs, precision) -> None:
     import traceback
 
     try:
         started = time.perf_counter()
         baseline = _peak_rss_bytes()
-        probe_fit(member, table, bs, accum, seed, epochs)
+        probe_fit(member, table, bs, accum, seed, epochs, precision)
         peak = _peak_rss_bytes()
         sender.send(
             {
@@ -190,7 +197,9 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_cuda(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int) -> dict:
+def measure_cuda(
+    member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int, precision: str = "auto"
+) -> dict:
     """Peak CUDA memory of `probe_fit` in this process, from a freshly emptied cache.
 
     `peak_gib` is the peak reserved by PyTorch's caching allocator (what the GPU must have, near what nvidia-smi
@@ -204,7 +213,7 @@ def measure_cuda(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int,
     baseline = torch.cuda.memory_allocated()
     started = time.perf_counter()
     try:
-        probe_fit(member, table, bs, accum, seed, epochs)
+        probe_fit(member, table, bs, accum, seed, epochs, precision)
     except torch.cuda.OutOfMemoryError:
         outcome = {"peak_gib": None, "error": "CUDA out of memory"}
     else:
@@ -463,7 +472,9 @@ def main(argv: list[str] | None = None) -> None:
         table = read_train_table(DATA_DIR)
         device = compute_device()
         started = time.perf_counter()
-        result = probe_member(name, member, table, config, train.bs, seed, measure_for(device))
+        # The probe measures in the precision train will use: fp16 and fp32 activations differ twofold.
+        measure = functools.partial(measure_for(device), precision=train.precision)
+        result = probe_member(name, member, table, config, train.bs, seed, measure)
         check = member_grad_accum_check(member, seed, device)
         log(STAGE, f"{name}: gradient accumulation vs full batch: {check}")
         result = {

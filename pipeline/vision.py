@@ -75,6 +75,8 @@ class TrainConfig:
     bs: int
     members: dict[str, MemberConfig]
     tta: bool = True
+    # auto: fp16 on CUDA (the seeds' to_fp16), fp32 on CPU; bf16 suits GPUs that have it (Ampere and later).
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
 
     def __post_init__(self):
         if self.bs < 1:
@@ -220,8 +222,20 @@ def _device():
 # -- the learner ---------------------------------------------------------------------------------------------------
 
 
-def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precision: bool | None = None):
+def precision_for(requested: bool | str | None, cuda: bool) -> str:
+    """The precision a learner trains in: fp32 on CPU whatever was asked; on CUDA fp16 unless bf16/fp32 is asked.
+
+    `requested` is a TrainConfig.precision, or a bool (True: fp16, False: fp32), or None (auto).
+    """
+    if not cuda or requested is False or requested == "fp32":
+        return "fp32"
+    return "bf16" if requested == "bf16" else "fp16"
+
+
+def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precision: bool | str | None = None):
     """A fastai Learner on the member's timm architecture, with GradientAccumulation(bs) and, on CUDA, fp16.
+
+    `mixed_precision`: None or "auto" (fp16 on CUDA), True/"fp16", "bf16", False/"fp32"; always fp32 on CPU.
 
     Local weights files go through timm's own offline mechanism (`pretrained_cfg_overlay=dict(file=...)`), the way
     Kaggle kernels without internet load them.
@@ -251,10 +265,11 @@ def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precisi
         cbs=[GradientAccumulation(bs)] if accum > 1 else [],
         **timm_kwargs,
     )
-    if mixed_precision is None:
-        mixed_precision = torch.cuda.is_available()
-    if mixed_precision:
+    precision = precision_for(mixed_precision, torch.cuda.is_available())
+    if precision == "fp16":
         learn.to_fp16()
+    elif precision == "bf16":
+        learn.to_bf16()
     quiet_progress(learn)
     return learn
 
