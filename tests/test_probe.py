@@ -176,7 +176,7 @@ def test_cuda_path_reports_reserved_as_peak_and_frees_memory_between_runs(monkey
     fake = FakeCuda([(3 * gib, 4 * gib), None])
     monkeypatch.setattr(torch, "cuda", fake)
 
-    def fit(member, table, bs, accum, seed, epochs):
+    def fit(member, table, bs, accum, seed, epochs, precision="auto"):
         if fake.peaks[fake.run] is None:
             raise torch.OutOfMemoryError("CUDA out of memory")
 
