@@ -34,7 +34,7 @@ from pipeline.paddy import (
     test_image_dir,
     train_csv,
 )
-from pipeline.params import ParamsError, load_section, profile_of, read_params
+from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline.synthetic import write_synthetic_dataset
 
 STAGE = "paddy_data"
@@ -102,7 +102,7 @@ def main() -> None:
     try:
         params = read_params()
         profile = profile_of(params)
-        seed = _seed(params)
+        seed = seed_of(params)
         config = load_section(DataConfig, params, "data")
         record = prepare_data(config, seed, DATA_DIR, DOWNLOADS_DIR)
         write_json(METRICS_FILE, data_metrics(record, profile))
@@ -111,12 +111,6 @@ def main() -> None:
     counts = record["counts"]
     log(STAGE, f"{DATA_DIR}: {counts['train']} train and {counts['test']} test images from {record['source']}")
 
-
-def _seed(params: Mapping) -> int:
-    seed = params.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ParamsError(f"params.yaml: key 'seed' is {seed!r}; set it to an integer")
-    return seed
 
 
 def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: Path) -> dict:

@@ -50,6 +50,14 @@ def profile_of(params: Mapping[str, Any], path: Path | str = PARAMS_FILE) -> str
     return profile
 
 
+def seed_of(params: Mapping[str, Any], path: Path | str = PARAMS_FILE) -> int:
+    """The top-level `seed` every stage that draws random numbers starts from."""
+    seed = params.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ParamsError(f"{path}: key 'seed' is {seed!r}; set it to an integer")
+    return seed
+
+
 def load_section(cls: type[C], params: Mapping[str, Any], section: str, path: Path | str = PARAMS_FILE) -> C:
     """Build dataclass `cls` from `params[section]`, validating every key and value."""
     if section not in params:
@@ -171,4 +179,5 @@ __all__ = [
     "load_section",
     "profile_of",
     "read_params",
+    "seed_of",
 ]

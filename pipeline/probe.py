@@ -32,7 +32,7 @@ import pandas as pd
 
 from pipeline.common import compute_device, log, quiet_progress, seed_everything, write_json
 from pipeline.paddy import DATA_DIR, SMALLEST_CLASS, read_train_table, train_csv, validation_mask
-from pipeline.params import ParamsError, load_section, profile_of, read_params
+from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline.vision import (
     MemberConfig,
     accum_to_use,
@@ -83,12 +83,6 @@ def load_probe_config(params: Mapping[str, Any], bs: int) -> ProbeConfig:
         raise ParamsError(f"params.yaml: key 'probe.accums' has {too_large[0]} > train.bs {bs}; use accums <= bs")
     return config
 
-
-def load_seed(params: Mapping[str, Any]) -> int:
-    seed = params.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ParamsError(f"params.yaml: key 'seed' is {seed!r}; set it to an integer")
-    return seed
 
 
 # -- the data: the smallest class --------------------------------------------------------------------------------
@@ -253,7 +247,6 @@ def grad_accum_equivalence(model_factory: Callable, inputs, targets, k: int, lr:
 
     The model stays in training mode (batch norm uses batch statistics, as in a real run).
     """
-    import torch
     import torch.nn.functional as F
     from fastai.callback.training import GradientAccumulation
     from fastai.data.core import DataLoaders
@@ -466,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         train = load_train_config(params)
         member = train.member(name)
         config = load_probe_config(params, train.bs)
-        seed = load_seed(params)
+        seed = seed_of(params)
         if not train_csv(DATA_DIR).is_file():
             raise ProbeError(f"{train_csv(DATA_DIR)}: not found; run `dvc repro paddy_data` first")
         table = read_train_table(DATA_DIR)

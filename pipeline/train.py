@@ -24,7 +24,7 @@ import pandas as pd
 
 from pipeline.common import atomic_path, banner, log, read_json, write_json
 from pipeline.paddy import CLASSES, DATA_DIR, VARIETIES, read_train_table, test_image_dir, test_image_ids, validation_mask
-from pipeline.params import ParamsError, from_mapping, profile_of, read_params
+from pipeline.params import ParamsError, from_mapping, profile_of, read_params, seed_of
 from pipeline import vision
 from pipeline.vision import MemberConfig
 
@@ -66,7 +66,7 @@ def load_stage_config(params: Mapping[str, Any], name: str) -> StageConfig:
     train = vision.load_train_config(params)
     return StageConfig(
         profile=profile_of(params),
-        seed=_seed(params),
+        seed=seed_of(params),
         name=name,
         member=train.member(name),
         bs=train.bs,
@@ -75,12 +75,6 @@ def load_stage_config(params: Mapping[str, Any], name: str) -> StageConfig:
         precision=train.precision,
     )
 
-
-def _seed(params: Mapping[str, Any]) -> int:
-    seed = params.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ParamsError(f"params.yaml: key 'seed' is {seed!r}; set it to an integer")
-    return seed
 
 
 # -- inputs --------------------------------------------------------------------------------------------------------
