@@ -48,7 +48,19 @@ def seeds_train_seconds(member: vision.MemberConfig, data_dir: Path, bs: int, ac
     return time.perf_counter() - started
 
 
-def run(member_name: str | None = None, data_dir: Path = DATA_DIR) -> dict:
+def ours_train_seconds(cfg: train.StageConfig, table, accum: int) -> float:
+    """Our stage's fit_member, with its per-epoch checkpoints and DVCLive logging; fit seconds."""
+    from dvclive import Live
+
+    with tempfile.TemporaryDirectory() as scratch:
+        live = Live(dir=str(Path(scratch) / "live"), dvcyaml=None, save_dvc_exp=False, report=None)
+        checkpoints = train.Checkpoints(Path(scratch) / "checkpoints", "bench")
+        seconds = train.fit_member(cfg, table, accum, checkpoints, live).train_seconds
+        live.end()
+    return seconds
+
+
+def run(member_name: str | None = None, data_dir: Path = DATA_DIR, rounds: int = 2) -> dict:
     params = read_params()
     train_config = vision.load_train_config(params)
     name = member_name or next(iter(train_config.members))
@@ -58,16 +70,15 @@ def run(member_name: str | None = None, data_dir: Path = DATA_DIR) -> dict:
     cfg = train.StageConfig(
         **(vars(cfg) | dict(member=vision.MemberConfig(**(vars(cfg.member) | dict(accum=accum, lr=lr, schedule="fit_one_cycle")))))
     )
-    with tempfile.TemporaryDirectory() as scratch:
-        table = train.split_table(data_dir, cfg.validation)
-        n_train = int((~table["is_valid"]).sum())
-        seeds_seconds = seeds_train_seconds(cfg.member, data_dir, cfg.bs, accum, lr)
-        from dvclive import Live
-
-        live = Live(dir=str(Path(scratch) / "live"), dvcyaml=None, save_dvc_exp=False, report=None)
-        checkpoints = train.Checkpoints(Path(scratch) / "checkpoints", "bench")
-        ours = train.fit_member(cfg, table, accum, checkpoints, live)
-        live.end()
+    table = train.split_table(data_dir, cfg.validation)
+    n_train = int((~table["is_valid"]).sum())
+    seeds_times, ours_times = [], []
+    # Alternate the two and keep each one's best round: one run of each is at the mercy of warm-up and of whatever
+    # else the machine is doing (seen here: 1% to 15% apart between two identical rounds).
+    for _ in range(rounds):
+        seeds_times.append(seeds_train_seconds(cfg.member, data_dir, cfg.bs, accum, lr))
+        ours_times.append(ours_train_seconds(cfg, table, accum))
+    seeds_seconds, ours_seconds = min(seeds_times), min(ours_times)
     images = n_train * cfg.member.epochs
     result = dict(
         member=name,
@@ -78,8 +89,11 @@ def run(member_name: str | None = None, data_dir: Path = DATA_DIR) -> dict:
         accum=accum,
         train_images=n_train,
         seeds_images_per_second=round(images / seeds_seconds, 2),
-        ours_images_per_second=round(images / ours.train_seconds, 2),
-        overhead_pct=round(100 * (ours.train_seconds / seeds_seconds - 1), 1),
+        ours_images_per_second=round(images / ours_seconds, 2),
+        overhead_pct=round(100 * (ours_seconds / seeds_seconds - 1), 1),
+        rounds=rounds,
+        seeds_seconds=[round(t, 2) for t in seeds_times],
+        ours_seconds=[round(t, 2) for t in ours_times],
         max_overhead_pct=MAX_OVERHEAD_PCT,
     )
     result["within_target"] = result["overhead_pct"] <= MAX_OVERHEAD_PCT
