@@ -17,11 +17,11 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import pandas as pd
 from PIL import Image
 
+from pipeline import kaggle_client
 from pipeline.common import atomic_path, banner, log, write_json
 from pipeline.paddy import (
     CLASSES,
@@ -40,12 +40,9 @@ from pipeline.synthetic import write_synthetic_dataset
 STAGE = "paddy_data"
 DOWNLOADS_DIR = Path("data/downloads")
 METRICS_FILE = Path("metrics/data.json")
-TOKEN_PAGE = "https://www.kaggle.com/settings/api"
-NO_CREDENTIALS = (
-    f"no Kaggle credentials found; create an API token at {TOKEN_PAGE} and put it in ~/.kaggle/access_token "
-    "or the KAGGLE_API_TOKEN variable (or kaggle.json in ~/.kaggle or $KAGGLE_CONFIG_DIR, or KAGGLE_USERNAME and "
-    "KAGGLE_KEY), or set data.source to synthetic or to a local copy of the competition zip"
-)
+# The way round Kaggle this stage offers, added to every Kaggle error.
+OTHER_SOURCES = "set data.source to synthetic or to a local copy of the competition zip"
+NO_CREDENTIALS = f"{kaggle_client.NO_CREDENTIALS}, or {OTHER_SOURCES}"
 LAYOUT = "train.csv, sample_submission.csv, train_images/<label>/, test_images/"
 
 
@@ -204,44 +201,20 @@ def data_metrics(record: dict, profile: str) -> dict:
 # -- Kaggle ----------------------------------------------------------------------------------------------------------
 
 
-def kaggle_credentials_source(environ: Mapping[str, str] = os.environ, home: Path | None = None) -> str | None:
-    """Where the Kaggle client (kaggle 2.2.4 / kagglesdk) would find credentials, or None; never their value."""
-    home = Path.home() if home is None else Path(home)
-    if environ.get("KAGGLE_API_TOKEN"):
-        return "the KAGGLE_API_TOKEN variable"
-    if environ.get("KAGGLE_USERNAME") and environ.get("KAGGLE_KEY"):
-        return "the KAGGLE_USERNAME and KAGGLE_KEY variables"
-    notebook_token = environ.get("KAGGLE_API_V1_TOKEN")
-    if notebook_token and Path(notebook_token).is_file():
-        return "the Kaggle notebook's token"
-    for name in ("access_token", "access_token.txt", "credentials.json"):
-        if (home / ".kaggle" / name).is_file():
-            return f"~/.kaggle/{name}"
-    # The client's own search for kaggle.json: $KAGGLE_CONFIG_DIR, else ~/.kaggle, else the XDG config folder.
-    config_dir = environ.get("KAGGLE_CONFIG_DIR")
-    if not config_dir:
-        config_dir = home / ".kaggle"
-        if not config_dir.exists():
-            config_dir = Path(environ.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"
-    if (Path(config_dir) / "kaggle.json").is_file():
-        return str(Path(config_dir) / "kaggle.json")
-    return None
-
-
 def download_competition(competition: str, downloads_dir: Path, quiet: bool = True) -> Path:
     """The competition zip, from the download cache or else from the Kaggle API (then cached)."""
     archive = Path(downloads_dir) / f"{competition}.zip"
     if archive.is_file():
         log(STAGE, f"using the cached download {archive} (delete it to download again)")
         return archive
-    where = kaggle_credentials_source()
+    where = kaggle_client.credentials_source()
     if where is None:
         raise DataError(NO_CREDENTIALS)
     log(STAGE, f"downloading the {competition} files with the Kaggle API (credentials from {where})")
     archive.parent.mkdir(parents=True, exist_ok=True)
     # The client writes into a temporary folder; only a complete zip is moved into the cache.
     with tempfile.TemporaryDirectory(prefix=".download-", dir=archive.parent) as partial:
-        _kaggle_download(competition, Path(partial), where, quiet)
+        _kaggle_download(competition, Path(partial), quiet)
         zips = sorted(Path(partial).glob("*.zip"))
         if not zips or not zipfile.is_zipfile(zips[0]):
             raise DataError(f"the Kaggle API did not deliver a complete zip of {competition}; run the stage again")
@@ -249,39 +222,15 @@ def download_competition(competition: str, downloads_dir: Path, quiet: bool = Tr
     return archive
 
 
-def _kaggle_download(competition: str, directory: Path, where: str, quiet: bool) -> None:
-    # Messages name the HTTP status and exception type only, and `from None` drops the chain: the client's own
-    # exceptions can carry request headers or signed URLs.
+def _kaggle_download(competition: str, directory: Path, quiet: bool) -> None:
     try:
-        from kaggle.api.kaggle_api_extended import KaggleApi  # `import kaggle` authenticates: import it only here
-
-        api = KaggleApi()
-        api.authenticate()
+        api = kaggle_client.authenticated_api()
         api.competition_download_files(competition, path=str(directory), quiet=quiet)
-    except SystemExit:
-        # authenticate() prints its help and calls exit() when no credential it finds is usable.
-        raise DataError(f"the Kaggle client could not use the credentials in {where}; {NO_CREDENTIALS}") from None
+    except kaggle_client.KaggleError as err:
+        raise DataError(f"{err}, or {OTHER_SOURCES}") from None
     except Exception as err:
-        raise DataError(_kaggle_failure(err, competition)) from None
-
-
-def _kaggle_failure(err: Exception, competition: str) -> str:
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if status == 401:
-        return f"Kaggle rejected the credentials (HTTP 401); create a new API token at {TOKEN_PAGE} and put it in place"
-    if status == 403:
-        return (
-            f"Kaggle refused the download (HTTP 403); accept the rules at "
-            f"https://www.kaggle.com/competitions/{competition}/rules with the account of your credentials"
-        )
-    if status == 404:
-        return f"Kaggle has no competition {competition!r} (HTTP 404); check data.competition"
-    if status is not None:
-        return f"the Kaggle API failed (HTTP {status}); retry later, or set data.source to a local copy of the zip"
-    return (
-        f"the Kaggle API failed ({type(err).__name__}); check the network, or set data.source to a local copy of "
-        "the competition zip"
-    )
+        message = kaggle_client.failure_message(err, competition, "download", competition_key="data.competition")
+        raise DataError(f"{message}; or {OTHER_SOURCES}") from None
 
 
 # -- extraction --------------------------------------------------------------------------------------------------

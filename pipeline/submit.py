@@ -12,9 +12,7 @@ to submissions/log.csv.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import io
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Callable
 
 import pandas as pd
 
+from pipeline import kaggle_client
 from pipeline.common import atomic_path, log, read_json
 from pipeline.paddy import CLASSES, COMPETITION, DATA_DIR, sample_submission_csv, source_json
 from pipeline.submission import SubmissionError, read_sample_submission, read_submission, validate_submission
@@ -135,30 +134,14 @@ def submission_message(revision: str, metrics: dict) -> str:
 
 def kaggle_upload(submission_file: Path, message: str, competition: str = COMPETITION) -> None:
     """Upload with the official client; missing or wrong credentials are a one-line SubmitRefused."""
-    # Importing `kaggle` authenticates and prints a page of help when there are no credentials: keep it quiet and
-    # report one line instead.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        from kaggle.api.kaggle_api_extended import KaggleApi
-
-        api = KaggleApi()
-        try:
-            api.authenticate()
-        except SystemExit:
-            raise SubmitRefused(
-                "kaggle: no usable credentials; set KAGGLE_API_TOKEN or put kaggle.json in ~/.kaggle "
-                "(see README 'Credentials')"
-            ) from None
     try:
+        api = kaggle_client.authenticated_api()
         response = api.competition_submit(str(submission_file), message, competition)
+    except kaggle_client.KaggleError as err:
+        raise SubmitRefused(f"kaggle: {err}") from None
     except Exception as err:
-        # The client's exceptions can carry request details; report the kind and status only, never headers.
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        detail = f"HTTP {status}" if status else type(err).__name__
-        raise SubmitRefused(
-            f"kaggle: upload to {competition} failed ({detail}); check your credentials and that you accepted "
-            f"the rules at https://www.kaggle.com/competitions/{competition}/rules"
-        ) from None
-    if getattr(response, "message", None) == KaggleApi.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
+        raise SubmitRefused(f"kaggle: {kaggle_client.failure_message(err, competition, 'upload')}") from None
+    if getattr(response, "message", None) == type(api).COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
         raise SubmitRefused(f"kaggle: {response.message}; nothing was recorded in {LOG_FILE}, try again")
 
 

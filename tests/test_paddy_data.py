@@ -15,13 +15,13 @@ import pytest
 import yaml
 
 from pipeline import paddy_data
+from pipeline.kaggle_client import credentials_source as kaggle_credentials_source
 from pipeline.paddy import CLASSES, COMPETITION, SMALLEST_CLASS
 from pipeline.paddy_data import (
     NO_CREDENTIALS,
     DataConfig,
     DataError,
     SyntheticConfig,
-    kaggle_credentials_source,
     prepare_data,
     verify_dataset,
 )

@@ -1,0 +1,87 @@
+"""The official Kaggle client, as the data stage and `make submit` use it: lazily imported, quietly authenticated,
+and its failures turned into one-line messages that never carry a secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import Mapping
+
+TOKEN_PAGE = "https://www.kaggle.com/settings/api"
+NO_CREDENTIALS = (
+    f"no Kaggle credentials found; create an API token at {TOKEN_PAGE} and put it in ~/.kaggle/access_token "
+    "or the KAGGLE_API_TOKEN variable (or kaggle.json in ~/.kaggle or $KAGGLE_CONFIG_DIR, or KAGGLE_USERNAME and "
+    "KAGGLE_KEY)"
+)
+
+
+class KaggleError(RuntimeError):
+    """A one-line, secret-free account of what the Kaggle client could not do."""
+
+
+def credentials_source(environ: Mapping[str, str] = os.environ, home: Path | None = None) -> str | None:
+    """Where the Kaggle client (kaggle 2.2.4 / kagglesdk) would find credentials, or None; never their value."""
+    home = Path.home() if home is None else Path(home)
+    if environ.get("KAGGLE_API_TOKEN"):
+        return "the KAGGLE_API_TOKEN variable"
+    if environ.get("KAGGLE_USERNAME") and environ.get("KAGGLE_KEY"):
+        return "the KAGGLE_USERNAME and KAGGLE_KEY variables"
+    notebook_token = environ.get("KAGGLE_API_V1_TOKEN")
+    if notebook_token and Path(notebook_token).is_file():
+        return "the Kaggle notebook's token"
+    for name in ("access_token", "access_token.txt", "credentials.json"):
+        if (home / ".kaggle" / name).is_file():
+            return f"~/.kaggle/{name}"
+    # The client's own search for kaggle.json: $KAGGLE_CONFIG_DIR, else ~/.kaggle, else the XDG config folder.
+    config_dir = environ.get("KAGGLE_CONFIG_DIR")
+    if not config_dir:
+        config_dir = home / ".kaggle"
+        if not config_dir.exists():
+            config_dir = Path(environ.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"
+    if (Path(config_dir) / "kaggle.json").is_file():
+        return str(Path(config_dir) / "kaggle.json")
+    return None
+
+
+def authenticated_api():
+    """An authenticated KaggleApi; KaggleError when no credential is usable.
+
+    `import kaggle` authenticates at import time and prints a page of help when it cannot, so the import happens
+    here, only when the client is needed, with its output swallowed in favour of one line.
+    """
+    where = credentials_source()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            from kaggle.api.kaggle_api_extended import KaggleApi
+
+            api = KaggleApi()
+            api.authenticate()
+        except SystemExit:
+            # authenticate() calls exit() when no credential it finds is usable.
+            found = f"could not use the credentials in {where}" if where else "found no credentials"
+            raise KaggleError(f"the Kaggle client {found}; {NO_CREDENTIALS}") from None
+    return api
+
+
+def failure_message(err: Exception, competition: str, action: str, competition_key: str = "the competition name") -> str:
+    """One line for a failed client call (`action`: 'download', 'upload'): HTTP status or exception type only.
+
+    The client's exceptions can carry request headers or signed URLs, so nothing else of them is shown; callers
+    raise with `from None` to drop the chain.
+    """
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status == 401:
+        return f"Kaggle rejected the credentials (HTTP 401); create a new API token at {TOKEN_PAGE} and put it in place"
+    if status == 403:
+        return (
+            f"Kaggle refused the {action} (HTTP 403); accept the rules at "
+            f"https://www.kaggle.com/competitions/{competition}/rules with the account of your credentials"
+        )
+    if status == 404:
+        return f"Kaggle has no competition {competition!r} (HTTP 404); check {competition_key}"
+    if status is not None:
+        return f"the Kaggle API failed (HTTP {status}) during the {action}; retry later"
+    return f"the Kaggle API failed ({type(err).__name__}); check the network and retry the {action}"
