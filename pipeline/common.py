@@ -7,6 +7,7 @@ dataset helpers (`paddy`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import random
@@ -66,6 +67,15 @@ def write_json(path: Path | str, payload: Any) -> None:
     """Write `payload` as indented JSON, atomically (metrics files are tracked by git and diffed by DVC)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (the competition zip is about 1 GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: Path | str) -> Any:

@@ -13,7 +13,6 @@ timestamp), movies.csv (movie, title) and SOURCE.json, swapped in atomically; me
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.common import atomic_path, banner, log, write_json
+from pipeline.common import atomic_path, banner, file_sha256, log, write_json
 from pipeline.params import ParamsError, load_section, profile_of, read_params
 
 STAGE = "movielens_data"
@@ -301,14 +300,12 @@ def write_dataset(data: MovieLens, target: Path = DATA_DIR) -> dict:
         source = {
             "source": data.source,
             **counts(data),
-            "sha256": {name: _sha256(staging / name) for name in ("ratings.csv", "movies.csv")},
+            "sha256": {name: file_sha256(staging / name) for name in ("ratings.csv", "movies.csv")},
         }
         (staging / "SOURCE.json").write_text(json.dumps(source, indent=2) + "\n")
     return source
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline import kaggle_client
-from pipeline.common import atomic_path, banner, log, write_json
+from pipeline.common import atomic_path, banner, file_sha256, log, write_json
 from pipeline.paddy import (
     CLASSES,
     DATA_DIR,
@@ -147,7 +147,7 @@ def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: P
             shutil.copytree(_layout_root(archive, archive), staging)
         else:
             extract_competition(archive, staging)
-            origin["archive_sha256"] = _sha256_file(archive)
+            origin["archive_sha256"] = file_sha256(archive)
         return _verify_and_record(staging, origin, config.skip_bad_images, str(archive))
 
 
@@ -176,8 +176,8 @@ def _verify_and_record(staging: Path, origin: dict, skip_bad_images: bool, where
         "counts": {"train": len(train), "test": n_test, "per_class": per_class},
         "smallest_class": {"label": smallest, "count": per_class[smallest]},
         "checksums": {
-            "train.csv": _sha256_file(train_csv(staging)),
-            "sample_submission.csv": _sha256_file(sample_submission_csv(staging)),
+            "train.csv": file_sha256(train_csv(staging)),
+            "sample_submission.csv": file_sha256(sample_submission_csv(staging)),
             "images": images_sha256,
         },
         "skipped": [{"file": bad.file, "problem": bad.problem} for bad in skipped],
@@ -446,14 +446,6 @@ def _skip(bad: list[BadFile], train: pd.DataFrame, data_dir: Path) -> None:
     for folder in (data_dir / "train_images").iterdir():
         if folder.is_dir() and folder.name not in CLASSES and not any(folder.rglob("*")):
             folder.rmdir()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ to submissions/log.csv.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Callable
 import pandas as pd
 
 from pipeline import kaggle_client
-from pipeline.common import atomic_path, log, read_json
+from pipeline.common import atomic_path, file_sha256, log, read_json
 from pipeline.paddy import CLASSES, COMPETITION, DATA_DIR, sample_submission_csv, source_json
 from pipeline.submission import SubmissionError, read_sample_submission, read_submission, validate_submission
 
@@ -82,10 +81,6 @@ def check_up_to_date(status: dict) -> None:
     if status:
         stale = ", ".join(sorted(status))
         raise SubmitRefused(f"dvc.lock: outputs are stale ({stale}); run `dvc repro` (then commit) before submitting")
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_log(log_file: Path = LOG_FILE) -> pd.DataFrame:
