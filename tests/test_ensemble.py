@@ -1,15 +1,15 @@
-"""Spec of the `ensemble` stage: weighted averaging, member checks, submissions, metrics, and the DVC workflow."""
+"""Spec of the `ensemble` stage: weighted averaging, member checks, submissions and metrics.
+
+The stage inside the real DAG (dvc repro, dvc metrics diff) is specified in test_dag.py.
+"""
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from pipeline.ensemble import (
     MemberPredsError,
@@ -21,8 +21,6 @@ from pipeline.ensemble import (
 )
 from pipeline.params import ParamsError
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures" / "ensemble"
 VOCAB = ["blast", "hispa"]
 TEST_IDS = ["t0.jpg", "t1.jpg"]
 VALID_IDS = ["v0.jpg", "v1.jpg", "v2.jpg"]
@@ -212,68 +210,3 @@ def test_full_training_without_validation_rows_still_writes_submissions(workspac
     assert metrics["ensemble"]["valid_accuracy"] is None
     assert metrics["gain_over_best_member"] is None
     assert (workspace / "submissions" / "submission.csv").is_file()
-
-
-def _dvc(repo, *args):
-    result = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=_git_env())
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def _git(repo, *args):
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=_git_env())
-
-
-def _git_env():
-    return {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "test",
-        "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test",
-        "GIT_COMMITTER_EMAIL": "test@example.com",
-        "DVC_NO_ANALYTICS": "1",
-    }
-
-
-@pytest.mark.slow
-def test_changing_a_param_then_repro_shows_in_dvc_metrics_diff(tmp_path):
-    """The README's experiment workflow: edit params.yaml, `dvc repro`, `dvc metrics diff` against HEAD."""
-    repo = tmp_path / "repo"
-    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(FIXTURES / "fake_train.py", repo / "fake_train.py")
-    (repo / "data" / "paddy").mkdir(parents=True)
-    shutil.copy(FIXTURES / "sample_submission.csv", repo / "data" / "paddy" / "sample_submission.csv")
-    project_stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    train_stage = {
-        "foreach": "${train.members}",
-        "do": {
-            "cmd": "python fake_train.py ${key}",
-            "deps": ["fake_train.py", "data/paddy/sample_submission.csv"],
-            "params": ["profile", "train.members.${key}"],
-            "outs": ["preds/${key}"],
-            "metrics": [{"metrics/train/${key}.json": {"cache": False}}],
-        },
-    }
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": train_stage, "ensemble": project_stages["ensemble"]}}))
-    params = {
-        "profile": "demo",
-        "train": {"members": {"alpha": {"skill": 0.5}, "beta": {"skill": 0.6}}},
-        "ensemble": {"weights": {"alpha": 1, "beta": 1}, "fit_weights": False},
-    }
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    _git(repo, "init", "-q")
-    _dvc(repo, "init", "-q")
-    _dvc(repo, "repro", "-q")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "baseline")
-
-    params["train"]["members"]["alpha"]["skill"] = 0.9
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    _dvc(repo, "repro", "-q")
-    diff = json.loads(_dvc(repo, "metrics", "diff", "--json"))
-
-    ensemble_diff = diff["metrics/ensemble.json"]
-    assert ensemble_diff["members.alpha.valid_accuracy"] == {"old": 0.5, "new": 0.9, "diff": pytest.approx(0.4)}
-    assert ensemble_diff["ensemble.valid_accuracy"]["new"] != ensemble_diff["ensemble.valid_accuracy"]["old"]
-    assert diff["metrics/train/alpha.json"]["valid_accuracy"]["new"] == 0.9
-    assert "members.beta.valid_accuracy" not in ensemble_diff  # unchanged metrics are left out of the diff

@@ -1,0 +1,308 @@
+"""Spec of the DAG as committed: dvc.yaml's real stages on tiny data, in a scratch clone of this repository.
+
+One module fixture clones the working tree, shrinks params.yaml (tiny synthetic images, tiny sizes, one epoch, the
+MovieLens fixture instead of a download) and runs the whole DAG once; each test then works on a copy of that run, so
+none depends on another. Every process runs with one torch thread: on CPU the trained weights are bitwise repeatable
+for a given thread count, and two members training side by side on 2 cores do not fight over them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
+TINY_PARAMS = {
+    "data.synthetic.train_per_class": 8,  # the smallest class gets 4
+    "data.synthetic.n_test": 10,
+    "data.synthetic.image_size": [48, 64],
+    "probe.accums": [1],
+    "train.bs": 8,
+    "movielens.source": "tests/fixtures/movielens",  # relative to the clone's root, where DVC runs the stage
+    "collab.epochs": 1,
+    "collab.bs": 16,
+    "collab.report_min_ratings": 5,
+}
+TINY_MEMBER = {"resize": 32, "size": 32, "epochs": 1}
+# What a rerun of train@<member> legitimately changes in its outputs: the clock. The rest is bitwise equal on CPU.
+TIMING_KEYS = {"train_seconds", "images_per_second"}
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    repo: Path  # the clone after `dvc repro`, its outputs committed
+    before_training: Path  # a copy taken when everything but the members' training and the ensemble was built
+    ran: list[str]  # the stages DVC ran, in order
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+
+
+def project_env(repo: Path) -> dict:
+    """The environment of every command: the clone's own code first, a git identity, one torch thread."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(repo),
+        "OMP_NUM_THREADS": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
+
+
+def run(repo: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, cwd=repo, env=project_env(repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if check:
+        assert result.returncode == 0, f"{' '.join(command)} failed in {repo}:\n{result.stdout[-4000:]}"
+    return result
+
+
+def stages_run(output: str) -> list[str]:
+    return RUNNING_STAGE.findall(output)
+
+
+def scratch_clone(target: Path) -> None:
+    """A git clone of this repository with the working tree's files on top, so uncommitted edits are tested too."""
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(target)], check=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout
+    for name in filter(None, listed.split("\0")):
+        source, copy = ROOT / name, target / name
+        if source.is_file():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy)
+        elif copy.is_file():  # deleted in the working tree, not yet committed
+            copy.unlink()
+
+
+def set_key(params: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    section = params
+    for key in parents:
+        section = section[key]
+    assert last in section, f"params.yaml has no {dotted}: update TINY_PARAMS"
+    section[last] = value
+
+
+def edit_params(repo: Path, changes: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        set_key(params, dotted, value)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def members_of(repo: Path) -> list[str]:
+    return list(yaml.safe_load((repo / "params.yaml").read_text())["train"]["members"])
+
+
+def shrink_params(repo: Path) -> None:
+    changes = dict(TINY_PARAMS)
+    for member in members_of(repo):
+        changes.update({f"train.members.{member}.{key}": value for key, value in TINY_MEMBER.items()})
+    edit_params(repo, changes)
+
+
+def copy_repo(source: Path, target: Path) -> Path:
+    """An independent copy: git history, workspace and DVC cache."""
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+def lock_stages(repo: Path) -> dict:
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+
+# -- one run of the whole DAG, shared by every test ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> DemoRun:
+    base = tmp_path_factory.mktemp("dag")
+    repo = base / "repo"
+    scratch_clone(repo)
+    shrink_params(repo)
+    run(repo, "git", "commit", "--quiet", "-am", "tiny params")
+    # Two steps so that a copy can be kept between them; DVC runs exactly what one `dvc repro` would.
+    upstream = run(repo, "dvc", "repro", "probe", "collab")
+    before_training = copy_repo(repo, base / "before_training")
+    rest = run(repo, "dvc", "repro")
+    run(repo, "git", "add", "--all")
+    run(repo, "git", "commit", "--quiet", "-m", "demo DAG run: dvc.lock, metrics, plots")
+    return DemoRun(repo=repo, before_training=before_training, ran=stages_run(upstream.stdout + rest.stdout))
+
+
+def test_the_demo_dag_runs_every_stage_of_dvc_yaml(demo_run):
+    stages = run(demo_run.repo, "dvc", "stage", "list", "--name-only").stdout.split()
+    assert sorted(demo_run.ran) == sorted(stages)
+
+
+def test_a_second_repro_runs_nothing_and_changes_nothing(demo_run):
+    assert stages_run(run(demo_run.repo, "dvc", "repro").stdout) == []
+    assert run(demo_run.repo, "git", "status", "--porcelain").stdout == ""
+
+
+# -- the experiment workflow: change a param, `dvc repro`, `dvc metrics diff` ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ChangedMember:
+    repo: Path
+    member: str  # the member whose epochs went from 1 to 2
+    others: list[str]
+    ran: list[str]
+
+
+@pytest.fixture(scope="module")
+def changed_member(demo_run, tmp_path_factory) -> ChangedMember:
+    repo = copy_repo(demo_run.repo, tmp_path_factory.mktemp("changed") / "repo")
+    member, *others = members_of(repo)
+    edit_params(repo, {f"train.members.{member}.epochs": 2})
+    return ChangedMember(repo, member, others, stages_run(run(repo, "dvc", "repro").stdout))
+
+
+def test_changing_a_member_param_reruns_that_member_and_the_ensemble_only(changed_member):
+    assert f"train@{changed_member.member}" in changed_member.ran
+    assert "ensemble" in changed_member.ran
+    untouched = [f"{stage}@{other}" for other in changed_member.others for stage in ("probe", "train")]
+    assert not set(changed_member.ran) & {*untouched, "paddy_data", "movielens_data", "collab"}
+
+
+def test_the_changed_member_shows_in_dvc_metrics_diff(changed_member):
+    diff = json.loads(run(changed_member.repo, "dvc", "metrics", "diff", "--json").stdout)
+    assert diff[f"metrics/train/{changed_member.member}.json"]["epochs"] == {"old": 1, "new": 2, "diff": 1}
+    for other in changed_member.others:
+        assert f"metrics/train/{other}.json" not in diff  # unchanged metrics are left out of the diff
+    assert "metrics/collab.json" not in diff
+    curve = changed_member.repo / "dvclive" / "train" / changed_member.member / "plots" / "metrics" / "train" / "loss.tsv"
+    assert len(curve.read_text().splitlines()) == 1 + 2  # header + one row per epoch: train read the new param
+
+
+def test_after_the_change_a_second_repro_runs_nothing(changed_member):
+    assert stages_run(run(changed_member.repo, "dvc", "repro").stdout) == []
+
+
+# -- members in parallel: `make train-parallel` -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParallelRun:
+    repo: Path
+    output: str
+    most_writers_at_once: int  # the most processes seen holding DVC write locks at the same moment
+
+
+def dvc_writer_pids(repo: Path) -> set[int]:
+    """Processes holding DVC's per-path write locks (.dvc/tmp/rwlock), i.e. running a stage, right now."""
+    try:
+        locks = json.loads((repo / ".dvc" / "tmp" / "rwlock").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not there yet, or caught mid-write
+        return set()
+    return {holder["pid"] for holder in locks.get("write", {}).values()}
+
+
+@pytest.fixture(scope="module")
+def parallel_run(demo_run, tmp_path_factory) -> ParallelRun:
+    """`make train-parallel` where data and probes are built and no member is trained yet."""
+    repo = copy_repo(demo_run.before_training, tmp_path_factory.mktemp("parallel") / "repo")
+    most, finished = 0, threading.Event()
+
+    def watch_locks():
+        nonlocal most
+        while not finished.wait(0.1):
+            most = max(most, len(dvc_writer_pids(repo)))
+
+    watcher = threading.Thread(target=watch_locks)
+    watcher.start()
+    try:
+        # Two GPU ids even on CPU: the test checks that each member gets its own; on CPU the variable changes nothing.
+        result = run(repo, "make", "train-parallel", "JOBS=2", "GPUS=0 1")
+    finally:
+        finished.set()
+        watcher.join()
+    return ParallelRun(repo, result.stdout, most)
+
+
+def test_make_train_parallel_trains_the_members_at_the_same_time_one_gpu_each(parallel_run):
+    members = members_of(parallel_run.repo)
+    assert sorted(stages_run(parallel_run.output)) == sorted([f"train@{m}" for m in members] + ["ensemble"])
+    assert parallel_run.most_writers_at_once == 2
+    devices = re.findall(r">> train@\S+: CUDA_VISIBLE_DEVICES=(\S+)", parallel_run.output)
+    assert sorted(devices) == ["0", "1"]
+
+
+def test_members_trained_in_parallel_give_the_sequential_dvc_lock(parallel_run, demo_run):
+    sequential, parallel = lock_stages(demo_run.repo), lock_stages(parallel_run.repo)
+    timed = [f"metrics/train/{member}.json" for member in members_of(demo_run.repo)]
+    for path in timed:
+        old, new = (json.loads((repo / path).read_text()) for repo in (demo_run.repo, parallel_run.repo))
+        assert {k: v for k, v in old.items() if k not in TIMING_KEYS} == {k: v for k, v in new.items() if k not in TIMING_KEYS}
+
+    def without_timed_files(stages: dict) -> dict:
+        return {
+            name: {**stage, "outs": [out for out in stage.get("outs", []) if out["path"] not in timed]}
+            for name, stage in stages.items()
+        }
+
+    assert without_timed_files(parallel) == without_timed_files(sequential)
+
+
+def test_after_training_in_parallel_dvc_repro_runs_nothing(parallel_run):
+    assert stages_run(run(parallel_run.repo, "dvc", "repro").stdout) == []
+
+
+# -- trained members shared through a DVC remote ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PulledClone:
+    trainer: Path  # clone A: ran the DAG, pushed
+    laptop: Path  # clone B: a fresh git clone of A's commit, then `dvc pull`
+
+
+@pytest.fixture(scope="module")
+def pulled_clone(demo_run, tmp_path_factory) -> PulledClone:
+    base = tmp_path_factory.mktemp("remote")
+    trainer = copy_repo(demo_run.repo, base / "trainer")
+    # The README's commands: a default remote, committed so that every clone knows it; push after training.
+    run(trainer, "dvc", "remote", "add", "--default", "storage", str(base / "dvc-storage"))
+    run(trainer, "git", "commit", "--quiet", "-m", "DVC remote", ".dvc/config")
+    run(trainer, "dvc", "push")
+    laptop = base / "laptop"
+    subprocess.run(["git", "clone", "--quiet", str(trainer), str(laptop)], check=True)
+    run(laptop, "dvc", "pull")
+    return PulledClone(trainer, laptop)
+
+
+def test_a_clone_that_pulls_from_the_remote_has_the_trained_members(pulled_clone):
+    for member in members_of(pulled_clone.laptop):
+        model = Path("models") / f"{member}.pth"
+        assert (pulled_clone.laptop / model).read_bytes() == (pulled_clone.trainer / model).read_bytes()
+
+
+def test_after_dvc_pull_dvc_repro_runs_nothing(pulled_clone):
+    assert stages_run(run(pulled_clone.laptop, "dvc", "repro").stdout) == []
+
+
+def test_after_dvc_pull_submit_gets_as_far_as_refusing_synthetic_data(pulled_clone):
+    result = run(pulled_clone.laptop, "python", "-m", "pipeline.submit", check=False)
+    assert result.returncode != 0
+    (line,) = result.stdout.strip().splitlines()  # one line, naming the file and the fix
+    assert line.startswith("submit: refused: data/paddy/SOURCE.json: the data is synthetic")
