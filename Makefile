@@ -2,7 +2,8 @@
 PYTHON ?= python
 PROFILE ?= demo
 # make train-parallel: GPUS lists the devices (default: every GPU nvidia-smi lists, none on a CPU machine);
-# JOBS members train at once (default: one per GPU, else 1), each seeing one GPU through CUDA_VISIBLE_DEVICES.
+# JOBS members train at once (default: one per GPU, else 1), each seeing one GPU through CUDA_VISIBLE_DEVICES
+# (more JOBS than GPUS share them round-robin).
 GPUS ?= $(shell nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null)
 JOBS ?= $(if $(strip $(GPUS)),$(words $(GPUS)),1)
 .DEFAULT_GOAL := help
