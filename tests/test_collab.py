@@ -6,6 +6,7 @@ movies 2-5 and dislike 6-9, users 7-12 the reverse.
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -143,6 +144,14 @@ def test_ratings_file_without_rating_column_is_rejected(tmp_path):
 def test_bad_params_are_one_line_errors(bad, message):
     with pytest.raises(ParamsError, match=message):
         from_mapping(collab.CollabConfig, {**FAST, **bad}, "collab")
+
+
+def test_model_is_one_plain_class_that_pickles():
+    assert collab.DotProductBias is collab.DotProductBias
+    model = collab.DotProductBias(n_users=5, n_movies=7, n_factors=3)
+    restored = pickle.loads(pickle.dumps(model))
+    assert isinstance(restored, collab.DotProductBias)
+    torch.testing.assert_close(restored.movie_factors.weight, model.movie_factors.weight)
 
 
 def test_cross_validation_scores_every_fold(fixture_tables):
