@@ -151,7 +151,9 @@ def fit(learn, config: CollabConfig) -> float:
 
 def validation_errors(learn) -> dict:
     """MSE and RMSE of the model's predictions on the validation set."""
-    preds, targets = learn.get_preds(ds_idx=1)
+    # inner=True: an outer get_preds replays before_fit, which empties the Recorder that the training-curves report
+    # draws afterwards (reports/collab/training_curves.png had no lines).
+    preds, targets = learn.get_preds(ds_idx=1, inner=True)
     mse = float(((preds.view(-1) - targets.view(-1)) ** 2).mean())
     return {"mse": mse, "rmse": mse**0.5}
 

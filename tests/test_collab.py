@@ -59,6 +59,12 @@ def test_training_on_the_fixture_beats_predicting_the_mean(trained_on_fixture, f
     assert errors["rmse"] < ratings["rating"].std()
 
 
+def test_training_losses_survive_scoring_for_the_curves_report(trained_on_fixture):
+    learn, errors, _ = trained_on_fixture
+    assert len(learn.recorder.losses) == FAST["epochs"] * len(learn.dls.train)
+    assert learn.recorder.values[-1][1] == pytest.approx(errors["mse"], rel=1e-5)  # valid_loss of the last epoch
+
+
 def test_movie_bias_ranks_the_universally_loved_movie_first_and_the_hated_one_last(trained_on_fixture, fixture_tables):
     ratings, movies = fixture_tables
     _, _, trained = trained_on_fixture
