@@ -38,17 +38,30 @@ help:
 	@echo "make clean     remove caches of Python and pytest (never data, models, preds or submissions)"
 	@echo "Every target runs in .venv; add PYTHON=/path/to/python to use that interpreter instead."
 
-$(CURDIR)/.venv/bin/python:
-	@echo ">> creating the project's virtual environment .venv with $(BASE_PYTHON)"
-	$(BASE_PYTHON) -m venv .venv
-
 # --no-build-isolation: the editable install is built with the locked setuptools, not whatever pip would fetch.
-install: $(if $(VENV),$(PYTHON))
+define install_from_lock
 	@echo ">> installing the locked dependencies ($(LOCK), hashes checked) and paddy-pipeline into $(PYTHON)"
 	$(PYTHON) -m pip install --require-hashes -r $(LOCK)
 	$(PYTHON) -m pip install --no-deps --no-build-isolation -e .
+endef
 
-lock: $(if $(VENV),$(PYTHON))
+ifdef VENV
+# .venv reinstalls only when the lock or pyproject.toml is newer than its last install (a stamp file in .venv).
+install: $(VENV)/installed-from-lock
+
+$(VENV)/installed-from-lock: $(LOCK) pyproject.toml | $(PYTHON)
+	$(install_from_lock)
+	touch $@
+
+$(PYTHON):
+	@echo ">> creating the project's virtual environment $(VENV) with $(BASE_PYTHON)"
+	$(BASE_PYTHON) -m venv $(VENV)
+else
+install:
+	$(install_from_lock)
+endif
+
+lock: $(if $(VENV),| $(PYTHON))
 	@echo ">> resolving pyproject.toml (with the dev extra) for every platform into $(LOCK), with uv $(UV_VERSION)"
 	$(PYTHON) -m pip install --quiet uv==$(UV_VERSION)
 	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --universal --generate-hashes \
