@@ -1,36 +1,83 @@
 # paddy-pipeline: every target says what it does before doing it.
-PYTHON ?= python
+#
+# One environment for everything: by default the project's own virtual environment .venv (made from BASE_PYTHON);
+# `make <target> PYTHON=/path/to/python` uses that interpreter instead (a Kaggle notebook's, a conda env's).
+# Its bin folder goes first on PATH for every recipe, so `dvc repro`'s stage commands (`python -m pipeline.<stage>`
+# in dvc.yaml) and the tests' `dvc` subprocesses run in the same environment as the target itself.
+#
+# requirements.lock pins every transitive dependency with its sha256 hashes (a pip-tools style lock written by
+# `uv pip compile --universal`): plain pip installs it (`--require-hashes`), as on Kaggle, and the same lock serves
+# Linux x86_64 with the CUDA wheels torch pulls from PyPI, other Linux machines, macOS and Windows.
+# `make lock` regenerates it after a change to pyproject.toml's dependencies.
 PROFILE ?= demo
 # make train-parallel: GPUS lists the devices (default: every GPU nvidia-smi lists, none on a CPU machine);
 # JOBS members train at once (default: one per GPU, else 1), each seeing one GPU through CUDA_VISIBLE_DEVICES
 # (more JOBS than GPUS share them round-robin).
 GPUS ?= $(shell nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null)
 JOBS ?= $(if $(strip $(GPUS)),$(words $(GPUS)),1)
+BASE_PYTHON ?= python3
+LOCK := requirements.lock
+UV_VERSION := 0.13.8
+ifeq ($(origin PYTHON),command line)
+ENV_BIN := $(shell $(PYTHON) -c 'import os, sys, sysconfig; print(sysconfig.get_path("scripts") + ":" + os.path.dirname(sys.executable))')
+else
+VENV := .venv
+PYTHON := $(CURDIR)/$(VENV)/bin/python
+ENV_BIN := $(CURDIR)/$(VENV)/bin
+endif
+export PATH := $(ENV_BIN):$(PATH)
 .DEFAULT_GOAL := help
 
-.PHONY: help install demo repro train-parallel test bench submit profile clean
+.PHONY: help install lock demo repro train-parallel test bench submit profile clean
 
 help:
-	@echo "make install   install the pipeline and its pinned dependencies into the current Python"
+	@echo "make install   make .venv (unless PYTHON=... is given) and install $(LOCK) + the pipeline into it"
 	@echo "make demo      install, then run the whole DAG (dvc repro) on the active profile"
 	@echo "make repro     run the whole DAG (dvc repro); a second run with nothing changed runs nothing"
 	@echo "make train-parallel JOBS=2   like make repro, but train@<member> stages run JOBS at a time, one GPU each"
-	@echo "make test      install with test extras, then run the test suite (CPU, a few minutes)"
+	@echo "make test      install, then run the test suite (CPU, a few minutes)"
 	@echo "make bench     benchmarks: training throughput, collab vs collab_learner, demo DAG wall time"
 	@echo "make submit    upload submissions/submission.csv to Kaggle (refuses synthetic or stale outputs)"
 	@echo "               make submit ARGS=--force re-uploads a file that was submitted before"
 	@echo "make profile PROFILE=competition|demo   switch params.yaml to a profile"
+	@echo "make lock      re-resolve pyproject.toml's dependencies into $(LOCK) (after changing them)"
 	@echo "make clean     remove caches of Python and pytest (never data, models, preds or submissions)"
+	@echo "Every target runs in .venv; add PYTHON=/path/to/python to use that interpreter instead."
 
+# --no-build-isolation: the editable install is built with the locked setuptools, not whatever pip would fetch.
+define install_from_lock
+	@echo ">> installing the locked dependencies ($(LOCK), hashes checked) and paddy-pipeline into $(PYTHON)"
+	$(PYTHON) -m pip install --require-hashes -r $(LOCK)
+	$(PYTHON) -m pip install --no-deps --no-build-isolation -e .
+endef
+
+ifdef VENV
+# .venv reinstalls only when the lock or pyproject.toml is newer than its last install (a stamp file in .venv).
+install: $(VENV)/installed-from-lock
+
+$(VENV)/installed-from-lock: $(LOCK) pyproject.toml | $(PYTHON)
+	$(install_from_lock)
+	touch $@
+
+$(PYTHON):
+	@echo ">> creating the project's virtual environment $(VENV) with $(BASE_PYTHON)"
+	$(BASE_PYTHON) -m venv $(VENV)
+else
 install:
-	@echo ">> installing paddy-pipeline and its pinned dependencies (torch + torchvision from PyPI)"
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(install_from_lock)
+endif
+
+lock: $(if $(VENV),| $(PYTHON))
+	@echo ">> resolving pyproject.toml (with the dev extra) for every platform into $(LOCK), with uv $(UV_VERSION)"
+	$(PYTHON) -m pip install --quiet uv==$(UV_VERSION)
+	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --universal --generate-hashes \
+		--custom-compile-command "make lock" -o $(LOCK)
 
 demo: install repro
 
 repro:
 	@echo ">> dvc repro: rebuilding every stage whose code, params or inputs changed"
-	dvc repro
+	$(PYTHON) -m dvc repro
 
 # DVC runs one stage at a time per `dvc repro`, but several `dvc repro` processes may share a workspace: each holds the
 # repo lock (.dvc/tmp/lock) except while a stage's command runs, and `--wait-for-lock` makes them queue for it instead
@@ -65,5 +112,5 @@ profile:
 
 clean:
 	@echo ">> removing Python and pytest caches (data, models, preds and submissions are kept)"
-	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -rf .pytest_cache *.egg-info
