@@ -73,15 +73,8 @@ def test_the_scratch_folder_of_a_running_writer_is_left_alone(tmp_path):
     assert _scratch(target) == [running]
 
 
-def test_scratch_folders_of_other_targets_are_left_alone(tmp_path):
-    of_another_target = tmp_path / f".movielens.{_dead_pid()}.k3x9a0zq.partial"
+def test_scratch_folders_of_other_targets_are_left_alone(tmp_path, dead_pid):
+    of_another_target = tmp_path / f".movielens.{dead_pid}.k3x9a0zq.partial"
     of_another_target.mkdir()
     _write_complete(tmp_path / "paddy")
     assert of_another_target.is_dir()
-
-
-def _dead_pid() -> int:
-    """The pid of a process that has exited and been reaped."""
-    finished = subprocess.Popen(["true"])
-    finished.wait()
-    return finished.pid

@@ -377,6 +377,28 @@ def test_extraction_interrupted_midway_leaves_the_previous_data_intact(tiny_padd
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paddy", "paddy.zip"]  # no partial folder left
 
 
+def test_the_scratch_folder_of_a_killed_extraction_is_removed_by_the_next_run(tmp_path, dead_pid):
+    left_by_kill = tmp_path / f".paddy.{dead_pid}.q1w2e3r4.partial"
+    (left_by_kill / "unpacked" / "train_images").mkdir(parents=True)
+    prepare_data(_config("synthetic"), 0, tmp_path / "paddy", tmp_path / "downloads")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paddy"]
+
+
+@pytest.mark.parametrize("entry", ["../../x.jpg", "/etc/x.jpg", "train_images/../../x.jpg", r"C:\x.jpg"])
+def test_a_zip_entry_pointing_outside_the_data_folder_is_refused_by_name(tiny_paddy, tmp_path, entry):
+    data_dir = _previous_data(tmp_path)
+    before = _snapshot(data_dir)
+    archive = _competition_zip(tiny_paddy, tmp_path / "paddy.zip")
+    with zipfile.ZipFile(archive, "a") as bundle:
+        bundle.writestr(entry, b"planted")
+    with pytest.raises(DataError) as caught:
+        prepare_data(_config(str(archive)), 0, data_dir, tmp_path / "downloads")
+    assert str(caught.value).startswith(f"{archive}: entry {entry!r} points outside the folder")
+    assert "\n" not in str(caught.value)
+    assert _snapshot(data_dir) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paddy", "paddy.zip"]  # nothing landed beside them
+
+
 def test_data_failing_verification_is_never_swapped_in(tiny_paddy, tmp_path):
     data_dir = _previous_data(tmp_path)
     before = _snapshot(data_dir)
