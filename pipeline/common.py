@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pandas as pd
 import psutil
 import torch
 from fastai.callback.progress import ProgressCallback
@@ -101,6 +102,15 @@ def file_sha256(path: Path | str) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_csv(path: Path | str, error: type[Exception], fix: str, **read_csv_args) -> pd.DataFrame:
+    """pd.read_csv, with a file that is empty, binary or ragged turned into `error`: one line naming it and `fix`."""
+    try:
+        return pd.read_csv(path, **read_csv_args)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:100]
+        raise error(f"{path}: not a readable CSV ({type(err).__name__}: {reason}); {fix}") from None
 
 
 def read_json(path: Path | str) -> Any:
