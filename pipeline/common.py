@@ -107,10 +107,14 @@ def file_sha256(path: Path | str) -> str:
 def read_csv(path: Path | str, error: type[Exception], fix: str, **read_csv_args) -> pd.DataFrame:
     """pd.read_csv, with a file that is empty, binary or ragged turned into `error`: one line naming it and `fix`."""
     try:
-        return pd.read_csv(path, **read_csv_args)
+        table = pd.read_csv(path, **read_csv_args)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         reason = (str(err).strip().splitlines() or [""])[0][:100]
         raise error(f"{path}: not a readable CSV ({type(err).__name__}: {reason}); {fix}") from None
+    if not isinstance(table.index, pd.RangeIndex):
+        # pandas reads rows one field longer than the header as having an index column: ragged, not an index.
+        raise error(f"{path}: not a readable CSV (rows have more fields than the header); {fix}")
+    return table
 
 
 def read_json(path: Path | str) -> Any:

@@ -293,6 +293,7 @@ BINARY = bytes(range(256)) * 4
         ("beta/valid.csv", BINARY, "not a readable CSV"),
         ("beta/test.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a readable CSV (UnicodeDecodeError"),
         ("alpha/valid.csv", None, "not a readable CSV (ParserError"),  # ragged: one row with a field too many
+        ("alpha/test.csv", "longer", "not a readable CSV (rows have more fields than the header)"),
         ("beta/test.csv", "text", "row 2, column 'blast' holds 'high', not a probability"),
     ],
 )
@@ -300,6 +301,9 @@ def test_an_unreadable_preds_csv_is_one_line_naming_it(workspace, monkeypatch, m
     path = workspace / "preds" / member_file
     if content is None:
         path.write_text(path.read_text() + "v9.jpg,blast" + ",0.1" * 11 + "\n")
+    elif content == "longer":  # every row one field longer than the header: pandas would take an index column
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join([lines[0]] + [line + ",0" for line in lines[1:]]) + "\n")
     elif content == "text":
         rewrite(path, lambda table: table.assign(blast=["0.6", "high"]))
     else:
