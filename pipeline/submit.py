@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+from dvc.exceptions import DvcException
+from dvc.repo import Repo
 
 from pipeline import kaggle_client
 from pipeline.common import atomic_path, file_sha256, log, read_csv, read_json
@@ -67,9 +69,6 @@ def check_submission(submission_file: Path, data_dir: Path = DATA_DIR) -> None:
 
 def dvc_status(repo_dir: Path = Path(".")) -> dict:
     """`dvc status` as a dict: stage -> what changed; empty when the outputs match dvc.lock."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
     try:
         with Repo(str(repo_dir)) as repo:
             return repo.status()
