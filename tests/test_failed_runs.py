@@ -6,7 +6,6 @@ once DVC has removed them before running the stage.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -73,18 +72,18 @@ def _contents(repo: Path, *patterns: str) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_paddy_data_refusing_a_truncated_image_keeps_the_last_metrics(tmp_path):
-    repo = _scratch_repo(tmp_path, _tiny_params())
-    good = _dvc(repo, "repro", "paddy_data")
-    assert good.returncode == 0, good.stderr
-    before = _contents(repo, "metrics/data.json")
-    assert json.loads(before["metrics/data.json"])["source"] == "synthetic"
-
-    broken = Path(shutil.copytree(repo / "data" / "paddy", tmp_path / "broken"))
+    broken = tmp_path / "broken"
+    write_synthetic_dataset(broken, seed=0, **{**TINY_SYNTHETIC, "image_size": (32, 40)})
     image = next((broken / "train_images" / "blast").iterdir())
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
     params = _tiny_params()
     params["data"]["source"] = str(broken)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo = _scratch_repo(tmp_path, params)
+    # The last good run's output (DVC removes a stage's outputs whether or not it wrote them).
+    (repo / "metrics").mkdir()
+    (repo / "metrics" / "data.json").write_text('{"source": "synthetic"}\n')
+    before = _contents(repo, "metrics/data.json")
+
     failed = _dvc(repo, "repro", "paddy_data")
 
     assert failed.returncode != 0 and "not a readable image" in failed.stdout + failed.stderr
