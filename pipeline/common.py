@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import random
+import re
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -18,6 +20,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pandas as pd
+import psutil
+import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.torch_core import set_seed
+
+# atomic_path's scratch folders: `.<target name>.<owner pid>.<random>.partial`, next to the target.
+SCRATCH_SUFFIX = ".partial"
 
 
 def log(stage: str, message: str) -> None:
@@ -35,11 +45,15 @@ def banner(stage: str, message: str) -> None:
 def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces `target` in one rename, on error it is removed.
 
-    Works for files and directories: a killed writer leaves the previous `target` untouched.
+    Works for files and directories: a killed writer leaves the previous `target` untouched, and its scratch folder
+    is removed by the next atomic_path on the same target (remove_stale_scratch).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    remove_stale_scratch(target)
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=SCRATCH_SUFFIX, dir=target.parent)
+    )
     staging = tmp / target.name
     try:
         yield staging
@@ -54,13 +68,25 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
         else:
             os.replace(staging, target)
     finally:
-        _remove_tree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _remove_tree(path: Path) -> None:
-    import shutil
+def remove_stale_scratch(target: Path | str) -> list[Path]:
+    """Remove the scratch folders of `target` whose owner process is gone (killed mid-write); return them.
 
-    shutil.rmtree(path, ignore_errors=True)
+    A kill -9 skips atomic_path's clean-up and can leave a large folder (a half-extracted dataset) behind. The
+    owner's pid is in the folder's name; a folder whose owner still runs is another writer's work in progress and
+    is left alone.
+    """
+    target = Path(target)
+    owned = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[a-z0-9_]+{re.escape(SCRATCH_SUFFIX)}")
+    stale = []
+    for sibling in target.parent.iterdir():
+        owner = owned.fullmatch(sibling.name)
+        if owner and sibling.is_dir() and not psutil.pid_exists(int(owner.group(1))):
+            shutil.rmtree(sibling, ignore_errors=True)
+            stale.append(sibling)
+    return stale
 
 
 def write_json(path: Path | str, payload: Any) -> None:
@@ -76,6 +102,19 @@ def file_sha256(path: Path | str) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_csv(path: Path | str, error: type[Exception], fix: str, **read_csv_args) -> pd.DataFrame:
+    """pd.read_csv, with a file that is empty, binary or ragged turned into `error`: one line naming it and `fix`."""
+    try:
+        table = pd.read_csv(path, **read_csv_args)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:100]
+        raise error(f"{path}: not a readable CSV ({type(err).__name__}: {reason}); {fix}") from None
+    if not isinstance(table.index, pd.RangeIndex):
+        # pandas reads rows one field longer than the header as having an index column: ragged, not an index.
+        raise error(f"{path}: not a readable CSV (rows have more fields than the header); {fix}")
+    return table
 
 
 def read_json(path: Path | str) -> Any:
@@ -96,8 +135,6 @@ def _json_default(value: Any) -> Any:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (fastai's set_seed also makes cudnn deterministic)."""
-    from fastai.torch_core import set_seed
-
     random.seed(seed)
     np.random.seed(seed)
     set_seed(seed, reproducible=True)
@@ -105,8 +142,6 @@ def seed_everything(seed: int) -> None:
 
 def compute_device():
     """CUDA when present, else CPU: the only two paths this pipeline supports."""
-    import torch
-
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -117,8 +152,6 @@ def quiet_progress(learn) -> None:
     own non-terminal check is always true). Without ProgressCallback, fastai's Recorder hands each epoch's row to
     `learn.logger`, which we point at a formatter.
     """
-    from fastai.callback.progress import ProgressCallback
-
     if sys.stdout.isatty() or os.environ.get("PADDY_PROGRESS") == "1":
         return
     if any(isinstance(cb, ProgressCallback) for cb in learn.cbs):

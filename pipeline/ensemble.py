@@ -1,8 +1,9 @@
 """Stage `ensemble`: average the members' TTA probabilities and write the submissions.
 
-Reads preds/<member>/{test,valid}.csv for every member in params `train.members`, checks the members agree (one
-vocab, the same test ids, the same validation ids and labels), averages their probabilities with the weights of
-params `ensemble` (or weights fitted on the validation probabilities), and writes:
+Reads preds/<member>/{test,valid}.csv for every member in params `train.members` and checks each against the truth
+(the competition's classes, sample_submission's test ids, and the validation ids and labels of the shared split of
+data/paddy/train.csv with params `validation`), averages their probabilities with the weights of params `ensemble`
+(or weights fitted on the validation probabilities), and writes:
 - submissions/members/<member>.csv: each member's own submission,
 - submissions/submission.csv: the ensemble's,
 each validated against data/paddy/sample_submission.csv before anything is written;
@@ -19,10 +20,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import minimize
 
-from pipeline.common import atomic_path, log, write_json
+from pipeline.common import atomic_path, log, read_csv, write_json
+from pipeline.paddy import CLASSES, DATA_DIR, ValidationConfig, sample_submission_csv, train_csv, validation_rows
 from pipeline.params import ParamsError, load_section, profile_of, read_params
-from pipeline.paddy import sample_submission_csv
 from pipeline.submission import (
     SubmissionError,
     build_submission,
@@ -51,15 +53,15 @@ class EnsembleConfig:
 
 
 class MemberPredsError(ValueError):
-    """A member's predictions are missing or disagree with the others': one line naming the file."""
+    """A member's predictions, or the truth they are checked against, are missing or wrong: one line naming the
+    file that is wrong and the fix."""
 
 
 @dataclass(frozen=True)
 class MemberPreds:
-    """One member's TTA probabilities; columns of the arrays are in `vocab` order."""
+    """One member's TTA probabilities; columns of the arrays are in CLASSES order."""
 
     name: str
-    vocab: tuple[str, ...]
     test_ids: tuple[str, ...]
     test_probs: np.ndarray
     valid_ids: tuple[str, ...]
@@ -90,93 +92,111 @@ def resolve_weights(members: Sequence[str], weights: Mapping[str, float]) -> dic
 
 
 def read_member_preds(preds_dir: Path, name: str) -> MemberPreds:
-    """preds/<name>/test.csv and valid.csv as written by train@<name>, checked for shape and probabilities."""
+    """preds/<name>/test.csv and valid.csv as written by train@<name>: the competition's classes, probabilities."""
     member_dir = Path(preds_dir) / name
     test_file, valid_file = member_dir / "test.csv", member_dir / "valid.csv"
+    rerun = f"rerun dvc repro train@{name}"
     for path in (test_file, valid_file):
         if not path.is_file():
             raise MemberPredsError(f"{path}: missing predictions of member '{name}'; run dvc repro train@{name}")
-    test = pd.read_csv(test_file, dtype={"image_id": str})
-    valid = pd.read_csv(valid_file, dtype={"image_id": str, "label": str})
-    vocab = tuple(c for c in test.columns if c != "image_id")
-    if list(test.columns[:1]) != ["image_id"] or not vocab:
-        raise MemberPredsError(f"{test_file}: expected columns image_id then one per class; got {list(test.columns)}")
-    if list(valid.columns[:2]) != ["image_id", "label"] or set(valid.columns[2:]) != set(vocab):
-        raise MemberPredsError(
-            f"{valid_file}: expected columns image_id, label, then the classes of {test_file.name} ({', '.join(vocab)})"
-        )
-    for path, table in ((test_file, test), (valid_file, valid)):
-        _check_probabilities(path, table[list(vocab)].to_numpy(dtype=float))
-        duplicated = table["image_id"][table["image_id"].duplicated()]
-        if len(duplicated):
-            raise MemberPredsError(f"{path}: image_id {duplicated.iloc[0]!r} appears more than once")
+    test, test_probs = _read_probabilities(test_file, ("image_id",), rerun)
+    valid, valid_probs = _read_probabilities(valid_file, ("image_id", "label"), rerun)
     return MemberPreds(
         name=name,
-        vocab=vocab,
         test_ids=tuple(test["image_id"]),
-        test_probs=test[list(vocab)].to_numpy(dtype=float),
+        test_probs=test_probs,
         valid_ids=tuple(valid["image_id"]),
         valid_labels=tuple(valid["label"]),
-        valid_probs=valid[list(vocab)].to_numpy(dtype=float),
+        valid_probs=valid_probs,
     )
 
 
-def _check_probabilities(path: Path, probs: np.ndarray) -> None:
+def _read_probabilities(path: Path, id_columns: tuple[str, ...], fix: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """A predictions CSV (`id_columns`, then one column per class of CLASSES) and its probabilities in CLASSES order."""
+    table = read_csv(path, MemberPredsError, fix, dtype=str, keep_default_na=False)
+    expected = f"expected {', '.join(id_columns)}, then one column per class of the competition"
+    if tuple(table.columns[: len(id_columns)]) != id_columns:
+        raise MemberPredsError(f"{path}: columns start {list(table.columns[: len(id_columns)])}; {expected}; {fix}")
+    classes = list(table.columns[len(id_columns) :])
+    strangers = [column for column in classes if column not in CLASSES]
+    if strangers:
+        raise MemberPredsError(
+            f"{path}: column {strangers[0]!r} is not one of the competition's {len(CLASSES)} classes "
+            f"({', '.join(CLASSES)}); {fix}"
+        )
+    missing = [label for label in CLASSES if label not in classes]
+    if missing:
+        raise MemberPredsError(f"{path}: no column for class {missing[0]!r}; {expected}; {fix}")
+    cells = table[list(CLASSES)]
+    numbers = cells.apply(pd.to_numeric, errors="coerce")
+    rows, columns = np.nonzero(numbers.isna().to_numpy())
+    if len(rows):
+        row, column = int(rows[0]), CLASSES[int(columns[0])]
+        raise MemberPredsError(
+            f"{path}: row {row + 1}, column {column!r} holds {cells.iloc[row][column]!r}, not a probability; {fix}"
+        )
+    probs = numbers.to_numpy(dtype=float)
+    _check_probabilities(path, probs, fix)
+    duplicated = table["image_id"][table["image_id"].duplicated()]
+    if len(duplicated):
+        raise MemberPredsError(f"{path}: image_id {duplicated.iloc[0]!r} appears more than once; {fix}")
+    return table, probs
+
+
+def _check_probabilities(path: Path, probs: np.ndarray, fix: str) -> None:
     if not np.isfinite(probs).all() or (probs < 0).any():
-        raise MemberPredsError(f"{path}: probabilities must be finite and >= 0")
+        raise MemberPredsError(f"{path}: probabilities must be finite and >= 0; {fix}")
     sums = probs.sum(axis=1)
     off = np.flatnonzero(np.abs(sums - 1) > PROB_SUM_TOLERANCE)
     if len(off):
-        raise MemberPredsError(f"{path}: row {int(off[0]) + 1} sums to {sums[off[0]]:.4f}, not 1; are these logits?")
-
-
-def align_members(members: Sequence[MemberPreds], test_ids: Sequence[str], preds_dir: Path) -> list[MemberPreds]:
-    """The members with columns in the first member's vocab order and test rows in `test_ids` order.
-
-    Every member must have the first member's vocab (as a set), exactly the ids of `test_ids`, and the first
-    member's validation ids and labels; otherwise a MemberPredsError names the member file that differs.
-    """
-    reference = members[0]
-    vocab = reference.vocab
-    valid_order = {image_id: row for row, image_id in enumerate(reference.valid_ids)}
-    aligned = []
-    for member in members:
-        where = Path(preds_dir) / member.name
-        if set(member.vocab) != set(vocab):
-            differ = sorted(set(member.vocab) ^ set(vocab))
-            raise MemberPredsError(
-                f"{where / 'test.csv'}: classes differ from member '{reference.name}' (e.g. {differ[0]!r}); "
-                "every member must be trained on the same labels"
-            )
-        if set(member.test_ids) != set(test_ids) or len(member.test_ids) != len(test_ids):
-            raise MemberPredsError(
-                f"{where / 'test.csv'}: test image ids differ from sample_submission.csv; rerun dvc repro train@{member.name}"
-            )
-        if set(member.valid_ids) != set(reference.valid_ids) or len(member.valid_ids) != len(reference.valid_ids):
-            raise MemberPredsError(
-                f"{where / 'valid.csv'}: validation ids differ from member '{reference.name}'; "
-                "every member must use the shared split (params validation)"
-            )
-        columns = [member.vocab.index(label) for label in vocab]
-        test_rows = pd.Index(member.test_ids).get_indexer(list(test_ids))
-        valid_rows = np.argsort([valid_order[image_id] for image_id in member.valid_ids])
-        valid_labels = tuple(np.asarray(member.valid_labels, dtype=object)[valid_rows])
-        if valid_labels != reference.valid_labels:
-            raise MemberPredsError(
-                f"{where / 'valid.csv'}: true labels differ from member '{reference.name}' for the same image ids"
-            )
-        aligned.append(
-            MemberPreds(
-                name=member.name,
-                vocab=vocab,
-                test_ids=tuple(test_ids),
-                test_probs=member.test_probs[test_rows][:, columns],
-                valid_ids=reference.valid_ids,
-                valid_labels=valid_labels,
-                valid_probs=member.valid_probs[valid_rows][:, columns],
-            )
+        raise MemberPredsError(
+            f"{path}: row {int(off[0]) + 1} sums to {sums[off[0]]:.4f}, not 1; are these logits? {fix}"
         )
-    return aligned
+
+
+def align_member(
+    member: MemberPreds, test_ids: Sequence[str], truth: pd.DataFrame, preds_dir: Path, train_file: Path
+) -> MemberPreds:
+    """The member with test rows in `test_ids` order and validation rows in `truth` order.
+
+    Each member is checked against the truth, never against another member, so the error names the file that is
+    wrong: its test ids must be `test_ids` (sample_submission.csv's), its validation ids and labels those of `truth`
+    (the shared split of `train_file`).
+    """
+    split = f"{train_file} with params validation"
+    where = Path(preds_dir) / member.name
+    test_file, valid_file = where / "test.csv", where / "valid.csv"
+    rerun = f"rerun dvc repro train@{member.name}"
+    if set(member.test_ids) != set(test_ids) or len(member.test_ids) != len(test_ids):
+        raise MemberPredsError(f"{test_file}: test image ids differ from sample_submission.csv; {rerun}")
+    missing = [image_id for image_id in truth["image_id"] if image_id not in set(member.valid_ids)]
+    if missing:
+        raise MemberPredsError(
+            f"{valid_file}: {len(missing)} image(s) of the shared validation split are missing (first: {missing[0]!r}; "
+            f"the split: {split}); {rerun}"
+        )
+    true_label = dict(zip(truth["image_id"], truth["label"]))
+    strangers = [image_id for image_id in member.valid_ids if image_id not in true_label]
+    if strangers:
+        raise MemberPredsError(
+            f"{valid_file}: image {strangers[0]!r} is not in the shared validation split ({split}); {rerun}"
+        )
+    for image_id, label in zip(member.valid_ids, member.valid_labels):
+        if label != true_label[image_id]:
+            raise MemberPredsError(
+                f"{valid_file}: image {image_id!r} is labelled {label!r} where {train_file} says "
+                f"{true_label[image_id]!r}; {rerun}"
+            )
+    test_rows = pd.Index(member.test_ids).get_indexer(list(test_ids))
+    valid_rows = pd.Index(member.valid_ids).get_indexer(list(truth["image_id"]))
+    return MemberPreds(
+        name=member.name,
+        test_ids=tuple(test_ids),
+        test_probs=member.test_probs[test_rows],
+        valid_ids=tuple(truth["image_id"]),
+        valid_labels=tuple(truth["label"]),
+        valid_probs=member.valid_probs[valid_rows],
+    )
 
 
 def weighted_average(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -201,8 +221,6 @@ def fit_weights(valid_probs: Sequence[np.ndarray], labels: Sequence[str], vocab:
     They are fitted on the very set the accuracies are measured on, so the ensemble's validation accuracy is then
     optimistic; metrics say so (`weights_fitted_on: valid`).
     """
-    from scipy.optimize import minimize
-
     if len(labels) == 0:
         raise ParamsError(
             "params.yaml: key 'ensemble.fit_weights' needs a validation set, but validation.full is true; "
@@ -247,7 +265,7 @@ def ensemble(
     submissions_dir: Path = SUBMISSIONS_DIR,
 ) -> EnsembleResult:
     """Average aligned members, build and validate every submission, and compute the metrics."""
-    vocab = members[0].vocab
+    vocab = CLASSES
     labels = members[0].valid_labels
     test_ids = list(sample["image_id"])
     if fit:
@@ -299,17 +317,25 @@ def write_outputs(result: EnsembleResult, submissions_dir: Path, metrics_file: P
 def run(
     params: Mapping,
     preds_dir: Path = PREDS_DIR,
-    sample_file: Path | None = None,
+    data_dir: Path = DATA_DIR,
     submissions_dir: Path = SUBMISSIONS_DIR,
     metrics_file: Path = METRICS_FILE,
 ) -> dict:
     """The whole stage on `params` (params.yaml as a dict); returns the metrics it wrote."""
     profile = profile_of(params)
     config = load_section(EnsembleConfig, params, "ensemble")
+    validation = load_section(ValidationConfig, params, "validation")
     names = member_names(params)
     weights = resolve_weights(names, config.weights)
-    sample = read_sample_submission(sample_file or sample_submission_csv())
-    members = align_members([read_member_preds(preds_dir, name) for name in names], sample["image_id"], preds_dir)
+    sample = read_sample_submission(sample_submission_csv(data_dir))
+    train_file = train_csv(data_dir)
+    if not train_file.is_file():
+        raise MemberPredsError(f"{train_file}: not found; run `dvc repro paddy_data` to fetch or generate the data")
+    truth = validation_rows(data_dir, validation)
+    members = [
+        align_member(read_member_preds(preds_dir, name), sample["image_id"], truth, preds_dir, train_file)
+        for name in names
+    ]
     result = ensemble(members, sample, weights, config.fit_weights, profile, submissions_dir)
     write_outputs(result, submissions_dir, metrics_file)
     return result.metrics

@@ -29,8 +29,10 @@ def credentials_source(environ: Mapping[str, str] = os.environ, home: Path | Non
         return "the KAGGLE_API_TOKEN variable"
     if environ.get("KAGGLE_USERNAME") and environ.get("KAGGLE_KEY"):
         return "the KAGGLE_USERNAME and KAGGLE_KEY variables"
+    # The client reads a notebook's token only inside a Kaggle notebook (kagglesdk's is_in_kaggle_notebook).
+    in_notebook = environ.get("KAGGLE_KERNEL_RUN_TYPE") is not None and environ.get("KAGGLE_DATA_PROXY_URL")
     notebook_token = environ.get("KAGGLE_API_V1_TOKEN")
-    if notebook_token and Path(notebook_token).is_file():
+    if in_notebook and notebook_token and Path(notebook_token).is_file():
         return "the Kaggle notebook's token"
     for name in ("access_token", "access_token.txt", "credentials.json"):
         if (home / ".kaggle" / name).is_file():

@@ -40,6 +40,13 @@ RECBOLE_MEMBERS = (
 RATING_COLUMNS = ("user", "movie", "rating", "timestamp")
 MOVIE_COLUMNS = ("movie", "title")
 RATING_RANGE = (1, 5)
+# What a local movielens.source may be; said whenever a local path is not one of them.
+LOCAL_LAYOUTS = (
+    "movielens.source takes auto, grouplens, recbole, or the path of an ml-100k zip, a recbole wheel, or a folder "
+    "holding u.data and u.item or ratings.csv and movies.csv"
+)
+# The fix for a file this stage downloaded itself (and only for those: a local source is the user's own file).
+REFETCH = "delete it so that it is fetched again"
 # The published size of ML-100k: a download that does not match is not the data the seeds' numbers are about.
 ML_100K_COUNTS = {"n_ratings": 100_000, "n_users": 943, "n_movies": 1_682}
 
@@ -68,9 +75,9 @@ class MovieLens:
 # ---------------------------------------------------------------- readers (each returns raw, unvalidated tables)
 
 
-def read_grouplens_zip(path: Path) -> MovieLens:
-    """ml-100k.zip as GroupLens publishes it: ml-100k/u.data and ml-100k/u.item."""
-    with _open_zip(path) as archive:
+def read_grouplens_zip(path: Path, fix: str = LOCAL_LAYOUTS) -> MovieLens:
+    """ml-100k.zip as GroupLens publishes it: ml-100k/u.data and ml-100k/u.item; `fix` ends the error if unreadable."""
+    with _open_zip(path, fix) as archive:
         data_name = _member_ending(archive, "u.data", path)
         item_name = _member_ending(archive, "u.item", path)
         ratings = _read_table(archive.read(data_name), f"{path}:{data_name}", sep="\t", names=RATING_COLUMNS)
@@ -89,13 +96,13 @@ def read_grouplens_folder(folder: Path) -> MovieLens:
     return MovieLens(ratings, movies, f"grouplens:{folder}")
 
 
-def read_recbole_wheel(path: Path) -> MovieLens:
+def read_recbole_wheel(path: Path, fix: str = LOCAL_LAYOUTS) -> MovieLens:
     """ml-100k from inside the recbole wheel: RecBole atomic files with typed headers (`user_id:token` ...).
 
     RecBole splits GroupLens' 'Star Wars (1977)' into a title and a release_year column; we join them back so titles
     read as in the seeds whichever source was used.
     """
-    with _open_zip(path) as archive:
+    with _open_zip(path, fix) as archive:
         missing = [name for name in RECBOLE_MEMBERS if name not in archive.namelist()]
         if missing:
             raise MovielensDataError(f"{path}: no {missing[0]} inside; pass a recbole wheel that ships ml-100k")
@@ -122,6 +129,8 @@ def read_local(path: Path) -> MovieLens:
     """Any of the layouts a local path may hold."""
     if not path.exists():
         raise MovielensDataError(f"{path}: not found; set movielens.source to auto, grouplens, recbole or an existing path")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise MovielensDataError(f"{path}: not a zip file; {LOCAL_LAYOUTS}")
     if path.is_file() and path.suffix == ".whl":
         return read_recbole_wheel(path)
     if path.is_file():
@@ -130,7 +139,7 @@ def read_local(path: Path) -> MovieLens:
         return read_grouplens_folder(path)
     if (path / "ratings.csv").is_file() and (path / "movies.csv").is_file():
         return read_csv_folder(path)
-    raise MovielensDataError(f"{path}: holds neither u.data+u.item nor ratings.csv+movies.csv; point it at ml-100k")
+    raise MovielensDataError(f"{path}: holds neither u.data and u.item nor ratings.csv and movies.csv; {LOCAL_LAYOUTS}")
 
 
 def _grouplens_title(item: pd.Series) -> str:
@@ -140,11 +149,11 @@ def _grouplens_title(item: pd.Series) -> str:
     return f"{title} ({year})" if year.isdigit() else title
 
 
-def _open_zip(path: Path) -> zipfile.ZipFile:
+def _open_zip(path: Path, fix: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
-        raise MovielensDataError(f"{path}: not a readable zip ({err}); delete it so that it is fetched again") from None
+        raise MovielensDataError(f"{path}: not a readable zip ({err}); {fix}") from None
 
 
 def _member_ending(archive: zipfile.ZipFile, suffix: str, path: Path) -> str:
@@ -214,7 +223,7 @@ def validate(data: MovieLens, where: str, expected_counts: dict | None = None) -
         if wrong:
             key = next(iter(wrong))
             raise MovielensDataError(
-                f"{where}: {key} is {found[key]}, expected {wrong[key]} for ML-100k; the download is damaged, delete it"
+                f"{where}: {key} is {found[key]}, expected {wrong[key]} for ML-100k; the download is damaged, {REFETCH}"
             )
     return checked
 
@@ -284,10 +293,10 @@ def load(config: MovielensConfig, downloads: Path = DOWNLOADS_DIR) -> MovieLens:
                 ) from None
             log(STAGE, f"GroupLens unreachable ({err}); falling back to the recbole wheel")
         else:
-            return validate(read_grouplens_zip(archive), str(archive), ML_100K_COUNTS)
+            return validate(read_grouplens_zip(archive, REFETCH), str(archive), ML_100K_COUNTS)
     if config.source in ("auto", "recbole"):
         wheel = fetch_recbole_wheel(downloads)
-        return validate(read_recbole_wheel(wheel), str(wheel), ML_100K_COUNTS)
+        return validate(read_recbole_wheel(wheel, REFETCH), str(wheel), ML_100K_COUNTS)
     return validate(read_local(Path(config.source)), config.source)
 
 

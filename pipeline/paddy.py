@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import train_test_split
 
 COMPETITION = "paddy-disease-classification"
 DATA_DIR = Path("data/paddy")
@@ -77,8 +79,6 @@ def validation_mask(labels: pd.Series | np.ndarray, valid_pct: float, seed: int)
 
     Every member and the ensemble use this one split, so their validation accuracies are comparable.
     """
-    from sklearn.model_selection import train_test_split
-
     labels = np.asarray(labels)
     if not 0 < valid_pct < 1:
         raise ValueError(f"valid_pct must be between 0 and 1, got {valid_pct}")
@@ -87,3 +87,24 @@ def validation_mask(labels: pd.Series | np.ndarray, valid_pct: float, seed: int)
     mask = np.zeros(len(labels), dtype=bool)
     mask[valid_idx] = True
     return mask
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """params `validation`: the split every member and the ensemble share."""
+
+    valid_pct: float
+    seed: int
+    full: bool  # true: train on everything; there is no validation set
+
+    def __post_init__(self):
+        if not 0 < self.valid_pct < 1:
+            raise ValueError(f"valid_pct is {self.valid_pct}; use a share between 0 and 1, e.g. 0.2")
+
+
+def validation_rows(data_dir: Path, validation: ValidationConfig) -> pd.DataFrame:
+    """image_id and label of the shared validation rows, in train.csv order (none when `validation.full`)."""
+    table = read_train_table(data_dir)[["image_id", "label"]]
+    if validation.full:
+        return table.iloc[:0].reset_index(drop=True)
+    return table[validation_mask(table["label"], validation.valid_pct, validation.seed)].reset_index(drop=True)

@@ -12,11 +12,10 @@ import hashlib
 import io
 import os
 import shutil
-import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import pandas as pd
 from PIL import Image
@@ -211,14 +210,14 @@ def download_competition(competition: str, downloads_dir: Path, quiet: bool = Tr
     if where is None:
         raise DataError(NO_CREDENTIALS)
     log(STAGE, f"downloading the {competition} files with the Kaggle API (credentials from {where})")
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    # The client writes into a temporary folder; only a complete zip is moved into the cache.
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=archive.parent) as partial:
-        _kaggle_download(competition, Path(partial), quiet)
-        zips = sorted(Path(partial).glob("*.zip"))
+    # The client writes into atomic_path's scratch folder (removed by the next run if this one is killed); only a
+    # complete zip becomes the cached file.
+    with atomic_path(archive) as staged:
+        _kaggle_download(competition, staged.parent, quiet)
+        zips = sorted(staged.parent.glob("*.zip"))
         if not zips or not zipfile.is_zipfile(zips[0]):
             raise DataError(f"the Kaggle API did not deliver a complete zip of {competition}; run the stage again")
-        os.replace(zips[0], archive)
+        os.replace(zips[0], staged)
     return archive
 
 
@@ -241,10 +240,23 @@ def extract_competition(archive: Path, destination: Path) -> None:
     unpacked = destination.parent / "unpacked"
     try:
         with zipfile.ZipFile(archive) as bundle:
+            _refuse_escaping_entries(bundle, archive)
             bundle.extractall(unpacked)
     except zipfile.BadZipFile as err:
         raise DataError(f"{archive}: corrupt zip ({err}); delete it and run the stage again") from None
     os.replace(_layout_root(unpacked, archive), destination)
+
+
+def _refuse_escaping_entries(bundle: zipfile.ZipFile, archive: Path) -> None:
+    """Refuse entries with an absolute path or a `..` (zip-slip): zipfile would strip those parts silently and put
+    the file somewhere inside the data folder, which the competition's zip never asks for."""
+    for name in bundle.namelist():
+        path = PureWindowsPath(name)  # reads both / and \\ as separators, and sees drives (C:) and roots
+        if path.anchor or ".." in path.parts:
+            raise DataError(
+                f"{archive}: entry {name!r} points outside the folder it is extracted to (zip-slip); nothing was "
+                "extracted: this is not the competition's zip, use the original from Kaggle"
+            )
 
 
 def _layout_root(folder: Path, origin: Path) -> Path:

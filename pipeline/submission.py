@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.common import atomic_path
+from pipeline.common import atomic_path, read_csv
 from pipeline.paddy import SUBMISSION_COLUMNS
 
 
@@ -21,17 +21,22 @@ class SubmissionError(ValueError):
     """A submission that does not match sample_submission.csv: the message is one line naming the file."""
 
 
+# The fix for a submission file that is unreadable or fails validation: the ensemble stage writes it.
+REWRITE = "run `dvc repro ensemble` to write it again"
+
+
 def read_sample_submission(path: Path | str) -> pd.DataFrame:
     """sample_submission.csv, ids as strings; a missing file or a duplicated id is a SubmissionError."""
     path = Path(path)
     if not path.is_file():
         raise SubmissionError(f"{path}: not found; run `dvc repro paddy_data` to fetch or generate the data")
-    sample = pd.read_csv(path, dtype=str, keep_default_na=False)
+    restore = "restore it with `dvc checkout data/paddy` (or `dvc repro paddy_data`)"
+    sample = read_csv(path, SubmissionError, restore, dtype=str, keep_default_na=False)
     if "image_id" not in sample.columns:
-        raise SubmissionError(f"{path}: no `image_id` column; it is not the competition's sample_submission.csv")
+        raise SubmissionError(f"{path}: no `image_id` column, not the competition's sample_submission.csv; {restore}")
     duplicated = sample["image_id"][sample["image_id"].duplicated()]
     if len(duplicated):
-        raise SubmissionError(f"{path}: image_id {duplicated.iloc[0]!r} appears more than once")
+        raise SubmissionError(f"{path}: image_id {duplicated.iloc[0]!r} appears more than once; {restore}")
     return sample
 
 
@@ -51,9 +56,9 @@ def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame, vocab: S
     """
     columns = list(submission.columns)
     if columns != list(SUBMISSION_COLUMNS):
-        raise SubmissionError(f"{name}: columns are {columns}; expected {list(SUBMISSION_COLUMNS)}")
+        raise SubmissionError(f"{name}: columns are {columns[:5]}; expected {list(SUBMISSION_COLUMNS)}; {REWRITE}")
     if len(submission) != len(sample):
-        raise SubmissionError(f"{name}: {len(submission)} rows; sample_submission.csv has {len(sample)}")
+        raise SubmissionError(f"{name}: {len(submission)} rows; sample_submission.csv has {len(sample)}; {REWRITE}")
     ids = submission["image_id"].astype(str).to_numpy()
     expected = sample["image_id"].astype(str).to_numpy()
     mismatch = np.flatnonzero(ids != expected)
@@ -61,14 +66,14 @@ def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame, vocab: S
         row = int(mismatch[0])
         raise SubmissionError(
             f"{name}: row {row + 1} has image_id {ids[row]!r} where sample_submission.csv has {expected[row]!r} "
-            "(same ids, same order required)"
+            f"(same ids, same order required); {REWRITE}"
         )
     labels = submission["label"]
     unknown = labels[~labels.isin(list(vocab))]
     if len(unknown):
         raise SubmissionError(
             f"{name}: label {unknown.iloc[0]!r} (row {int(unknown.index[0]) + 1}) is not one of the "
-            f"{len(vocab)} classes {', '.join(vocab)}"
+            f"{len(vocab)} classes {', '.join(vocab)}; {REWRITE}"
         )
 
 
@@ -76,7 +81,7 @@ def read_submission(path: Path | str) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise SubmissionError(f"{path}: not found; run `dvc repro ensemble` to write it")
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    return read_csv(path, SubmissionError, REWRITE, dtype=str, keep_default_na=False)
 
 
 def write_submission_csv(path: Path | str, submission: pd.DataFrame) -> None:

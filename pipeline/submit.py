@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+from dvc.exceptions import DvcException
+from dvc.repo import Repo
 
 from pipeline import kaggle_client
-from pipeline.common import atomic_path, file_sha256, log, read_json
+from pipeline.common import atomic_path, file_sha256, log, read_csv, read_json
 from pipeline.paddy import CLASSES, COMPETITION, DATA_DIR, sample_submission_csv, source_json
 from pipeline.submission import SubmissionError, read_sample_submission, read_submission, validate_submission
 
@@ -67,9 +69,6 @@ def check_submission(submission_file: Path, data_dir: Path = DATA_DIR) -> None:
 
 def dvc_status(repo_dir: Path = Path(".")) -> dict:
     """`dvc status` as a dict: stage -> what changed; empty when the outputs match dvc.lock."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
     try:
         with Repo(str(repo_dir)) as repo:
             return repo.status()
@@ -84,9 +83,14 @@ def check_up_to_date(status: dict) -> None:
 
 
 def read_log(log_file: Path = LOG_FILE) -> pd.DataFrame:
+    """The upload history (empty when nothing was uploaded yet); a damaged one is a SubmitRefused naming the fix."""
     if not Path(log_file).is_file():
         return pd.DataFrame(columns=list(LOG_COLUMNS))
-    return pd.read_csv(log_file, dtype=str, keep_default_na=False)
+    fix = "it is the upload history: restore it from git, or move it aside to start a new one"
+    history = read_csv(log_file, SubmitRefused, fix, dtype=str, keep_default_na=False)
+    if tuple(history.columns) != LOG_COLUMNS:
+        raise SubmitRefused(f"{log_file}: columns are {list(history.columns)[:5]}, not {', '.join(LOG_COLUMNS)}; {fix}")
+    return history
 
 
 def check_not_submitted(sha256: str, log_file: Path, force: bool) -> None:

@@ -1,7 +1,9 @@
-"""Fixtures shared by every test module: a tiny synthetic paddy dataset in the competition's layout."""
+"""Fixtures shared by every test module: a tiny synthetic paddy dataset in the competition's layout, a dead pid."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,3 +22,11 @@ def tiny_paddy(tmp_path_factory) -> Path:
     data_dir = tmp_path_factory.mktemp("tiny_paddy") / "paddy"
     write_synthetic_dataset(data_dir, **TINY_PADDY)
     return data_dir
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped: the owner of a scratch folder left by a killed run."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    return finished.pid

@@ -141,3 +141,22 @@ def test_main_turns_bad_input_into_a_one_line_exit(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text("profile: demo\nmovielens:\n  source: missing.zip\n  timeout_s: 5\n")
     with pytest.raises(SystemExit, match="^movielens_data: missing.zip: not found"):
         ml.main()
+
+
+def test_a_plain_ratings_csv_as_source_says_which_layouts_are_accepted_and_never_to_delete_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ratings.csv").write_text("user,movie,rating,timestamp\n1,10,4,0\n")
+    (tmp_path / "params.yaml").write_text("profile: demo\nmovielens:\n  source: ratings.csv\n  timeout_s: 5\n")
+    with pytest.raises(SystemExit) as stopped:
+        ml.main()
+    message = str(stopped.value)
+    assert message.startswith("movielens_data: ratings.csv: not a zip file; movielens.source takes")
+    assert "a folder holding u.data and u.item or ratings.csv and movies.csv" in message
+    assert "delete" not in message and "\n" not in message
+    assert (tmp_path / "ratings.csv").is_file()
+
+
+def test_a_corrupt_cached_download_is_to_be_deleted_and_fetched_again(tmp_path):
+    (tmp_path / "ml-100k.zip").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ml.MovielensDataError, match=r"ml-100k\.zip: not a readable zip .*; delete it so that it is fetched"):
+        ml.load(ml.MovielensConfig(source="grouplens"), tmp_path)

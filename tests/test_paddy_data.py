@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import sys
 import types
 import zipfile
@@ -15,7 +17,6 @@ import pytest
 import yaml
 
 from pipeline import paddy_data
-from pipeline.kaggle_client import credentials_source as kaggle_credentials_source
 from pipeline.paddy import CLASSES, COMPETITION, SMALLEST_CLASS
 from pipeline.paddy_data import (
     NO_CREDENTIALS,
@@ -206,29 +207,82 @@ def test_missing_credentials_is_one_line_on_how_to_add_them_and_leaks_no_secret(
     assert not (tmp_path / "data" / "paddy").exists()
 
 
-@pytest.mark.parametrize(
-    "variables, files, expected",
-    [
-        ({"KAGGLE_API_TOKEN": SECRET}, [], "KAGGLE_API_TOKEN"),
-        ({"KAGGLE_USERNAME": "someone", "KAGGLE_KEY": SECRET}, [], "KAGGLE_USERNAME and KAGGLE_KEY"),
-        ({}, [".kaggle/access_token"], "~/.kaggle/access_token"),
-        ({}, [".kaggle/kaggle.json"], "kaggle.json"),
-        ({}, [".config/kaggle/kaggle.json"], ".config/kaggle/kaggle.json"),
-        ({"KAGGLE_CONFIG_DIR": "{home}/elsewhere"}, ["elsewhere/kaggle.json"], "elsewhere/kaggle.json"),
-        ({"KAGGLE_KEY": SECRET}, [], None),
-        ({}, [], None),
-    ],
-)
-def test_credentials_are_found_where_the_kaggle_client_looks(tmp_path, variables, files, expected):
-    for name in files:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(SECRET)
-    environ = {key: value.format(home=tmp_path) for key, value in variables.items()}
-    found = kaggle_credentials_source(environ, home=tmp_path)
-    if expected is None:
-        assert found is None
-    else:
-        assert expected in found and SECRET not in found
+# Each placement of credentials, asked of the real client and of credentials_source in one fresh process. The
+# client picks its kaggle.json folder when its module is imported, so the script re-imports it for every placement;
+# only the two client methods that would call Kaggle (validating a token) are replaced, by ones that accept it.
+CREDENTIALS_AGREE = """
+import contextlib, importlib, io, json, os, sys, tempfile
+from pathlib import Path
+
+def clean_environment(home):
+    for name in [name for name in os.environ if name.startswith("KAGGLE_") or name == "XDG_CONFIG_HOME"]:
+        del os.environ[name]
+    os.environ["HOME"] = str(home)
+
+clean_environment(tempfile.mkdtemp())
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    extended = importlib.import_module("kaggle.api.kaggle_api_extended")  # authenticates: none here, offline
+from kagglesdk import KaggleCredentials
+from pipeline.kaggle_client import credentials_source
+
+KaggleCredentials.get_access_token = lambda self: "token-from-refresh"
+answers = []
+for variables, files in json.loads(sys.argv[1]):
+    home = Path(tempfile.mkdtemp())
+    clean_environment(home)
+    for name, content in files.items():
+        (home / name).parent.mkdir(parents=True, exist_ok=True)
+        (home / name).write_text(content)
+    os.environ.update({key: value.format(home=home) for key, value in variables.items()})
+    ours = credentials_source()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        importlib.reload(extended)
+        extended.KaggleApi._introspect_token = lambda self, token: "someone"
+        api = extended.KaggleApi()
+        try:
+            api.authenticate()
+            method = api.config_values[api.CONFIG_NAME_AUTH_METHOD]
+        except SystemExit:
+            method = None
+    answers.append({"ours": ours, "client": method, "client_file": api.config})
+print(json.dumps(answers))
+"""
+KAGGLE_JSON = json.dumps({"username": "someone", "key": SECRET})
+OAUTH_JSON = json.dumps({"refresh_token": SECRET, "username": "someone"})
+NOTEBOOK = {"KAGGLE_KERNEL_RUN_TYPE": "Interactive", "KAGGLE_DATA_PROXY_URL": "http://127.0.0.1:9"}
+PLACEMENTS = [
+    ({"KAGGLE_API_TOKEN": SECRET}, {}),
+    ({"KAGGLE_USERNAME": "someone", "KAGGLE_KEY": SECRET}, {}),
+    ({}, {".kaggle/access_token": SECRET}),
+    ({}, {".kaggle/access_token.txt": SECRET}),
+    ({}, {".kaggle/kaggle.json": KAGGLE_JSON}),
+    ({}, {".config/kaggle/kaggle.json": KAGGLE_JSON}),
+    ({"XDG_CONFIG_HOME": "{home}/xdg"}, {"xdg/kaggle/kaggle.json": KAGGLE_JSON}),
+    ({"KAGGLE_CONFIG_DIR": "{home}/elsewhere"}, {"elsewhere/kaggle.json": KAGGLE_JSON}),
+    ({}, {".kaggle/credentials.json": OAUTH_JSON}),
+    ({**NOTEBOOK, "KAGGLE_API_V1_TOKEN": "{home}/notebook_token"}, {"notebook_token": SECRET}),
+    ({"KAGGLE_API_V1_TOKEN": "{home}/notebook_token"}, {"notebook_token": SECRET}),  # outside a notebook
+    ({}, {".kaggle/other.txt": "", ".config/kaggle/kaggle.json": KAGGLE_JSON}),  # ~/.kaggle exists: XDG unread
+    ({"KAGGLE_KEY": SECRET}, {}),
+    ({}, {}),
+]
+
+
+def test_credentials_are_found_where_the_kaggle_client_finds_them():
+    script = subprocess.run(
+        [sys.executable, "-c", CREDENTIALS_AGREE, json.dumps(PLACEMENTS)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    assert script.returncode == 0, script.stderr
+    answers = json.loads(script.stdout)
+    for (variables, files), answer in zip(PLACEMENTS, answers):
+        placement = f"{sorted(variables)} {sorted(files)}"
+        assert (answer["ours"] is None) == (answer["client"] is None), f"{placement}: {answer}"
+        if answer["client"] is not None:
+            assert SECRET not in answer["ours"]
+        if answer["client"] == "LEGACY_API_KEY" and "KAGGLE_USERNAME" not in variables:
+            assert answer["ours"] == answer["client_file"], placement
+    assert [answer["client"] is None for answer in answers].count(True) >= 3  # the placements it must not accept
 
 
 @pytest.mark.parametrize(
@@ -375,6 +429,28 @@ def test_extraction_interrupted_midway_leaves_the_previous_data_intact(tiny_padd
         prepare_data(_config(str(archive)), 0, data_dir, tmp_path / "downloads")
     assert _snapshot(data_dir) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paddy", "paddy.zip"]  # no partial folder left
+
+
+def test_the_scratch_folder_of_a_killed_extraction_is_removed_by_the_next_run(tmp_path, dead_pid):
+    left_by_kill = tmp_path / f".paddy.{dead_pid}.q1w2e3r4.partial"
+    (left_by_kill / "unpacked" / "train_images").mkdir(parents=True)
+    prepare_data(_config("synthetic"), 0, tmp_path / "paddy", tmp_path / "downloads")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paddy"]
+
+
+@pytest.mark.parametrize("entry", ["../../x.jpg", "/etc/x.jpg", "train_images/../../x.jpg", r"C:\x.jpg"])
+def test_a_zip_entry_pointing_outside_the_data_folder_is_refused_by_name(tiny_paddy, tmp_path, entry):
+    data_dir = _previous_data(tmp_path)
+    before = _snapshot(data_dir)
+    archive = _competition_zip(tiny_paddy, tmp_path / "paddy.zip")
+    with zipfile.ZipFile(archive, "a") as bundle:
+        bundle.writestr(entry, b"planted")
+    with pytest.raises(DataError) as caught:
+        prepare_data(_config(str(archive)), 0, data_dir, tmp_path / "downloads")
+    assert str(caught.value).startswith(f"{archive}: entry {entry!r} points outside the folder")
+    assert "\n" not in str(caught.value)
+    assert _snapshot(data_dir) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paddy", "paddy.zip"]  # nothing landed beside them
 
 
 def test_data_failing_verification_is_never_swapped_in(tiny_paddy, tmp_path):

@@ -4,12 +4,14 @@ import ast
 import importlib.machinery
 import inspect
 import json
+import os
 import sys
 import types
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import requests
 
 from pipeline import submit as submit_module
 from pipeline.paddy import CLASSES, COMPETITION
@@ -240,7 +242,99 @@ def test_missing_credentials_are_one_line_without_secrets(fake_kaggle, tmp_path,
     assert fake_kaggle.calls == []
 
 
-def test_an_upload_the_client_reports_as_failed_is_an_error(fake_kaggle, tmp_path):
-    fake_kaggle.response_message = FakeKaggleApi.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE
-    with pytest.raises(SubmitRefused, match="Could not submit"):
-        kaggle_upload(tmp_path / "submission.csv", "message")
+class FakeKaggleServer:
+    """The network under the real Kaggle client (requests' HTTPAdapter.send): Kaggle's API and its upload storage.
+
+    The client asks the API for an upload URL, PUTs the file there, then creates the submission; `upload_status` is
+    what the storage answers the PUT.
+    """
+
+    UPLOAD_URL = "https://storage.example/upload/paddy"
+
+    def __init__(self, upload_status: int):
+        self.upload_status = upload_status
+        self.requests = []
+
+    def send(self, request, **kwargs):
+        self.requests.append((request.method, request.url))
+        if request.url == self.UPLOAD_URL:
+            return self._response(request, self.upload_status, {})
+        if request.url.endswith("/StartSubmissionUpload"):
+            return self._response(request, 200, {"token": "blob-token", "createUrl": self.UPLOAD_URL})
+        if request.url.endswith("/CreateSubmission"):
+            return self._response(request, 200, {"message": "Successfully submitted to Paddy Doctor"})
+        return self._response(request, 404, {"code": 404, "message": f"no route {request.url}"})
+
+    @staticmethod
+    def _response(request, status: int, payload: dict) -> requests.Response:
+        response = requests.Response()
+        response.status_code, response.request, response.url = status, request, request.url
+        response.headers["Content-Type"] = "application/json"
+        response._content = json.dumps(payload).encode()
+        return response
+
+
+@pytest.fixture
+def kaggle_server(tmp_path, monkeypatch):
+    """The real client, with made-up legacy credentials (read offline), talking to a FakeKaggleServer."""
+    for name in [name for name in os.environ if name.startswith("KAGGLE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle"))  # where the client looks for kaggle.json
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "made-up-key")
+
+    def serve(upload_status: int) -> FakeKaggleServer:
+        server = FakeKaggleServer(upload_status)
+        monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", server.send)
+        return server
+
+    return serve
+
+
+def test_an_upload_the_client_reports_as_failed_is_an_error(kaggle_server, project):
+    server = kaggle_server(upload_status=400)
+    with pytest.raises(SubmitRefused) as refused:
+        kaggle_upload(project / "submissions" / "submission.csv", "paddy-pipeline abc1234")
+    # Imported only now: `import kaggle` authenticates (here with the made-up credentials, offline).
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    assert str(refused.value).startswith(f"kaggle: {KaggleApi.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE}; nothing")
+    assert ("PUT", server.UPLOAD_URL) in server.requests
+    assert not any(url.endswith("/CreateSubmission") for _, url in server.requests)
+
+
+def test_an_upload_the_client_completes_is_no_error(kaggle_server, project):
+    server = kaggle_server(upload_status=200)
+    kaggle_upload(project / "submissions" / "submission.csv", "paddy-pipeline abc1234")
+    assert [url.rsplit("/", 1)[-1] for _, url in server.requests] == ["StartSubmissionUpload", "paddy", "CreateSubmission"]
+
+
+# -- unreadable files under `make submit` ----------------------------------------------------------------------------
+
+BINARY = bytes(range(256)) * 4
+
+
+@pytest.mark.parametrize("content", [b"", BINARY, b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"\x00\x01\x02,\x05\n"])
+def test_an_unreadable_submission_is_one_line_naming_it_and_the_fix(project, monkeypatch, content):
+    (project / "submissions" / "submission.csv").write_bytes(content)
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit) as stopped:
+        submit_module.main([])
+    message = str(stopped.value)
+    assert message.startswith("submit: refused: submissions/submission.csv: ")
+    assert message.endswith("run `dvc repro ensemble` to write it again") and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "content", [b"", BINARY, b"time,sha256,message\n2024-01-01,abc,one,two\n", b"when,what\n2024-01-01,abc\n"]
+)
+def test_a_damaged_upload_log_is_one_line_naming_it_and_the_fix(project, content):
+    (project / "submissions" / "log.csv").write_bytes(content)
+    uploads = Uploads()
+    with pytest.raises(SubmitRefused) as refused:
+        submit_in(project, uploads)
+    message = str(refused.value)
+    assert message.startswith(f"{project / 'submissions' / 'log.csv'}: ")
+    assert message.endswith("restore it from git, or move it aside to start a new one") and "\n" not in message
+    assert uploads.calls == []
