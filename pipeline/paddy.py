@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import train_test_split
 
 COMPETITION = "paddy-disease-classification"
 DATA_DIR = Path("data/paddy")
@@ -35,7 +36,7 @@ VARIETIES = (
     "Surya",
     "Zonal",
 )
-SMALLEST_CLASS = "bacterial_panicle_blight"  # 337 images in the real training set
+SMALLEST_CLASS = "bacterial_panicle_blight"  # 337 images in the real training set (synthetic data copies this)
 TRAIN_COLUMNS = ("image_id", "label", "variety", "age")
 SUBMISSION_COLUMNS = ("image_id", "label")
 
@@ -77,8 +78,6 @@ def validation_mask(labels: pd.Series | np.ndarray, valid_pct: float, seed: int)
 
     Every member and the ensemble use this one split, so their validation accuracies are comparable.
     """
-    from sklearn.model_selection import train_test_split
-
     labels = np.asarray(labels)
     if not 0 < valid_pct < 1:
         raise ValueError(f"valid_pct must be between 0 and 1, got {valid_pct}")
@@ -87,3 +86,13 @@ def validation_mask(labels: pd.Series | np.ndarray, valid_pct: float, seed: int)
     mask = np.zeros(len(labels), dtype=bool)
     mask[valid_idx] = True
     return mask
+
+
+def smallest_class(labels: pd.Series) -> tuple[str, int]:
+    """The label with the fewest rows and its count; a tie goes to the first in alphabetical (CLASSES) order.
+
+    Computed from the data actually loaded: a local copy or a cleaned table may differ from the real competition's.
+    """
+    counts = labels.value_counts()
+    label = min(counts.index, key=lambda name: (counts[name], name))
+    return str(label), int(counts[label])
