@@ -11,8 +11,10 @@ Also checks that gradient accumulation is what the seeds say it is: one optimise
 fastai's GradientAccumulation against one step over the full batch. Without batch norm the weights agree to float
 precision; with it (fastai's head has BatchNorm1d) they do not, and the difference is reported.
 
-Outputs metrics/probe/<member>.json (train reads the accum from it), plots/probe/<member>.csv (peak vs accum) and
-plots/probe/<member>.png (the same with the budget line).
+Outputs: metrics/probe/<member>.json (peaks, seconds, the check: for people and `dvc metrics`),
+metrics/probe/<member>.accum.json (the decision: the accum train uses and its source, nothing measured, so a re-probe
+with the same outcome leaves it byte-identical and retrains nothing; the only probe file train reads),
+plots/probe/<member>.csv (peak vs accum) and plots/probe/<member>.png (the same with the budget line).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pipeline.vision import (
     load_train_config,
     member_dataloaders,
     member_learner,
+    probe_decision_path,
 )
 
 STAGE = "probe"
@@ -334,7 +337,7 @@ def probe_member(
     seed: int,
     measure: Measure,
 ) -> dict:
-    """Measure every candidate accum on the smallest class and choose one; the result train reads."""
+    """Measure every candidate accum on the smallest class and choose one; `accum`/`accum_source` are the decision."""
     probe_table = smallest_class_table(table, bs, seed)
     peaks = {}
     for accum in candidate_accums(config.accums, member.accum):
@@ -355,11 +358,17 @@ def probe_member(
         "chosen_accum": chosen,
     }
     if chosen is None and member.accum is None:
-        result.update(accum=None, accum_source=None)
-    else:
-        accum, source = accum_to_use(member, result)
-        result.update(accum=accum, accum_source=source)
-    return result
+        return result | {"accum": None, "accum_source": None}
+    accum, source = accum_to_use(member, {"member": name, "accum": chosen, "accum_source": "probe"})
+    return result | {"accum": accum, "accum_source": source}
+
+
+def decision(result: Mapping[str, Any]) -> dict:
+    """metrics/probe/<member>.accum.json: what train reads, and nothing measured (seconds, peaks).
+
+    `accum` is null (and train refuses to start) when nothing fitted and the member sets no accum of its own.
+    """
+    return {"member": result["member"], "accum": result["accum"], "accum_source": result["accum_source"]}
 
 
 def check_fits(result: Mapping[str, Any]) -> None:
@@ -438,10 +447,12 @@ def write_budget_chart(result: Mapping[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def write_outputs(result: Mapping[str, Any], metrics_path: Path, table_path: Path, chart_path: Path) -> None:
+def write_outputs(result: Mapping[str, Any], metrics_path: Path, decision_path: Path, table_path: Path,
+                  chart_path: Path) -> None:
     from pipeline.common import atomic_path
 
     write_json(metrics_path, result)
+    write_json(decision_path, decision(result))
     with atomic_path(table_path) as tmp:
         plot_rows(result).to_csv(tmp, index=False)
     with atomic_path(chart_path) as tmp:
@@ -478,7 +489,8 @@ def main(argv: list[str] | None = None) -> None:
             "grad_accum_check": check,
             "seconds": round(time.perf_counter() - started, 1),
         }
-        write_outputs(result, METRICS_DIR / f"{name}.json", PLOTS_DIR / f"{name}.csv", PLOTS_DIR / f"{name}.png")
+        write_outputs(result, METRICS_DIR / f"{name}.json", probe_decision_path(name), PLOTS_DIR / f"{name}.csv",
+                      PLOTS_DIR / f"{name}.png")
         check_fits(result)
     except (ParamsError, ProbeError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None

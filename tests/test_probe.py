@@ -1,9 +1,11 @@
-"""The probe: peak memory per accum on the smallest class, the accum it chooses, and what train reads from it."""
+"""The probe: peak memory per accum on the smallest class, the accum it chooses, and the decision train reads."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -59,15 +61,20 @@ def test_choose_accum_is_none_when_nothing_fits_and_out_of_memory_never_fits():
     assert choose_accum({1: None, 2: 9.0}, budget_gib=16) == 2
 
 
-def test_train_uses_the_probes_choice_unless_params_set_accum():
-    result = {"member": "m", "chosen_accum": 2}
-    assert accum_to_use(tiny_member(), result) == (2, "probe")
-    assert accum_to_use(tiny_member(accum=8), result) == (8, "params")
+def test_train_uses_the_probes_decision_unless_params_set_accum():
+    decided = {"member": "m", "accum": 2, "accum_source": "probe"}
+    assert accum_to_use(tiny_member(), decided) == (2, "probe")
+    assert accum_to_use(tiny_member(accum=8), decided) == (8, "params")
 
 
 def test_train_refuses_a_probe_that_chose_nothing():
     with pytest.raises(ValueError, match="chose no accum"):
-        accum_to_use(tiny_member(), {"member": "m", "chosen_accum": None})
+        accum_to_use(tiny_member(), {"member": "m", "accum": None, "accum_source": None})
+
+
+def test_train_refuses_a_decision_taken_from_an_accum_params_no_longer_set():
+    with pytest.raises(ValueError, match="rerun the probe"):
+        accum_to_use(tiny_member(), {"member": "m", "accum": 8, "accum_source": "params"})
 
 
 def test_probe_member_chooses_and_records_every_peak():
@@ -200,7 +207,7 @@ def test_measure_for_picks_the_cuda_path_on_a_gpu():
 
 
 @pytest.mark.slow
-def test_probe_stage_on_tiny_data_writes_metrics_and_plot(tiny_paddy, tmp_path, monkeypatch):
+def test_probe_stage_on_tiny_data_writes_metrics_decision_and_plot(tiny_paddy, tmp_path, monkeypatch):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["probe"] = {"accums": [1, 2], "budget_gib": 16, "epochs": 1}
     params["train"]["bs"] = 8
@@ -219,10 +226,55 @@ def test_probe_stage_on_tiny_data_writes_metrics_and_plot(tiny_paddy, tmp_path, 
         assert run["peak_gib"] > run["above_baseline_gib"] > 0
     assert (result["chosen_accum"], result["accum"], result["accum_source"]) == (1, 1, "probe")
     assert result["grad_accum_check"]["has_batchnorm"] is True
+    assert json.loads(Path("metrics/probe/tiny.accum.json").read_text()) == {
+        "member": "tiny", "accum": 1, "accum_source": "probe"}
     plot = pd.read_csv("plots/probe/tiny.csv")
     assert list(plot.columns) == ["member", "accum", "peak_gib", "above_baseline_gib", "budget_gib"]
     assert plot["accum"].tolist() == [1, 2] and (plot["budget_gib"] == 16).all()
     assert Path("plots/probe/tiny.png").read_bytes().startswith(b"\x89PNG")
+
+
+def run_in(repo: Path, *command: str) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def locked_md5(repo: Path, stage: str, path: str) -> str:
+    outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]["outs"]
+    return next(out["md5"] for out in outs if out["path"] == path)
+
+
+@pytest.mark.slow
+def test_a_forced_reprobe_with_the_same_decision_leaves_the_train_stage_up_to_date(tmp_path):
+    """The real dvc.yaml on tiny data: `dvc repro -f probe@m` rewrites the probe's metrics, not train's input."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["synthetic"] = {"train_per_class": 8, "n_test": 10, "image_size": [48, 64]}
+    params["probe"] = {"accums": [1, 2], "budget_gib": 16, "epochs": 1}
+    params["train"] |= {"bs": 8, "tta": False}
+    params["train"]["members"] = {"tiny": {"arch": "convnext_atto", "resize": 40, "size": 32, "epochs": 1,
+                                           "schedule": "fit_one_cycle", "accum": None}}
+    params["ensemble"]["weights"] = {"tiny": 1}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    run_in(repo, "git", "init", "-q")
+    run_in(repo, "dvc", "init", "-q")
+    run_in(repo, "git", "add", "-A")
+    run_in(repo, "git", "commit", "-qm", "tiny project")  # DVCLive reads the git revision
+    run_in(repo, "dvc", "repro", "-q", "train@tiny")
+    metrics_md5 = locked_md5(repo, "probe@tiny", "metrics/probe/tiny.json")
+
+    run_in(repo, "dvc", "repro", "-q", "--force", "--single-item", "probe@tiny")
+
+    assert locked_md5(repo, "probe@tiny", "metrics/probe/tiny.json") != metrics_md5  # peaks and seconds moved
+    assert json.loads(run_in(repo, "dvc", "status", "--json", "train@tiny")) == {}
+    decision_file = repo / "metrics" / "probe" / "tiny.accum.json"
+    decision_file.write_text(decision_file.read_text().replace('"accum": 1', '"accum": 2'))
+    assert "train@tiny" in json.loads(run_in(repo, "dvc", "status", "--json", "train@tiny"))  # it is train's input
 
 
 def test_unknown_member_is_a_one_line_exit(tmp_path, monkeypatch):
