@@ -2,6 +2,7 @@
 
 As in the seeds ("Road to the Top", part 3): train the member briefly on the smallest class only; every step sees
 as many images of the same size as the real run, so the peak memory is the real run's, at a fraction of the time.
+The smallest class is the one of the data actually loaded (counted in train.csv), recorded in the metrics.
 Each candidate accum is measured; the chosen accum is the smallest whose peak fits `probe.budget_gib` (the target
 GPU's memory). On CUDA the peak is torch.cuda's, with memory freed between runs (gc + empty_cache, the GPU's
 process list logged); on CPU it is the peak resident memory of a fresh child process per run, so the runs cannot
@@ -33,7 +34,7 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from pipeline.common import compute_device, log, quiet_progress, seed_everything, write_json
-from pipeline.paddy import DATA_DIR, SMALLEST_CLASS, read_train_table, train_csv, validation_mask
+from pipeline.paddy import DATA_DIR, read_train_table, smallest_class, train_csv, validation_mask
 from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline.vision import (
     MemberConfig,
@@ -94,14 +95,16 @@ def load_probe_config(params: Mapping[str, Any], bs: int) -> ProbeConfig:
 def smallest_class_table(table: pd.DataFrame, bs: int, seed: int) -> pd.DataFrame:
     """The smallest class's rows with an `is_valid` column, the training rows repeated to at least 2 * bs.
 
-    Repeating matters on small data (the demo's smallest class has ~30 images, fewer than bs): fastai drops the
-    last incomplete training batch, and every step must see `bs // accum` images, the real run's memory per step.
-    Two effective batches, because the optimiser's state only exists from the first step on, so the second step
-    is the first to hold weights, gradients, optimiser state and activations at once (the real run's peak).
+    The smallest class is that of `table`, the data actually loaded. Repeating matters on small data (the demo's
+    smallest class has ~30 images, fewer than bs): fastai drops the last incomplete training batch, and every step
+    must see `bs // accum` images, the real run's memory per step. Two effective batches, because the optimiser's
+    state only exists from the first step on, so the second step is the first to hold weights, gradients, optimiser
+    state and activations at once (the real run's peak).
     """
-    rows = table[table["label"] == SMALLEST_CLASS].reset_index(drop=True)
-    if len(rows) < 2:
-        raise ProbeError(f"the training table has {len(rows)} {SMALLEST_CLASS} images; the probe needs at least 2")
+    label, count = smallest_class(table["label"])
+    if count < 2:
+        raise ProbeError(f"train.csv has {count} {label} image(s), its smallest class; the probe needs at least 2")
+    rows = table[table["label"] == label].reset_index(drop=True)
     is_valid = validation_mask(rows["label"], PROBE_VALID_PCT, seed)
     train_rows, valid_rows = rows[~is_valid], rows[is_valid]
     repeats = math.ceil(2 * bs / len(train_rows))
@@ -339,6 +342,7 @@ def probe_member(
 ) -> dict:
     """Measure every candidate accum on the smallest class and choose one; `accum`/`accum_source` are the decision."""
     probe_table = smallest_class_table(table, bs, seed)
+    label, count = smallest_class(table["label"])
     peaks = {}
     for accum in candidate_accums(config.accums, member.accum):
         log(STAGE, f"{name}: {member.arch}, {bs // accum} images per step (accum={accum}) ...")
@@ -351,7 +355,7 @@ def probe_member(
         "arch": member.arch,
         "bs": bs,
         "budget_gib": config.budget_gib,
-        "smallest_class": SMALLEST_CLASS,
+        "smallest_class": {"label": label, "count": count},
         "train_images_per_epoch": int((~probe_table["is_valid"]).sum()),
         "epochs": config.epochs,
         "peaks": {str(accum): run for accum, run in peaks.items()},

@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from pipeline import probe
-from pipeline.paddy import SMALLEST_CLASS
 from pipeline.params import ParamsError
 from pipeline.probe import ProbeConfig, ProbeError, check_fits, probe_member, smallest_class_table
 from pipeline.vision import MemberConfig, accum_to_use, choose_accum
@@ -41,8 +40,10 @@ def fake_measure(peaks_gib: dict[int, float | None]):
     return measure
 
 
-def a_table(n_smallest: int = 5) -> pd.DataFrame:
-    labels = [SMALLEST_CLASS] * n_smallest + ["blast"] * 7
+def a_table(counts: dict[str, int] | None = None) -> pd.DataFrame:
+    """A training table with these many rows per label (by default the real data's smallest class is smallest)."""
+    counts = counts or {"bacterial_panicle_blight": 5, "blast": 7}
+    labels = [label for label, count in counts.items() for _ in range(count)]
     return pd.DataFrame(
         {"image_id": [f"{i}.jpg" for i in range(len(labels))], "label": labels, "variety": "ADT45", "path": "x"}
     )
@@ -135,17 +136,25 @@ def test_empty_accums_are_a_params_error():
 
 
 def test_smallest_class_table_repeats_training_rows_to_two_batches_and_keeps_a_validation_set():
-    table = smallest_class_table(a_table(n_smallest=5), bs=8, seed=0)
-    assert set(table["label"]) == {SMALLEST_CLASS}
+    table = smallest_class_table(a_table(), bs=8, seed=0)
+    assert set(table["label"]) == {"bacterial_panicle_blight"}
     train, valid = table[~table["is_valid"]], table[table["is_valid"]]
     assert len(train) >= 16
     assert len(valid) == 1
     assert not set(valid["image_id"]) & set(train["image_id"])
 
 
-def test_a_table_without_the_smallest_class_is_a_clear_error():
-    with pytest.raises(ProbeError, match=SMALLEST_CLASS):
-        smallest_class_table(a_table(n_smallest=0), bs=8, seed=0)
+def test_the_probe_trains_on_the_smallest_class_of_the_data_loaded_and_records_it():
+    table = a_table({"bacterial_panicle_blight": 9, "hispa": 4, "blast": 7})
+    assert set(smallest_class_table(table, bs=8, seed=0)["label"]) == {"hispa"}
+    config = ProbeConfig(accums=[1], budget_gib=16)
+    result = probe_member("m", tiny_member(), table, config, bs=8, seed=0, measure=fake_measure({1: 1.0}))
+    assert result["smallest_class"] == {"label": "hispa", "count": 4}
+
+
+def test_a_smallest_class_of_one_image_is_a_clear_error():
+    with pytest.raises(ProbeError, match=r"1 hispa image\(s\), its smallest class"):
+        smallest_class_table(a_table({"hispa": 1, "blast": 7}), bs=8, seed=0)
 
 
 # -- CUDA, with torch.cuda replaced (no GPU here) ------------------------------------------------------------------
@@ -221,6 +230,7 @@ def test_probe_stage_on_tiny_data_writes_metrics_decision_and_plot(tiny_paddy, t
 
     result = json.loads(Path("metrics/probe/tiny.json").read_text())
     assert result["profile"] == params["profile"] and result["device"] == "cpu"
+    assert result["smallest_class"] == {"label": "bacterial_panicle_blight", "count": 4}  # the tiny data's
     assert set(result["peaks"]) == {"1", "2"}
     for run in result["peaks"].values():
         assert run["peak_gib"] > run["above_baseline_gib"] > 0
