@@ -386,9 +386,9 @@ def check_fits(result: Mapping[str, Any]) -> None:
     else:
         smallest = "every run ran out of memory"
     raise ProbeError(
-        f"member {result['member']!r} fits the {result['budget_gib']} GiB budget with no accum in "
-        f"{list(map(int, result['peaks']))}: {smallest}; add a larger accum to probe.accums, lower the member's "
-        "size/resize or pick a smaller arch, raise probe.budget_gib, or set the member's accum explicitly"
+        f"member {result['member']!r} does not fit the {result['budget_gib']} GiB budget (probe.budget_gib) at any "
+        f"accum in {list(map(int, result['peaks']))}: {smallest}; add a larger accum to probe.accums, lower the "
+        "member's size/resize or pick a smaller arch, raise probe.budget_gib, or set the member's accum explicitly"
     )
 
 

@@ -110,6 +110,19 @@ def test_nothing_fits_fails_naming_the_member_its_smallest_peak_and_the_fix():
     assert "\n" not in message
 
 
+def test_a_budget_below_every_peak_is_reported_as_not_fitting():
+    # issue 11, case 8: `probe.budget_gib: 0.0001` used to say the member "fits the 0.0001 GiB budget with no accum".
+    measure = fake_measure({1: 0.61, 2: 0.42})
+    config = ProbeConfig(accums=[1, 2], budget_gib=0.0001)
+    result = probe_member("tiny", tiny_member(), a_table(), config, bs=8, seed=0, measure=measure)
+    with pytest.raises(ProbeError) as raised:
+        check_fits(result)
+    message = str(raised.value)
+    assert message.startswith("member 'tiny' does not fit the 0.0001 GiB budget (probe.budget_gib) at any accum")
+    assert "0.42 GiB at accum=2" in message and "raise probe.budget_gib" in message
+    assert "fits the" not in message and "\n" not in message
+
+
 def test_nothing_fits_but_an_explicit_accum_is_used_anyway():
     config = ProbeConfig(accums=[1, 2], budget_gib=16)
     measure = fake_measure({1: 30.0, 2: 20.0, 4: 17.0})
