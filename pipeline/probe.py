@@ -179,7 +179,13 @@ def probe_fit(
 def measure_cpu(
     member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int, precision: str = "auto"
 ) -> dict:
-    """Peak resident memory of a fresh child process running `probe_fit`.
+    """Peak resident memory of `probe_fit` at this accum, in a fresh child process."""
+    fit = functools.partial(probe_fit, member, table, bs, accum, seed, epochs, precision)
+    return peak_rss_in_child(fit, f"accum={accum}")
+
+
+def peak_rss_in_child(fit: Callable[[], None], what: str) -> dict:
+    """Peak resident memory of a fresh child process running `fit` (picklable), with its baseline and duration.
 
     A fresh process per run, because freed memory is not reliably returned to the OS and a process's peak never
     falls: measured in one process, every run after the largest would report the largest. The children fork from
@@ -187,15 +193,10 @@ def measure_cpu(
     memory and none pays the imports' ten seconds. A child killed by the kernel (out of memory) is recorded as not
     fitting; one that fails otherwise fails the probe.
     """
-    import multiprocessing
-    import signal
-
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["fastai.vision.all", "timm", "pipeline.vision"])
+    context.set_forkserver_preload(["fastai.vision.all", "timm", "pipeline.probe"])
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(
-        target=_measure_in_child, args=(sender, member, table, bs, accum, seed, epochs, precision)
-    )
+    child = context.Process(target=_measure_in_child, args=(sender, fit))
     child.start()
     sender.close()
     try:
@@ -204,20 +205,18 @@ def measure_cpu(
         child.join()
         if child.exitcode == -signal.SIGKILL:
             return {"peak_gib": None, "error": "the child process was killed (out of memory)"}
-        raise ProbeError(f"the child process measuring accum={accum} exited with code {child.exitcode}") from None
+        raise ProbeError(f"the child process measuring {what} exited with code {child.exitcode}") from None
     child.join()
     if "failure" in outcome:
-        raise ProbeError(f"the fit at accum={accum} failed in its child process:\n{outcome['failure']}")
+        raise ProbeError(f"the fit at {what} failed in its child process:\n{outcome['failure']}")
     return outcome
 
 
-def _measure_in_child(sender, member, table, bs, accum, seed, epochs, precision) -> None:
-    import traceback
-
+def _measure_in_child(sender, fit: Callable[[], None]) -> None:
     try:
         started = time.perf_counter()
         baseline = _peak_rss_bytes()
-        probe_fit(member, table, bs, accum, seed, epochs, precision)
+        fit()
         peak = _peak_rss_bytes()
         sender.send(
             {
@@ -239,20 +238,25 @@ def _peak_rss_bytes() -> int:
 def measure_cuda(
     member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int, precision: str = "auto"
 ) -> dict:
-    """Peak CUDA memory of `probe_fit` in this process, from a freshly emptied cache.
+    """Peak CUDA memory of `probe_fit` at this accum, in this process."""
+    outcome = cuda_peak(functools.partial(probe_fit, member, table, bs, accum, seed, epochs, precision))
+    log(STAGE, f"GPU processes after accum={accum}:\n{outcome.pop('gpu_processes')}")
+    return outcome
+
+
+def cuda_peak(fit: Callable[[], None]) -> dict:
+    """Peak CUDA memory of `fit`, from a freshly emptied cache, and the GPU's process list once it is freed again.
 
     `peak_gib` is the peak reserved by PyTorch's caching allocator (what the GPU must have, near what nvidia-smi
     shows less the CUDA context); `above_baseline_gib` is the peak allocated above what was allocated before. An
-    out-of-memory run is recorded as not fitting, and the next accum is tried.
+    out-of-memory run is recorded as not fitting (the caller tries the next accum).
     """
-    import torch
-
     free_cuda_memory()
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
     started = time.perf_counter()
     try:
-        probe_fit(member, table, bs, accum, seed, epochs, precision)
+        fit()
     except torch.cuda.OutOfMemoryError:
         outcome = {"peak_gib": None, "error": "CUDA out of memory"}
     else:
@@ -265,22 +269,16 @@ def measure_cuda(
             "above_baseline_gib": (allocated - baseline) / GIB,
         }
     outcome["seconds"] = round(time.perf_counter() - started, 2)
-    log(STAGE, f"GPU processes after accum={accum}:\n{free_cuda_memory()}")
+    outcome["gpu_processes"] = free_cuda_memory()
     return outcome
 
 
 def free_cuda_memory() -> str:
     """The seeds' report_gpu(): gc + empty_cache, so the GPU is clean without restarting; returns the process list."""
-    import torch
-
     processes = torch.cuda.list_gpu_processes()
     gc.collect()
     torch.cuda.empty_cache()
     return processes
-
-
-def measure_for(device) -> Measure:
-    return measure_cuda if device.type == "cuda" else measure_cpu
 
 
 # -- the gradient-accumulation check -----------------------------------------------------------------------------
@@ -569,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
         device = compute_device()
         started = time.perf_counter()
         # The probe measures in the precision train will use: fp16 and fp32 activations differ twofold.
-        measure = functools.partial(measure_for(device), precision=train.precision)
+        measure = functools.partial(measure_cuda if device.type == "cuda" else measure_cpu, precision=train.precision)
         result = probe_member(name, member, table, config, train.bs, seed, measure)
         check = member_grad_accum_check(member, seed)
         log(STAGE, f"{name}: gradient accumulation vs full batch: equivalent={check['equivalent']}, max |weight "

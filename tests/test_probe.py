@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from pipeline import probe
 from pipeline.params import ParamsError
-from pipeline.probe import ProbeConfig, ProbeError, check_fits, probe_member, smallest_class_table
+from pipeline.probe import GIB, ProbeConfig, ProbeError, check_fits, probe_member, smallest_class_table
 from pipeline.vision import MemberConfig, accum_to_use, choose_accum
 
 ROOT = Path(__file__).resolve().parents[1]
+MIB = 1024**2
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def tiny_member(**overrides) -> MemberConfig:
@@ -145,6 +151,36 @@ def test_empty_accums_are_a_params_error():
         probe.load_probe_config({"probe": {"accums": [], "budget_gib": 16}}, bs=32)
 
 
+# -- the decision train reads -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("explicit_accum", [None, 2])
+def test_a_reprobe_with_other_peaks_but_the_same_outcome_writes_the_same_decision_bytes(tmp_path, explicit_accum):
+    config = ProbeConfig(accums=[1, 2, 4], budget_gib=16)
+    member = tiny_member(accum=explicit_accum)
+    written = []
+    for run, peaks in enumerate(({1: 20.0, 2: 12.0, 4: 8.0}, {1: 19.0, 2: 11.5, 4: 7.9})):
+        result = probe_member("m", member, a_table(), config, bs=8, seed=0, measure=fake_measure(peaks))
+        result |= {"memory": "fake", "device": "cpu", "seconds": float(run)}
+        paths = [tmp_path / str(run) / name for name in ("m.json", "m.accum.json", "m.csv", "m.png")]
+        probe.write_outputs(result, *paths)
+        written.append([path.read_bytes() for path in paths])
+    (metrics, decided, *_), (metrics_again, decided_again, *_) = written
+    assert metrics != metrics_again
+    assert decided == decided_again
+    expected_source = "params" if explicit_accum else "probe"
+    assert json.loads(decided) == {"member": "m", "accum": 2, "accum_source": expected_source}
+
+
+def test_the_decision_of_a_probe_where_nothing_fits_has_no_accum_so_train_refuses_it():
+    config = ProbeConfig(accums=[1, 2], budget_gib=16)
+    result = probe_member("m", tiny_member(), a_table(), config, bs=8, seed=0, measure=fake_measure({1: 30.0, 2: 20.0}))
+    decided = probe.decision(result)
+    assert decided == {"member": "m", "accum": None, "accum_source": None}
+    with pytest.raises(ValueError, match="chose no accum"):
+        accum_to_use(tiny_member(), decided)
+
+
 # -- the data ------------------------------------------------------------------------------------------------------
 
 
@@ -170,83 +206,90 @@ def test_a_smallest_class_of_one_image_is_a_clear_error():
         smallest_class_table(a_table({"hispa": 1, "blast": 7}), bs=8, seed=0)
 
 
-# -- CUDA, with torch.cuda replaced (no GPU here) ------------------------------------------------------------------
+# -- CPU measurement: a fresh child process per run ----------------------------------------------------------------
 
 
-class FakeCuda:
-    """torch.cuda's memory API as the probe uses it: peaks set per run, calls recorded."""
-
-    def __init__(self, peaks: list[tuple[int, int] | None]):
-        self.peaks, self.calls, self.run = peaks, [], -1
-
-    def reset_peak_memory_stats(self):
-        self.run += 1
-
-    def memory_allocated(self):
-        return 0
-
-    def max_memory_allocated(self):
-        return self.peaks[self.run][0]
-
-    def max_memory_reserved(self):
-        return self.peaks[self.run][1]
-
-    def empty_cache(self):
-        self.calls.append("empty_cache")
-
-    def list_gpu_processes(self):
-        return "GPU:0\nprocess 123 uses 512.000 MB GPU memory"
+def hold_in_memory(n_bytes: int) -> None:
+    """A fit whose memory is known: n_bytes, every page touched."""
+    held = np.ones(n_bytes, dtype=np.uint8)
+    assert held.sum() == n_bytes
 
 
-def test_cuda_path_reports_reserved_as_peak_and_frees_memory_between_runs(monkeypatch):
-    import torch
-
-    gib = 1024**3
-    fake = FakeCuda([(3 * gib, 4 * gib), None])
-    monkeypatch.setattr(torch, "cuda", fake)
-
-    def fit(member, table, bs, accum, seed, epochs, precision="auto"):
-        if fake.peaks[fake.run] is None:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(torch.cuda, "OutOfMemoryError", torch.OutOfMemoryError, raising=False)
-    monkeypatch.setattr(probe, "probe_fit", fit)
-    first = probe.measure_cuda(tiny_member(), a_table(), 8, 1, 0, 1)
-    assert (first["peak_gib"], first["peak_allocated_gib"], first["above_baseline_gib"]) == (4.0, 3.0, 3.0)
-    out_of_memory = probe.measure_cuda(tiny_member(), a_table(), 8, 2, 0, 1)
-    assert out_of_memory["peak_gib"] is None and "out of memory" in out_of_memory["error"]
-    assert fake.calls.count("empty_cache") == 4  # before and after each run
+def killed_by_the_kernel() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_measure_for_picks_the_cuda_path_on_a_gpu():
-    import torch
+def test_cpu_peak_is_each_runs_own_measured_in_a_fresh_process():
+    large = probe.peak_rss_in_child(functools.partial(hold_in_memory, 256 * MIB), "large")
+    small = probe.peak_rss_in_child(functools.partial(hold_in_memory, 16 * MIB), "small")
+    assert 256 * MIB <= large["above_baseline_gib"] * GIB < 320 * MIB
+    # A process's peak never falls: measured in one process, the small run would report the large run's peak.
+    assert (large["peak_gib"] - small["peak_gib"]) * GIB > 192 * MIB
 
-    assert probe.measure_for(torch.device("cuda")) is probe.measure_cuda
-    assert probe.measure_for(torch.device("cpu")) is probe.measure_cpu
+
+def test_a_run_killed_by_the_kernel_counts_as_not_fitting():
+    outcome = probe.peak_rss_in_child(killed_by_the_kernel, "accum=1")
+    assert outcome["peak_gib"] is None and "killed" in outcome["error"]
+
+
+# -- CUDA measurement: real allocations on a real GPU (skipped without one) ----------------------------------------
+
+
+def hold_on_gpu(n_bytes: int, then_ask_for: int = 0) -> None:
+    """A fit whose CUDA memory is known: holds n_bytes, then (if asked) requests a block that cannot exist."""
+    held = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    if then_ask_for:
+        torch.empty(then_ask_for, dtype=torch.uint8, device="cuda")
+    del held
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_peak_is_torch_cudas_for_a_known_allocation_and_the_cache_is_emptied_between_runs():
+    torch.cuda.empty_cache()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    large = probe.cuda_peak(functools.partial(hold_on_gpu, 512 * MIB))
+    small = probe.cuda_peak(functools.partial(hold_on_gpu, 64 * MIB))
+    assert large["above_baseline_gib"] * GIB == pytest.approx(512 * MIB, abs=2 * MIB)
+    assert small["above_baseline_gib"] * GIB == pytest.approx(64 * MIB, abs=2 * MIB)
+    assert large["peak_gib"] == large["peak_reserved_gib"] >= large["peak_allocated_gib"]
+    # Reserved memory stays cached after a run unless emptied: then the small run's peak would be the large one's.
+    assert 64 * MIB <= small["peak_gib"] * GIB - reserved < 512 * MIB
+    assert (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) == (allocated, reserved)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_out_of_memory_counts_as_not_fitting_and_what_the_run_held_is_freed():
+    torch.cuda.empty_cache()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    impossible = 2 * torch.cuda.get_device_properties(0).total_memory
+    outcome = probe.cuda_peak(functools.partial(hold_on_gpu, 256 * MIB, then_ask_for=impossible))
+    assert outcome["peak_gib"] is None and "out of memory" in outcome["error"]
+    assert (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) == (allocated, reserved)
 
 
 # -- end to end on tiny data ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_probe_stage_on_tiny_data_writes_metrics_decision_and_plot(tiny_paddy, tmp_path, monkeypatch):
+def run_probe_stage(tiny_paddy, workspace: Path, monkeypatch) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["probe"] = {"accums": [1, 2], "budget_gib": 16, "epochs": 1}
     params["train"]["bs"] = 8
     params["train"]["members"] = {"tiny": {"arch": "convnext_atto", "resize": 40, "size": 32, "epochs": 1,
                                            "schedule": "fit_one_cycle", "accum": None}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    shutil.copytree(tiny_paddy, tmp_path / "data" / "paddy")
-    monkeypatch.chdir(tmp_path)
-
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(tiny_paddy, workspace / "data" / "paddy")
+    monkeypatch.chdir(workspace)
     probe.main(["tiny"])
+    return params
 
+
+def check_stage_outputs(params: dict) -> dict:
     result = json.loads(Path("metrics/probe/tiny.json").read_text())
-    assert result["profile"] == params["profile"] and result["device"] == "cpu"
+    assert result["profile"] == params["profile"]
     assert result["smallest_class"] == {"label": "bacterial_panicle_blight", "count": 4}  # the tiny data's
     assert set(result["peaks"]) == {"1", "2"}
-    for run in result["peaks"].values():
-        assert run["peak_gib"] > run["above_baseline_gib"] > 0
     assert (result["chosen_accum"], result["accum"], result["accum_source"]) == (1, 1, "probe")
     assert result["grad_accum_check"]["has_batchnorm"] is True
     assert json.loads(Path("metrics/probe/tiny.accum.json").read_text()) == {
@@ -255,6 +298,26 @@ def test_probe_stage_on_tiny_data_writes_metrics_decision_and_plot(tiny_paddy, t
     assert list(plot.columns) == ["member", "accum", "peak_gib", "above_baseline_gib", "budget_gib"]
     assert plot["accum"].tolist() == [1, 2] and (plot["budget_gib"] == 16).all()
     assert Path("plots/probe/tiny.png").read_bytes().startswith(b"\x89PNG")
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; a GPU machine runs the CUDA one")
+def test_probe_stage_on_tiny_data_on_cpu_writes_metrics_decision_and_plot(tiny_paddy, tmp_path, monkeypatch):
+    result = check_stage_outputs(run_probe_stage(tiny_paddy, tmp_path, monkeypatch))
+    assert (result["device"], result["memory"]) == ("cpu", "peak RSS of a fresh child process")
+    for run in result["peaks"].values():
+        assert run["peak_gib"] > run["above_baseline_gib"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+@needs_cuda
+def test_probe_stage_on_a_gpu_measures_with_torch_cuda(tiny_paddy, tmp_path, monkeypatch):
+    result = check_stage_outputs(run_probe_stage(tiny_paddy, tmp_path, monkeypatch))
+    assert result["device"].startswith("cuda (") and result["memory"] == "torch.cuda peak reserved"
+    for run in result["peaks"].values():
+        assert run["peak_reserved_gib"] >= run["peak_allocated_gib"] > run["baseline_gib"]
 
 
 def run_in(repo: Path, *command: str) -> str:
