@@ -37,7 +37,7 @@ VARIETIES = (
     "Surya",
     "Zonal",
 )
-SMALLEST_CLASS = "bacterial_panicle_blight"  # 337 images in the real training set
+SMALLEST_CLASS = "bacterial_panicle_blight"  # 337 images in the real training set (synthetic data copies this)
 TRAIN_COLUMNS = ("image_id", "label", "variety", "age")
 SUBMISSION_COLUMNS = ("image_id", "label")
 
@@ -108,3 +108,13 @@ def validation_rows(data_dir: Path, validation: ValidationConfig) -> pd.DataFram
     if validation.full:
         return table.iloc[:0].reset_index(drop=True)
     return table[validation_mask(table["label"], validation.valid_pct, validation.seed)].reset_index(drop=True)
+
+
+def smallest_class(labels: pd.Series) -> tuple[str, int]:
+    """The label with the fewest rows and its count; a tie goes to the first in alphabetical (CLASSES) order.
+
+    Computed from the data actually loaded: a local copy or a cleaned table may differ from the real competition's.
+    """
+    counts = labels.value_counts()
+    label = min(counts.index, key=lambda name: (counts[name], name))
+    return str(label), int(counts[label])

@@ -29,6 +29,7 @@ from pipeline.paddy import (
     TRAIN_COLUMNS,
     VARIETIES,
     sample_submission_csv,
+    smallest_class,
     source_json,
     test_image_dir,
     train_csv,
@@ -169,11 +170,11 @@ def _verify_and_record(staging: Path, origin: dict, skip_bad_images: bool, where
     train = pd.read_csv(train_csv(staging), dtype={"image_id": str, "label": str})
     n_test = len(pd.read_csv(sample_submission_csv(staging)))
     per_class = {label: int((train["label"] == label).sum()) for label in CLASSES}
-    smallest = min(per_class, key=per_class.get)
+    smallest, smallest_count = smallest_class(train["label"])
     record = {
         **origin,
         "counts": {"train": len(train), "test": n_test, "per_class": per_class},
-        "smallest_class": {"label": smallest, "count": per_class[smallest]},
+        "smallest_class": {"label": smallest, "count": smallest_count},
         "checksums": {
             "train.csv": file_sha256(train_csv(staging)),
             "sample_submission.csv": file_sha256(sample_submission_csv(staging)),

@@ -33,7 +33,6 @@ MODELS_DIR = Path("models")
 CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"  # not a DVC output: DVC would delete it before the rerun that needs it
 PREDS_DIR = Path("preds")
 METRICS_DIR = Path("metrics/train")
-PROBE_DIR = Path("metrics/probe")
 LIVE_DIR = Path("dvclive/train")
 TOP_LOSSES = 9
 MOST_CONFUSED = 10
@@ -458,7 +457,7 @@ def run_stage(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path("."
     from pipeline.common import compute_device, seed_everything
 
     root = Path(root)
-    accum, accum_source = member_accum(cfg.member, root / PROBE_DIR / f"{cfg.name}.json")
+    accum, accum_source = member_accum(cfg.member, root / vision.probe_decision_path(cfg.name))
     table = split_table(data_dir, cfg.validation)
     checkpoints = Checkpoints(root / CHECKPOINTS_DIR / cfg.name, run_fingerprint(cfg, table))
     state = checkpoints.state()

@@ -286,17 +286,30 @@ def choose_accum(peaks: Mapping[int, float | None], budget_gib: float) -> int | 
     return min(fitting, default=None)
 
 
-def accum_to_use(member: MemberConfig, probe_result: Mapping[str, Any]) -> tuple[int, str]:
+def probe_decision_path(member_name: str) -> Path:
+    """The probe's decision for a member, the only probe output train reads (and depends on in dvc.yaml).
+
+    {"member": name, "accum": int or null, "accum_source": "probe" | "params" | null}: nothing measured, so a re-probe
+    with the same outcome leaves it byte-identical and DVC retrains nothing.
+    """
+    return Path("metrics/probe") / f"{member_name}.accum.json"
+
+
+def accum_to_use(member: MemberConfig, decision: Mapping[str, Any]) -> tuple[int, str]:
     """The accum a member trains with and where it comes from: its explicit `accum` in params, else the probe's.
 
-    `probe_result` is the member's metrics/probe/<member>.json as a dict.
+    `decision` is the member's probe decision (probe_decision_path) as a dict.
     """
     if member.accum is not None:
         return member.accum, "params"
-    chosen = probe_result.get("chosen_accum")
-    if chosen is None:
+    if decision.get("accum") is None:
         raise ValueError(
-            f"the probe of member {probe_result.get('member')!r} chose no accum (none fitted its budget); "
+            f"the probe of member {decision.get('member')!r} chose no accum (none fitted its budget); "
             "set the member's accum in params.yaml or rerun the probe"
         )
-    return int(chosen), "probe"
+    if decision.get("accum_source") != "probe":
+        raise ValueError(
+            f"the probe of member {decision.get('member')!r} used the member's accum from params, which is now unset; "
+            "rerun the probe"
+        )
+    return int(decision["accum"]), "probe"
