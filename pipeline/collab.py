@@ -15,11 +15,28 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import Any, Mapping
+
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
+from dvclive import Live
+from dvclive.fastai import DVCLiveCallback
+from fastai.collab import TabularCollab
+from fastai.data.block import TransformBlock
+from fastai.data.transforms import RandomSplitter
+from fastai.layers import Embedding, Module, sigmoid_range
+from fastai.learner import Learner
+from fastai.losses import MSELossFlat
+from fastai.metrics import rmse
+from fastai.tabular.core import Categorify
+from matplotlib.figure import Figure
+from sklearn.decomposition import PCA
+from sklearn.model_selection import KFold
 
 from pipeline.common import atomic_path, log, quiet_progress, seed_everything, write_json
-from pipeline.params import ParamsError, load_section, profile_of, read_params
+from pipeline.params import ParamsError, load_section, read_params
 
 STAGE = "collab"
 DATA_DIR = Path("data/movielens")
@@ -59,34 +76,27 @@ class CollabConfig:
                 raise ValueError(f"{name} is {getattr(self, name)}; use a positive integer")
 
 
-def _dot_product_bias_class():
-    # Built lazily so that importing this module (e.g. for CollabConfig) does not import fastai.
-    from fastai.layers import Embedding, Module, sigmoid_range
-
-    class DotProductBias(Module):
-        """The seeds' model: sigmoid_range(user·movie + user_bias + movie_bias) into y_range."""
-
-        def __init__(self, n_users, n_movies, n_factors, y_range=(0, 5.5)):
-            self.user_factors = Embedding(n_users, n_factors)
-            self.user_bias = Embedding(n_users, 1)
-            self.movie_factors = Embedding(n_movies, n_factors)
-            self.movie_bias = Embedding(n_movies, 1)
-            self.y_range = y_range
-
-        def forward(self, x):
-            users = self.user_factors(x[:, 0])
-            movies = self.movie_factors(x[:, 1])
-            res = (users * movies).sum(dim=1, keepdim=True)
-            res += self.user_bias(x[:, 0]) + self.movie_bias(x[:, 1])
-            return sigmoid_range(res, *self.y_range)
-
-    return DotProductBias
+def load_config(params: Mapping[str, Any]) -> CollabConfig:
+    """Everything this stage reads from params.yaml: the `collab` section."""
+    return load_section(CollabConfig, params, "collab")
 
 
-def __getattr__(name: str):
-    if name == "DotProductBias":
-        return _dot_product_bias_class()
-    raise AttributeError(name)
+class DotProductBias(Module):
+    """The seeds' model: sigmoid_range(user·movie + user_bias + movie_bias) into y_range."""
+
+    def __init__(self, n_users, n_movies, n_factors, y_range=(0, 5.5)):
+        self.user_factors = Embedding(n_users, n_factors)
+        self.user_bias = Embedding(n_users, 1)
+        self.movie_factors = Embedding(n_movies, n_factors)
+        self.movie_bias = Embedding(n_movies, 1)
+        self.y_range = y_range
+
+    def forward(self, x):
+        users = self.user_factors(x[:, 0])
+        movies = self.movie_factors(x[:, 1])
+        res = (users * movies).sum(dim=1, keepdim=True)
+        res += self.user_bias(x[:, 0]) + self.movie_bias(x[:, 1])
+        return sigmoid_range(res, *self.y_range)
 
 
 # ---------------------------------------------------------------- data
@@ -109,24 +119,16 @@ def read_movielens(data_dir: Path = DATA_DIR) -> tuple[pd.DataFrame, pd.DataFram
 
 def random_split(n_rows: int, valid_pct: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """fastai's RandomSplitter: the same seeded split CollabDataLoaders.from_df(valid_pct, seed) makes."""
-    from fastai.data.transforms import RandomSplitter
-
     train, valid = RandomSplitter(valid_pct=valid_pct, seed=seed)(range(n_rows))
     return np.asarray(train), np.asarray(valid)
 
 
 def kfold_splits(n_rows: int, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from sklearn.model_selection import KFold
-
     return list(KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.arange(n_rows)))
 
 
 def collab_dataloaders(ratings: pd.DataFrame, splits, bs: int, seed: int):
     """fastai's collab DataLoaders (Categorify on user and movie, fitted on the training rows only) for `splits`."""
-    from fastai.collab import TabularCollab
-    from fastai.data.block import TransformBlock
-    from fastai.tabular.core import Categorify
-
     seed_everything(seed)
     tabular = TabularCollab(
         ratings[["user", "movie", "rating"]], [Categorify], ["user", "movie"], y_names=["rating"],
@@ -140,11 +142,7 @@ def collab_dataloaders(ratings: pd.DataFrame, splits, bs: int, seed: int):
 
 def make_learner(dls, config: CollabConfig, cbs=()):
     """Learner around our DotProductBias, MSE loss, RMSE per epoch."""
-    from fastai.learner import Learner
-    from fastai.losses import MSELossFlat
-    from fastai.metrics import rmse
-
-    model = _dot_product_bias_class()(
+    model = DotProductBias(
         len(dls.classes["user"]), len(dls.classes["movie"]), config.n_factors, tuple(config.y_range)
     )
     learn = Learner(dls, model, loss_func=MSELossFlat(), metrics=rmse, cbs=list(cbs))
@@ -168,14 +166,10 @@ def validation_errors(learn) -> dict:
 
 def set_threads(threads: int | None) -> None:
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
 
 
 def torch_threads() -> int:
-    import torch
-
     return torch.get_num_threads()
 
 
@@ -226,8 +220,6 @@ def trained_collab(learn) -> TrainedCollab:
 
 
 def save_model(trained: TrainedCollab, path: Path = MODEL_FILE) -> None:
-    import torch
-
     payload = {name: (torch.from_numpy(value) if isinstance(value, np.ndarray) else list(value))
                for name, value in asdict(trained).items()}
     with atomic_path(path) as tmp:
@@ -235,8 +227,6 @@ def save_model(trained: TrainedCollab, path: Path = MODEL_FILE) -> None:
 
 
 def load_model(path: Path = MODEL_FILE) -> TrainedCollab:
-    import torch
-
     if not path.is_file():
         raise CollabError(f"{path}: not found; train it with `python -m pipeline.collab`")
     payload = torch.load(path, weights_only=True)
@@ -324,16 +314,12 @@ def query_titles(table: pd.DataFrame, count: int = 3) -> list[str]:
 def plot_pca_map(trained: TrainedCollab, table: pd.DataFrame, path: Path, n_fit: int = 1000, n_shown: int = 50) -> None:
     """Movie factors of the `n_fit` most-rated movies projected on their first two principal components (as fastbook),
     with the `n_shown` most-rated labelled by title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.decomposition import PCA
-
     popular = table.sort_values("n_ratings", ascending=False).head(n_fit)
     coords = PCA(n_components=2, random_state=0).fit_transform(trained.movie_factors[popular.index])
     shown = slice(0, min(n_shown, len(popular)))
-    figure, axes = plt.subplots(figsize=(12, 12))
+    # A bare Figure, not pyplot's: it draws without a display and without choosing a GUI backend.
+    figure = Figure(figsize=(12, 12))
+    axes = figure.subplots()
     axes.scatter(coords[shown, 0], coords[shown, 1], s=8)
     for (x, y), title in zip(coords[shown], popular["title"].iloc[shown]):
         axes.text(x, y, title, fontsize=8)
@@ -341,15 +327,10 @@ def plot_pca_map(trained: TrainedCollab, table: pd.DataFrame, path: Path, n_fit:
              xlabel="PC 1", ylabel="PC 2")
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
 
 
 def plot_training_curves(learn, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt.switch_backend("Agg")  # fastai's plot_loss draws with pyplot: files only, never a window
     learn.recorder.plot_loss()
     with atomic_path(path) as tmp:
         plt.gcf().savefig(tmp, format="png", dpi=100, bbox_inches="tight")
@@ -368,15 +349,10 @@ def write_reports(learn, trained: TrainedCollab, ratings, movies, min_ratings: i
 
 def main() -> None:
     try:
-        params = read_params()
-        profile = profile_of(params)
-        config = load_section(CollabConfig, params, "collab")
+        config = load_config(read_params())
         ratings, movies = read_movielens()
     except (ParamsError, CollabError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None
-    from dvclive import Live
-    from dvclive.fastai import DVCLiveCallback
-
     set_threads(config.threads)
     log(STAGE, f"{len(ratings)} ratings; DotProductBias n_factors={config.n_factors}, bs={config.bs}, "
         f"fit_one_cycle({config.epochs}, {config.lr}, wd={config.wd})")
@@ -387,7 +363,7 @@ def main() -> None:
     save_model(trained)
     write_reports(learn, trained, ratings, movies, config.report_min_ratings)
     write_json(METRICS_FILE, {
-        "profile": profile, **errors,
+        **errors,
         "n_ratings": len(ratings), "n_users": int(ratings["user"].nunique()), "n_movies": int(ratings["movie"].nunique()),
         "n_train": len(splits[0]), "n_valid": len(splits[1]), "threads": torch_threads(), "params": asdict(config),
     })

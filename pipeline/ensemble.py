@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import minimize
 
 from pipeline.common import atomic_path, log, write_json
 from pipeline.params import ParamsError, load_section, profile_of, read_params
@@ -48,6 +49,21 @@ class EnsembleConfig:
         negative = [name for name, weight in self.weights.items() if not weight >= 0]
         if negative:
             raise ValueError(f"weight of '{negative[0]}' is {self.weights[negative[0]]}; weights must be >= 0")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Everything this stage reads from params.yaml."""
+
+    profile: str  # recorded in the metrics
+    weights: dict[str, float]  # every member's weight, in the order of train.members
+    fit_weights: bool
+
+
+def load_config(params: Mapping) -> StageConfig:
+    config = load_section(EnsembleConfig, params, "ensemble")
+    weights = resolve_weights(member_names(params), config.weights)
+    return StageConfig(profile=profile_of(params), weights=weights, fit_weights=config.fit_weights)
 
 
 class MemberPredsError(ValueError):
@@ -201,8 +217,6 @@ def fit_weights(valid_probs: Sequence[np.ndarray], labels: Sequence[str], vocab:
     They are fitted on the very set the accuracies are measured on, so the ensemble's validation accuracy is then
     optimistic; metrics say so (`weights_fitted_on: valid`).
     """
-    from scipy.optimize import minimize
-
     if len(labels) == 0:
         raise ParamsError(
             "params.yaml: key 'ensemble.fit_weights' needs a validation set, but validation.full is true; "
@@ -304,13 +318,11 @@ def run(
     metrics_file: Path = METRICS_FILE,
 ) -> dict:
     """The whole stage on `params` (params.yaml as a dict); returns the metrics it wrote."""
-    profile = profile_of(params)
-    config = load_section(EnsembleConfig, params, "ensemble")
-    names = member_names(params)
-    weights = resolve_weights(names, config.weights)
+    config = load_config(params)
     sample = read_sample_submission(sample_file or sample_submission_csv())
-    members = align_members([read_member_preds(preds_dir, name) for name in names], sample["image_id"], preds_dir)
-    result = ensemble(members, sample, weights, config.fit_weights, profile, submissions_dir)
+    predictions = [read_member_preds(preds_dir, name) for name in config.weights]
+    members = align_members(predictions, sample["image_id"], preds_dir)
+    result = ensemble(members, sample, config.weights, config.fit_weights, config.profile, submissions_dir)
     write_outputs(result, submissions_dir, metrics_file)
     return result.metrics
 
