@@ -47,6 +47,11 @@ def test_a_section_no_stage_reads_is_named(demo):
         check.check_params(edited(demo, lambda p: p.update(colab={"epochs": 5})))
 
 
+def test_a_bad_member_default_is_named_where_it_is_written(demo):
+    with pytest.raises(ParamsError, match=r"key 'train.member_defaults.lr' is 'fast'; expected float or one of 'find'"):
+        check.check_params(edited(demo, lambda p: p["train"]["member_defaults"].update(lr="fast")))
+
+
 # -- issue 11, cases 9 and 11: missing sections and values the run would trip over, named up front ------------------
 
 
@@ -59,6 +64,12 @@ def test_a_member_accum_larger_than_bs_is_named(demo):
     bad = edited(demo, lambda p: p["train"]["members"]["convnext_squish"].update(accum=64))
     with pytest.raises(ParamsError, match=r"^params.yaml: key 'train.members.convnext_squish.accum' is 64, more than "
                                           r"train.bs 32; use an accum <= bs"):
+        check.check_params(bad)
+
+
+def test_a_default_accum_larger_than_bs_is_named_where_it_is_written(demo):
+    bad = edited(demo, lambda p: p["train"]["member_defaults"].update(accum=33))
+    with pytest.raises(ParamsError, match=r"key 'train.member_defaults.accum' is 33, more than train.bs 32"):
         check.check_params(bad)
 
 
