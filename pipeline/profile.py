@@ -114,7 +114,7 @@ def _position_after(mapping: CommentedMap, previous: Any) -> int:
 
 def _copy_comment(source: CommentedMap, target: CommentedMap, key: Any) -> None:
     comment = source.ca.items.get(key)
-    if comment is not None and comment[2] is not None and comment[2].value.strip():
+    if comment is not None and getattr(comment[2], "value", "").strip():
         target.ca.items[key] = comment
 
 
@@ -137,7 +137,7 @@ def _load_file(path: Path) -> CommentedMap:
 
 def _leading_comments(path: Path) -> str:
     lines = path.read_text().splitlines(keepends=True)
-    return "".join(line for line in lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))])
+    return "".join(lines[: next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))])
 
 
 def _dump(document: CommentedMap) -> str:
@@ -149,14 +149,15 @@ def _dump(document: CommentedMap) -> str:
 def _tidy(text: str) -> str:
     """One blank line before each top-level section and none elsewhere, whichever file a line came from."""
     lines = [line for line in text.splitlines() if line.strip()]
+    header = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
     tidy: list[str] = []
     for line in lines:
-        if SECTION_LINE.match(line) and len(tidy) > 1:
-            # Keep a comment written right above a section with the section.
+        if SECTION_LINE.match(line):
             start = len(tidy)
-            while start > 0 and tidy[start - 1].startswith("#") and tidy[:start] != lines[:start]:
-                start -= 1
-            tidy.insert(start, "")
+            while start > header and tidy[start - 1].startswith("#"):
+                start -= 1  # a comment written right above a section stays with it
+            if start > header:
+                tidy.insert(start, "")
         tidy.append(line)
     return "\n".join(tidy) + "\n"
 
