@@ -39,7 +39,8 @@ help:
 	@echo "make bench     benchmarks: training throughput, collab vs collab_learner, demo DAG wall time"
 	@echo "make submit    upload submissions/submission.csv to Kaggle (refuses synthetic or stale outputs)"
 	@echo "               make submit ARGS=--force re-uploads a file that was submitted before"
-	@echo "make profile PROFILE=competition|demo   switch params.yaml to a profile"
+	@echo "make profile PROFILE=competition|demo   switch params.yaml to a profile, carrying your edits over"
+	@echo "               make profile PROFILE=... ARGS=--force lets the profile win where your edits collide"
 	@echo "make lock      re-resolve pyproject.toml's dependencies into $(LOCK) (after changing them)"
 	@echo "make clean     remove caches of Python and pytest (never data, models, preds or submissions)"
 	@echo "Every target runs in .venv; add PYTHON=/path/to/python to use that interpreter instead."
@@ -108,7 +109,7 @@ submit:
 
 profile:
 	@echo ">> switching params.yaml to the $(PROFILE) profile"
-	$(PYTHON) -m pipeline.profile $(PROFILE)
+	$(PYTHON) -m pipeline.profile $(PROFILE) $(ARGS)
 
 clean:
 	@echo ">> removing Python and pytest caches (data, models, preds and submissions are kept)"

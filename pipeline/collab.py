@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import Any, Mapping
+
 import numpy as np
 import pandas as pd
 import torch
@@ -33,7 +35,7 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import KFold
 
 from pipeline.common import atomic_path, log, quiet_progress, seed_everything, write_json
-from pipeline.params import ParamsError, load_section, profile_of, read_params
+from pipeline.params import ParamsError, load_section, read_params
 
 STAGE = "collab"
 DATA_DIR = Path("data/movielens")
@@ -71,6 +73,11 @@ class CollabConfig:
         for name in ("n_factors", "epochs", "bs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} is {getattr(self, name)}; use a positive integer")
+
+
+def load_config(params: Mapping[str, Any]) -> CollabConfig:
+    """Everything this stage reads from params.yaml: the `collab` section."""
+    return load_section(CollabConfig, params, "collab")
 
 
 class DotProductBias(Module):
@@ -311,6 +318,7 @@ def plot_pca_map(trained: TrainedCollab, table: pd.DataFrame, path: Path, n_fit:
     popular = table.sort_values("n_ratings", ascending=False).head(n_fit)
     coords = PCA(n_components=2, random_state=0).fit_transform(trained.movie_factors[popular.index])
     shown = slice(0, min(n_shown, len(popular)))
+    # A bare Figure, not pyplot's: it draws without a display and without choosing a GUI backend.
     figure = Figure(figsize=(12, 12))
     axes = figure.subplots()
     axes.scatter(coords[shown, 0], coords[shown, 1], s=8)
@@ -341,9 +349,7 @@ def write_reports(learn, trained: TrainedCollab, ratings, movies, min_ratings: i
 
 def main() -> None:
     try:
-        params = read_params()
-        profile = profile_of(params)
-        config = load_section(CollabConfig, params, "collab")
+        config = load_config(read_params())
         ratings, movies = read_movielens()
     except (ParamsError, CollabError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None
@@ -357,7 +363,7 @@ def main() -> None:
     save_model(trained)
     write_reports(learn, trained, ratings, movies, config.report_min_ratings)
     write_json(METRICS_FILE, {
-        "profile": profile, **errors,
+        **errors,
         "n_ratings": len(ratings), "n_users": int(ratings["user"].nunique()), "n_movies": int(ratings["movie"].nunique()),
         "n_train": len(splits[0]), "n_valid": len(splits[1]), "threads": torch_threads(), "params": asdict(config),
     })

@@ -52,6 +52,30 @@ class EnsembleConfig:
             raise ValueError(f"weight of '{negative[0]}' is {self.weights[negative[0]]}; weights must be >= 0")
 
 
+@dataclass(frozen=True)
+class StageConfig:
+    """Everything this stage reads from params.yaml."""
+
+    profile: str  # recorded in the metrics
+    weights: dict[str, float]  # every member's weight, in the order of train.members
+    fit_weights: bool
+    validation: ValidationConfig  # the shared split each member's validation predictions are checked against
+
+
+def load_config(params: Mapping) -> StageConfig:
+    config = load_section(EnsembleConfig, params, "ensemble")
+    validation = load_section(ValidationConfig, params, "validation")
+    if config.fit_weights and validation.full:
+        raise ParamsError(
+            "params.yaml: key 'ensemble.fit_weights' needs a validation set, but validation.full is true; "
+            "set one of them to false"
+        )
+    weights = resolve_weights(member_names(params), config.weights)
+    return StageConfig(
+        profile=profile_of(params), weights=weights, fit_weights=config.fit_weights, validation=validation
+    )
+
+
 class MemberPredsError(ValueError):
     """A member's predictions, or the truth they are checked against, are missing or wrong: one line naming the
     file that is wrong and the fix."""
@@ -322,21 +346,17 @@ def run(
     metrics_file: Path = METRICS_FILE,
 ) -> dict:
     """The whole stage on `params` (params.yaml as a dict); returns the metrics it wrote."""
-    profile = profile_of(params)
-    config = load_section(EnsembleConfig, params, "ensemble")
-    validation = load_section(ValidationConfig, params, "validation")
-    names = member_names(params)
-    weights = resolve_weights(names, config.weights)
+    config = load_config(params)
     sample = read_sample_submission(sample_submission_csv(data_dir))
     train_file = train_csv(data_dir)
     if not train_file.is_file():
         raise MemberPredsError(f"{train_file}: not found; run `dvc repro paddy_data` to fetch or generate the data")
-    truth = validation_rows(data_dir, validation)
+    truth = validation_rows(data_dir, config.validation)
     members = [
         align_member(read_member_preds(preds_dir, name), sample["image_id"], truth, preds_dir, train_file)
-        for name in names
+        for name in config.weights
     ]
-    result = ensemble(members, sample, weights, config.fit_weights, profile, submissions_dir)
+    result = ensemble(members, sample, config.weights, config.fit_weights, config.profile, submissions_dir)
     write_outputs(result, submissions_dir, metrics_file)
     return result.metrics
 

@@ -22,11 +22,12 @@ import urllib.request
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import pandas as pd
 
 from pipeline.common import atomic_path, banner, file_sha256, log, write_json
-from pipeline.params import ParamsError, load_section, profile_of, read_params
+from pipeline.params import ParamsError, load_section, read_params
 
 STAGE = "movielens_data"
 DATA_DIR = Path("data/movielens")
@@ -63,6 +64,11 @@ class MovielensConfig:
     def __post_init__(self):
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s is {self.timeout_s}; use a positive number of seconds")
+
+
+def load_config(params: Mapping[str, Any]) -> MovielensConfig:
+    """Everything this stage reads from params.yaml: the `movielens` section."""
+    return load_section(MovielensConfig, params, "movielens")
 
 
 @dataclass(frozen=True)
@@ -319,16 +325,14 @@ def write_dataset(data: MovieLens, target: Path = DATA_DIR) -> dict:
 
 def main() -> None:
     try:
-        params = read_params()
-        profile = profile_of(params)
-        config = load_section(MovielensConfig, params, "movielens")
+        config = load_config(read_params())
         data = load(config)
         source = write_dataset(data)
     except (ParamsError, MovielensDataError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None
     banner(STAGE, f"MovieLens source: {data.source} ({source['n_ratings']} ratings, {source['n_users']} users, "
            f"{source['n_movies']} movies)")
-    write_json(METRICS_FILE, {"profile": profile, **source, "rating_mean": float(data.ratings["rating"].mean()),
+    write_json(METRICS_FILE, {**source, "rating_mean": float(data.ratings["rating"].mean()),
                               "params": asdict(config)})
     log(STAGE, f"wrote {DATA_DIR}/ and {METRICS_FILE}")
 

@@ -16,6 +16,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
+from typing import Any, Mapping
 
 import pandas as pd
 from PIL import Image
@@ -73,6 +74,19 @@ class DataConfig:
             raise ValueError("source is empty; use kaggle, synthetic or the path of the competition zip or folder")
 
 
+@dataclass(frozen=True)
+class StageConfig:
+    """Everything this stage reads from params.yaml."""
+
+    profile: str  # recorded in the metrics
+    seed: int  # of the synthetic data
+    data: DataConfig
+
+
+def load_config(params: Mapping[str, Any]) -> StageConfig:
+    return StageConfig(profile=profile_of(params), seed=seed_of(params), data=load_section(DataConfig, params, "data"))
+
+
 class DataError(ValueError):
     """Bad or unavailable input data: the message is one line naming the file and the fix."""
 
@@ -97,12 +111,9 @@ class BadFile:
 
 def main() -> None:
     try:
-        params = read_params()
-        profile = profile_of(params)
-        seed = seed_of(params)
-        config = load_section(DataConfig, params, "data")
-        record = prepare_data(config, seed, DATA_DIR, DOWNLOADS_DIR)
-        write_json(METRICS_FILE, data_metrics(record, profile))
+        config = load_config(read_params())
+        record = prepare_data(config.data, config.seed, DATA_DIR, DOWNLOADS_DIR)
+        write_json(METRICS_FILE, data_metrics(record, config.profile))
     except (ParamsError, DataError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None
     counts = record["counts"]

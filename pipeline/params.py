@@ -18,6 +18,8 @@ import yaml
 
 PARAMS_FILE = Path("params.yaml")
 PROFILES = ("demo", "competition")
+# Where every key of a complete params.yaml can be seen, for errors about a missing one.
+SHOW_PROFILE = "`python -m pipeline.profile demo --print` shows a complete params.yaml"
 
 C = TypeVar("C")
 
@@ -26,11 +28,22 @@ class ParamsError(ValueError):
     """A bad params.yaml: the message is one line naming the file, the key and the fix."""
 
 
+class FieldError(ValueError):
+    """A config's `__post_init__` rejects one field's value; `from_mapping` names its dotted key.
+
+    `problem` reads after the key, e.g. FieldError("valid_pct", "is 1.5; use a fraction between 0 and 1").
+    """
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
 def read_params(path: Path | str = PARAMS_FILE) -> dict:
     """The whole params file as a dict; a missing or malformed file is a ParamsError."""
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(f"{path}: not found; run from the project root or copy pipeline/profiles/demo.yaml there")
+        raise ParamsError(f"{path}: not found; run from the project root, or write it with `make profile PROFILE=demo`")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -38,7 +51,7 @@ def read_params(path: Path | str = PARAMS_FILE) -> dict:
         where = f" line {mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections at the top level; see pipeline/profiles/demo.yaml")
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level; {SHOW_PROFILE}")
     return raw
 
 
@@ -58,36 +71,49 @@ def seed_of(params: Mapping[str, Any], path: Path | str = PARAMS_FILE) -> int:
     return seed
 
 
+def section_of(params: Mapping[str, Any], section: str, path: Path | str = PARAMS_FILE) -> Any:
+    """`params[section]`; a missing section is an error (no section has defaults: the README documents each)."""
+    if section not in params:
+        raise ParamsError(f"{path}: missing section '{section}'; add it back ({SHOW_PROFILE})")
+    return params[section]
+
+
 def load_section(cls: type[C], params: Mapping[str, Any], section: str, path: Path | str = PARAMS_FILE) -> C:
     """Build dataclass `cls` from `params[section]`, validating every key and value."""
-    if section not in params:
-        raise ParamsError(f"{path}: missing section '{section}'; copy it from pipeline/profiles/demo.yaml")
-    return from_mapping(cls, params[section], section, path)
+    return from_mapping(cls, section_of(params, section, path), section, path)
 
 
 def from_mapping(cls: type[C], raw: Any, key: str, path: Path | str = PARAMS_FILE) -> C:
     """Build dataclass `cls` from mapping `raw` found at dotted `key` of `path`."""
+    values = known_values(cls, raw, key, path)
+    for field in dataclasses.fields(cls):
+        no_default = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if field.init and no_default and field.name not in values:
+            raise ParamsError(f"{path}: missing key '{key}.{field.name}'; add it ({SHOW_PROFILE})")
+    try:
+        return cls(**values)
+    except FieldError as err:
+        raise ParamsError(f"{path}: key '{key}.{err.field}' {err.problem}") from None
+    except (ValueError, TypeError) as err:
+        # __post_init__ checks raise plain ValueErrors; give them the file and section they are about.
+        raise ParamsError(f"{path}: key '{key}': {err}") from None
+
+
+def known_values(cls: type[C], raw: Any, key: str, path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    """The keys of mapping `raw` (at dotted `key`) that dataclass `cls` has, each checked and converted to its type.
+
+    Some of `cls`'s keys may be missing: this also checks a partial config, e.g. defaults shared by several entries.
+    """
     if not isinstance(raw, Mapping):
         raise ParamsError(f"{path}: key '{key}' must be a mapping, got {_shown(raw)}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(raw) - set(fields))
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [name for name in raw if name not in fields]
     if unknown:
         raise ParamsError(
             f"{path}: unknown key '{key}.{unknown[0]}'; remove it or use one of: {', '.join(sorted(fields))}"
         )
     hints = get_type_hints(cls)
-    values = {}
-    for name, field in fields.items():
-        if name not in raw:
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-                raise ParamsError(f"{path}: missing key '{key}.{name}'; add it (see pipeline/profiles/demo.yaml)")
-            continue
-        values[name] = _coerce(hints[name], raw[name], f"{key}.{name}", path)
-    try:
-        return cls(**values)
-    except (ValueError, TypeError) as err:
-        # __post_init__ checks raise plain ValueErrors; give them the file and section they are about.
-        raise ParamsError(f"{path}: key '{key}': {err}") from None
+    return {name: _coerce(hints[name], raw[name], f"{key}.{name}", path) for name in fields if name in raw}
 
 
 def _coerce(hint: Any, value: Any, key: str, path: Path | str) -> Any:
@@ -174,10 +200,13 @@ def _shown(value: Any) -> str:
 __all__ = [
     "PARAMS_FILE",
     "PROFILES",
+    "FieldError",
     "ParamsError",
     "from_mapping",
+    "known_values",
     "load_section",
     "profile_of",
     "read_params",
+    "section_of",
     "seed_of",
 ]

@@ -21,10 +21,20 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+import torch
+from dvclive import Live
+from dvclive.fastai import DVCLiveCallback
+from dvclive.utils import standardize_metric_name
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import AMPMode, MixedPrecision
+from fastai.learner import load_model, save_model
+from fastai.torch_core import get_random_states, set_random_states
+from matplotlib.figure import Figure
+from PIL import Image
 
-from pipeline.common import atomic_path, banner, log, read_json, write_json
+from pipeline.common import atomic_path, banner, compute_device, log, read_json, seed_everything, write_json
 from pipeline.paddy import CLASSES, DATA_DIR, VARIETIES, read_train_table, test_image_dir, test_image_ids, validation_mask
-from pipeline.params import ParamsError, from_mapping, profile_of, read_params, seed_of
+from pipeline.params import FieldError, ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline import vision
 from pipeline.vision import MemberConfig
 
@@ -45,6 +55,10 @@ class ValidationConfig:
     valid_pct: float = 0.2
     seed: int = 42
     full: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.valid_pct < 1:
+            raise FieldError("valid_pct", f"is {self.valid_pct}; use a fraction between 0 and 1, e.g. 0.2")
 
 
 @dataclass(frozen=True)
@@ -70,7 +84,7 @@ def load_stage_config(params: Mapping[str, Any], name: str) -> StageConfig:
         member=train.member(name),
         bs=train.bs,
         tta=train.tta,
-        validation=from_mapping(ValidationConfig, params.get("validation", {}), "validation"),
+        validation=load_section(ValidationConfig, params, "validation"),
         precision=train.precision,
     )
 
@@ -159,10 +173,6 @@ class Checkpoints:
         return state
 
     def save(self, learn, completed_epochs: int) -> None:
-        import torch
-        from fastai.learner import save_model
-        from fastai.torch_core import get_random_states
-
         weights = self.directory / f"epoch_{completed_epochs}.pth"
         with atomic_path(weights) as tmp:
             save_model(tmp, learn.model, learn.opt, with_opt=True)
@@ -175,10 +185,6 @@ class Checkpoints:
                 older.unlink()
 
     def restore(self, learn, completed_epochs: int) -> None:
-        import torch
-        from fastai.learner import load_model
-        from fastai.torch_core import set_random_states
-
         if learn.opt is None:
             learn.create_opt()
         load_model(self.directory / f"epoch_{completed_epochs}.pth", learn.model, learn.opt, device=learn.dls.device)
@@ -192,10 +198,6 @@ class Checkpoints:
 
 def _epoch_callbacks(checkpoints: Checkpoints, live, offset: int, start_epoch: int):
     """Per-epoch checkpointing and DVCLive logging, silent on the epochs fit_one_cycle's start_epoch skips."""
-    from dvclive.fastai import DVCLiveCallback
-    from dvclive.utils import standardize_metric_name
-    from fastai.callback.core import Callback
-
     class SaveEpoch(Callback):
         order = 60  # after the Recorder (50) has the epoch's metrics
 
@@ -299,8 +301,6 @@ def train_with_oom_fallback(
 
     Progress is kept: the retry resumes from the last completed epoch's checkpoint.
     """
-    import torch
-
     retries = 0
     while True:
         try:
@@ -357,8 +357,6 @@ def write_predictions(preds_dir: Path, test: pd.DataFrame, valid: pd.DataFrame) 
 
 def write_weights(path: Path, learn, member: MemberConfig) -> None:
     """The model's state_dict with what is needed to rebuild it (arch, targets, class order)."""
-    import torch
-
     payload = dict(
         arch=member.arch,
         targets=member.targets,
@@ -400,13 +398,8 @@ def log_interpretation(live, valid: pd.DataFrame, table: pd.DataFrame) -> None:
     live.log_image("top_losses.png", top_losses_figure(valid, table))
 
 
-def top_losses_figure(valid: pd.DataFrame, table: pd.DataFrame):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
+def top_losses_figure(valid: pd.DataFrame, table: pd.DataFrame) -> Figure:
+    # A bare Figure, not pyplot's: it draws without a display and without choosing a GUI backend.
     probs = valid[list(CLASSES)].to_numpy()
     true_idx = valid["label"].map(CLASSES.index).to_numpy()
     losses = -np.log(np.clip(probs[np.arange(len(valid)), true_idx], 1e-12, None))
@@ -414,7 +407,8 @@ def top_losses_figure(valid: pd.DataFrame, table: pd.DataFrame):
     worst = np.argsort(-losses)[:TOP_LOSSES]
     cols = 3
     rows = max(1, int(np.ceil(len(worst) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.4 * rows), squeeze=False)
+    fig = Figure(figsize=(3 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, worst):
@@ -439,8 +433,6 @@ def variety_error(learn, table: pd.DataFrame) -> float | None:
 
 
 def precision_used(learn) -> str:
-    from fastai.callback.fp16 import AMPMode, MixedPrecision
-
     amp = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
     if amp is None:
         return "fp32"
@@ -452,10 +444,6 @@ def precision_used(learn) -> str:
 
 def run_stage(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path("."), num_workers: int = 0) -> dict:
     """Train one member and write all its outputs under `root`; returns its metrics."""
-    from dvclive import Live
-
-    from pipeline.common import compute_device, seed_everything
-
     root = Path(root)
     accum, accum_source = member_accum(cfg.member, root / vision.probe_decision_path(cfg.name))
     table = split_table(data_dir, cfg.validation)

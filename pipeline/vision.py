@@ -10,10 +10,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+import albumentations
+import numpy as np
 import pandas as pd
+import timm
+import torch
+import torch.nn.functional as F
+from fastai.callback.training import GradientAccumulation
+from fastai.metrics import error_rate
+from fastai.vision.all import (
+    CategoryBlock,
+    ColReader,
+    ColSplitter,
+    DataBlock,
+    ImageBlock,
+    ItemTransform,
+    PadMode,
+    PILImage,
+    Resize,
+    aug_transforms,
+    set_seed,
+    vision_learner,
+)
 
+from pipeline.common import compute_device, quiet_progress
 from pipeline.paddy import CLASSES, VARIETIES
-from pipeline.params import ParamsError, load_section
+from pipeline.params import PARAMS_FILE, ParamsError, from_mapping, known_values, section_of
 
 Size = int | tuple[int, int]
 N_CLASSES = len(CLASSES)
@@ -38,8 +60,6 @@ class MemberConfig:
     albumentations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
-        import timm
-
         if not timm.is_model(self.arch):
             raise ValueError(f"arch {self.arch!r} is not a timm model; pick a name from timm.list_models()")
         for name, value in (("resize", self.resize), ("size", self.size)):
@@ -57,8 +77,6 @@ class MemberConfig:
         if isinstance(self.pretrained, str) and not Path(self.pretrained).is_file():
             raise ValueError(f"pretrained weights file {self.pretrained!r} not found; fix the path or use true/false")
         if self.albumentations:
-            import albumentations
-
             unknown = [name for name in self.albumentations if not hasattr(albumentations, name)]
             if unknown:
                 raise ValueError(f"albumentations has no transform {unknown[0]!r}; see albumentations' docs")
@@ -74,6 +92,7 @@ class TrainConfig:
 
     bs: int
     members: dict[str, MemberConfig]
+    member_defaults: dict[str, Any] = field(default_factory=dict)  # already merged into `members` by the loader
     tta: bool = True
     # auto: fp16 on CUDA (the seeds' to_fp16), fp32 on CPU; bf16 suits GPUs that have it (Ampere and later).
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
@@ -93,7 +112,24 @@ class TrainConfig:
 
 
 def load_train_config(params: Mapping[str, Any]) -> TrainConfig:
-    return load_section(TrainConfig, params, "train")
+    """The `train` section, `train.member_defaults` merged into every member (a member's own keys win)."""
+    raw = section_of(params, "train")
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("members"), Mapping):
+        return from_mapping(TrainConfig, raw, "train")  # its error names what is wrong
+    defaults = raw.get("member_defaults", {})
+    known_values(MemberConfig, defaults, "train.member_defaults")  # a bad default is named where it is written
+    members = {
+        name: {**defaults, **member} if isinstance(member, Mapping) else member for name, member in raw["members"].items()
+    }
+    config = from_mapping(TrainConfig, {**raw, "members": members}, "train")
+    for name, member in config.members.items():
+        if member.accum is not None and member.accum > config.bs:
+            where = f"members.{name}" if "accum" in raw["members"][name] else "member_defaults"
+            raise ParamsError(
+                f"{PARAMS_FILE}: key 'train.{where}.accum' is {member.accum}, more than train.bs {config.bs}; "
+                "use an accum <= bs, or null for the probe's choice"
+            )
+    return config
 
 
 def batch_size(bs: int, accum: int) -> int:
@@ -107,26 +143,18 @@ def batch_size(bs: int, accum: int) -> int:
 
 
 def disease_loss(inp, disease, variety):
-    import torch.nn.functional as F
-
     return F.cross_entropy(inp[:, :N_CLASSES], disease)
 
 
 def variety_loss(inp, disease, variety):
-    import torch.nn.functional as F
-
     return F.cross_entropy(inp[:, N_CLASSES:], variety)
 
 
 def disease_err(inp, disease, variety):
-    from fastai.metrics import error_rate
-
     return error_rate(inp[:, :N_CLASSES], disease)
 
 
 def variety_err(inp, disease, variety):
-    from fastai.metrics import error_rate
-
     return error_rate(inp[:, N_CLASSES:], variety)
 
 
@@ -137,8 +165,6 @@ class DiseaseVarietyLoss:
         return disease_loss(inp, disease, variety) + variety_loss(inp, disease, variety)
 
     def activation(self, out):
-        import torch
-
         return torch.cat([out[:, :N_CLASSES].softmax(dim=1), out[:, N_CLASSES:].softmax(dim=1)], dim=1)
 
     def decodes(self, out):
@@ -155,8 +181,6 @@ def disease_probs(probs):
 
 def item_transform(member: MemberConfig):
     """fastai's Resize with the member's method; pad pads with zeros, as the seeds do."""
-    from fastai.vision.all import PadMode, Resize
-
     return Resize(member.resize, method=member.method, pad_mode=PadMode.Zeros)
 
 
@@ -164,10 +188,6 @@ def albumentations_transform(member: MemberConfig):
     """An fastai ItemTransform running the member's albumentations pipeline on training items only (or None)."""
     if not member.albumentations:
         return None
-    import albumentations
-    import numpy as np
-    from fastai.vision.all import ItemTransform, PILImage
-
     pipeline = albumentations.Compose(
         [getattr(albumentations, name)(**kwargs) for name, kwargs in member.albumentations.items()]
     )
@@ -186,8 +206,6 @@ def albumentations_transform(member: MemberConfig):
 
 def member_datablock(member: MemberConfig):
     """The DataBlock for a table with `path`, `label`, `variety` and boolean `is_valid` columns."""
-    from fastai.vision.all import CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, aug_transforms
-
     multi = member.targets == "label+variety"
     blocks = (ImageBlock, CategoryBlock(vocab=list(CLASSES))) + ((CategoryBlock(vocab=list(VARIETIES)),) if multi else ())
     get_y = [ColReader("label"), ColReader("variety")] if multi else ColReader("label")
@@ -205,18 +223,10 @@ def member_datablock(member: MemberConfig):
 
 def member_dataloaders(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, num_workers: int = 0):
     """DataLoaders with `bs // accum` images per step (the seeds' memory trick), seeded shuffling."""
-    from fastai.vision.all import set_seed
-
     set_seed(seed, reproducible=True)
     return member_datablock(member).dataloaders(
-        table, bs=batch_size(bs, accum), num_workers=num_workers, device=_device()
+        table, bs=batch_size(bs, accum), num_workers=num_workers, device=compute_device()
     )
-
-
-def _device():
-    from pipeline.common import compute_device
-
-    return compute_device()
 
 
 # -- the learner ---------------------------------------------------------------------------------------------------
@@ -240,13 +250,6 @@ def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precisi
     Local weights files go through timm's own offline mechanism (`pretrained_cfg_overlay=dict(file=...)`), the way
     Kaggle kernels without internet load them.
     """
-    import torch
-    from fastai.callback.training import GradientAccumulation
-    from fastai.metrics import error_rate
-    from fastai.vision.all import vision_learner
-
-    from pipeline.common import quiet_progress
-
     timm_kwargs = {}
     if isinstance(member.pretrained, str):
         timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(member.pretrained).resolve()))

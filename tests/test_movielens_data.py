@@ -138,7 +138,7 @@ def test_written_dataset_reads_back_as_a_local_source_with_checksums(tmp_path):
 
 def test_main_turns_bad_input_into_a_one_line_exit(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("profile: demo\nmovielens:\n  source: missing.zip\n  timeout_s: 5\n")
+    (tmp_path / "params.yaml").write_text("movielens:\n  source: missing.zip\n  timeout_s: 5\n")
     with pytest.raises(SystemExit, match="^movielens_data: missing.zip: not found"):
         ml.main()
 

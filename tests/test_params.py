@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from pipeline.params import ParamsError, from_mapping, load_section, profile_of, read_params
+from pipeline.params import FieldError, ParamsError, from_mapping, known_values, load_section, profile_of, read_params
 from pipeline.vision import MemberConfig, load_train_config
 
 
@@ -26,6 +26,8 @@ class Outer:
     def __post_init__(self):
         if self.values and min(self.values) < 0:
             raise ValueError("values must not be negative")
+        if self.lr == 0:
+            raise FieldError("lr", "is 0.0; use a positive number")
 
 
 def build(raw):
@@ -81,6 +83,19 @@ def test_post_init_error_carries_the_section():
         build({"lr": 1.0, "values": [-1]})
 
 
+def test_a_field_error_names_the_dotted_key():
+    with pytest.raises(ParamsError, match=r"^params.yaml: key 'section.lr' is 0.0; use a positive number$"):
+        build({"lr": 0})
+
+
+def test_a_partial_mapping_is_checked_key_by_key_without_requiring_the_rest():
+    assert known_values(Outer, {"flag": True}, "defaults") == {"flag": True}
+    with pytest.raises(ParamsError, match=r"key 'defaults.mode' is 'c'; use one of: a, b"):
+        known_values(Outer, {"mode": "c"}, "defaults")
+    with pytest.raises(ParamsError, match=r"unknown key 'defaults.colour'"):
+        known_values(Outer, {"colour": "red"}, "defaults")
+
+
 def test_every_error_is_one_line():
     with pytest.raises(ParamsError) as caught:
         build({"lr": 1.0, "inners": {"x": {"name": "n", "size": "big"}}})
@@ -104,8 +119,8 @@ def test_unknown_profile_rejected():
         profile_of({"profile": "prod"})
 
 
-def test_missing_section_named():
-    with pytest.raises(ParamsError, match=r"missing section 'train'"):
+def test_missing_section_named_with_where_to_find_it():
+    with pytest.raises(ParamsError, match=r"missing section 'train'; add it back \(`python -m pipeline.profile demo --print`"):
         load_section(Outer, {}, "train")
 
 

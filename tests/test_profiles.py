@@ -1,61 +1,209 @@
-"""Both profiles are complete, valid parameter files; params.yaml switches between them without losing edits."""
+"""Profiles: each fact written once (a base plus what each profile changes), params.yaml rendered from them, and a
+switch that carries the user's edits over and never loses them."""
+
+from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.params import profile_of, read_params
-from pipeline.profile import PROFILE_DIR, ProfileError, switch_profile, unedited_profile
+from pipeline.check_params import check_params
+from pipeline.profile import (
+    BASE_FILE,
+    PROFILE_DIR,
+    ProfileError,
+    main,
+    render_params,
+    render_text,
+    switch_profile,
+    value_edits,
+)
+from pipeline.params import PROFILES
 from pipeline.vision import load_train_config
 
-PROFILE_FILES = sorted(PROFILE_DIR.glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.parametrize("path", PROFILE_FILES, ids=lambda p: p.stem)
-def test_profile_file_names_itself(path):
-    assert profile_of(read_params(path)) == path.stem
+def overlay(name):
+    return yaml.safe_load((PROFILE_DIR / f"{name}.yaml").read_text())
 
 
-@pytest.mark.parametrize("path", PROFILE_FILES, ids=lambda p: p.stem)
-def test_profile_train_section_validates(path):
-    config = load_train_config(read_params(path))
-    assert config.members
+def leaves(values, path=()):
+    """Every (path, value) of nested mappings, lists and scalars taken whole."""
+    if isinstance(values, dict):
+        for key, value in values.items():
+            yield from leaves(value, (*path, key))
+    else:
+        yield path, values
 
 
-def test_profiles_share_the_same_sections():
-    sections = {path.stem: set(read_params(path)) for path in PROFILE_FILES}
-    assert sections["demo"] == sections["competition"]
+@pytest.fixture
+def demo_params(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(render_text("demo"))
+    return path
+
+
+def edit(path, change):
+    """Apply `change` to the parsed params in `path` and write them back (comments are lost: a value edit)."""
+    values = yaml.safe_load(path.read_text())
+    change(values)
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+# -- the files -------------------------------------------------------------------------------------------------------
+
+
+def test_committed_params_yaml_is_the_rendered_demo_profile():
+    assert (ROOT / "params.yaml").read_text() == render_text("demo"), (
+        "params.yaml is not pipeline/profiles/base.yaml + demo.yaml: edit those, then "
+        "`python -m pipeline.profile demo --print > params.yaml`"
+    )
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_each_profile_renders_a_params_file_every_stage_accepts(name):
+    params = render_params(name)
+    check_params(params)
+    assert params["profile"] == name
+
+
+def test_rendering_keeps_the_comments_of_base_and_profile():
+    text = render_text("competition")
+    assert "# candidate gradient-accumulation factors" in text  # from base.yaml
+    assert "# members not listed weigh 1; the seeds count the vit members twice" in text  # from competition.yaml
+
+
+def test_a_profile_restates_nothing_the_base_says():
+    base = dict(leaves(yaml.safe_load(BASE_FILE.read_text())))
+    for name in PROFILES:
+        restated = [path for path, value in leaves(overlay(name)) if path in base and base[path] == value]
+        assert restated == [], f"{name}.yaml repeats base.yaml at {restated}"
+
+
+def test_a_value_every_profile_sets_alike_belongs_in_the_base():
+    first, *others = (dict(leaves(overlay(name))) for name in PROFILES)
+    alike = [path for path, value in first.items() if path != ("profile",) and all(o.get(path) == value for o in others)]
+    assert alike == []
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_a_setting_all_members_share_is_written_once_in_member_defaults(name):
+    members = overlay(name)["train"]["members"].values()
+    keys = set().union(*members)
+    shared = [key for key in keys if all(key in m for m in members) and len({repr(m[key]) for m in members}) == 1]
+    assert shared == []
+
+
+def test_member_defaults_reach_every_member_and_a_members_own_key_wins():
+    members = load_train_config(render_params("competition")).members
+    assert all(m.epochs == 12 and m.lr == 0.01 and m.schedule == "fine_tune" and m.pretrained for m in members.values())
+    demo = load_train_config(render_params("demo")).members
+    assert (demo["convnext_squish"].targets, demo["resnet_pad_multi"].targets) == ("label", "label+variety")
 
 
 def test_competition_profile_is_the_seeds_ensemble():
-    members = load_train_config(read_params(PROFILE_DIR / "competition.yaml")).members
-    archs = {m.arch for m in members.values()}
-    assert archs == {
+    members = load_train_config(render_params("competition")).members
+    assert {m.arch for m in members.values()} == {
         "convnext_large_in22k",
         "vit_large_patch16_224",
         "swinv2_large_window12_192_22k",
         "swin_large_patch4_window7_224",
     }
-    assert all(m.epochs == 12 and m.lr == 0.01 and m.schedule == "fine_tune" and m.pretrained for m in members.values())
+    assert render_params("competition")["ensemble"]["weights"]["vit_large_squish"] == 2
 
 
-def test_switch_writes_the_profile(tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text((PROFILE_DIR / "demo.yaml").read_text())
-    switch_profile("competition", params)
-    assert unedited_profile(params) == "competition"
+# -- switching -------------------------------------------------------------------------------------------------------
 
 
-def test_switch_refuses_to_drop_local_edits(tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text((PROFILE_DIR / "demo.yaml").read_text() + "# my tweak\n")
-    with pytest.raises(ProfileError, match=r"has edits that are in no profile file"):
-        switch_profile("competition", params)
-    assert params.read_text().endswith("# my tweak\n")
+def test_switch_writes_the_rendered_profile(demo_params):
+    switch_profile("competition", demo_params)
+    assert demo_params.read_text() == render_text("competition")
+    assert not demo_params.with_name("params.yaml.bak").exists()  # nothing of the user's to keep
 
 
-def test_forced_switch_keeps_a_backup(tmp_path):
-    params = tmp_path / "params.yaml"
-    edited = (PROFILE_DIR / "demo.yaml").read_text() + "# my tweak\n"
-    params.write_text(edited)
-    switch_profile("competition", params, force=True)
-    assert (tmp_path / "params.yaml.bak").read_text() == edited
-    assert unedited_profile(params) == "competition"
+def test_a_missing_params_file_is_written(tmp_path):
+    switch_profile("demo", tmp_path / "params.yaml")
+    assert (tmp_path / "params.yaml").read_text() == render_text("demo")
+
+
+def test_a_comment_edit_does_not_block_a_switch_and_is_kept_in_the_backup(demo_params):
+    commented = demo_params.read_text().replace("seed: 42", "seed: 42  # my note")
+    demo_params.write_text(commented)
+    message = switch_profile("competition", demo_params)
+    assert demo_params.read_text() == render_text("competition")
+    assert demo_params.with_name("params.yaml.bak").read_text() == commented
+    assert "params.yaml.bak" in message
+
+
+def test_an_edit_the_profile_leaves_alone_is_carried_over(demo_params):
+    edit(demo_params, lambda p: p["collab"].update(epochs=9))
+    message = switch_profile("competition", demo_params)
+    switched = yaml.safe_load(demo_params.read_text())
+    assert switched["collab"]["epochs"] == 9
+    assert list(value_edits(render_params("competition"), switched)) == [(("collab", "epochs"), 9)]
+    assert "collab.epochs" in message
+
+
+def test_an_added_member_is_carried_over_with_its_comment(demo_params):
+    text = demo_params.read_text().replace(
+        "    resnet_pad_multi:\n", "    tiny:                      # my extra member\n      arch: resnet10t\n"
+        "    resnet_pad_multi:\n"
+    )
+    demo_params.write_text(text)
+    switch_profile("competition", demo_params)
+    switched = demo_params.read_text()
+    assert "    tiny:                      # my extra member\n      arch: resnet10t\n" in switched
+    assert yaml.safe_load(switched)["train"]["members"]["tiny"] == {"arch": "resnet10t"}
+
+
+def test_an_edit_of_a_key_the_profile_changes_is_refused_naming_it(demo_params):
+    edit(demo_params, lambda p: p["train"].update(bs=16))
+    before = demo_params.read_text()
+    with pytest.raises(ProfileError, match=r"your edit of 'train.bs' collides with the competition profile"):
+        switch_profile("competition", demo_params)
+    assert demo_params.read_text() == before
+
+
+def test_an_edit_inside_a_member_the_profile_removes_is_refused_naming_both(demo_params):
+    edit(demo_params, lambda p: p["train"]["members"]["convnext_squish"].update(epochs=3))
+    with pytest.raises(ProfileError, match=r"'train.members.convnext_squish.epochs' .* changes 'train.members.convnext_squish'"):
+        switch_profile("competition", demo_params)
+
+
+def test_an_edit_that_agrees_with_the_new_profile_is_no_collision(demo_params):
+    edit(demo_params, lambda p: p["data"].update(source="kaggle"))
+    switch_profile("competition", demo_params)
+    assert yaml.safe_load(demo_params.read_text()) == render_params("competition")
+
+
+def test_a_forced_switch_lets_the_profile_win_keeps_other_edits_and_a_backup(demo_params):
+    edit(demo_params, lambda p: (p["train"].update(bs=16), p["collab"].update(epochs=9)))
+    edited = demo_params.read_text()
+    switch_profile("competition", demo_params, force=True)
+    switched = yaml.safe_load(demo_params.read_text())
+    assert switched["train"]["bs"] == 64 and switched["collab"]["epochs"] == 9
+    assert demo_params.with_name("params.yaml.bak").read_text() == edited
+
+
+def test_switching_back_restores_the_first_profile_with_the_edits(demo_params):
+    edit(demo_params, lambda p: p["collab"].update(epochs=9))
+    edited = yaml.safe_load(demo_params.read_text())
+    switch_profile("competition", demo_params)
+    switch_profile("demo", demo_params)
+    assert yaml.safe_load(demo_params.read_text()) == edited
+
+
+def test_a_file_naming_no_profile_is_refused_unless_forced(demo_params):
+    demo_params.write_text(demo_params.read_text().replace("profile: demo", "profile: mine"))
+    with pytest.raises(ProfileError, match=r"names no profile \(profile: 'mine'\)"):
+        switch_profile("competition", demo_params)
+    switch_profile("competition", demo_params, force=True)
+    assert demo_params.read_text() == render_text("competition")
+    assert "profile: mine" in demo_params.with_name("params.yaml.bak").read_text()
+
+
+def test_print_shows_the_profile_without_writing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(["competition", "--print"])
+    assert capsys.readouterr().out == render_text("competition")
+    assert not (tmp_path / "params.yaml").exists()
