@@ -32,6 +32,9 @@ from fastai.vision.all import (
     set_seed,
     vision_learner,
 )
+from fastai.vision.learner import TimmBody, create_timm_model
+from timm.layers import Format, nhwc_to
+from torch import nn
 
 from pipeline.common import compute_device, quiet_progress
 from pipeline.paddy import CLASSES, VARIETIES
@@ -184,27 +187,30 @@ def item_transform(member: MemberConfig):
     return Resize(member.resize, method=member.method, pad_mode=PadMode.Zeros)
 
 
-def albumentations_transform(member: MemberConfig):
-    """An fastai ItemTransform running the member's albumentations pipeline on training items only (or None)."""
-    if not member.albumentations:
-        return None
-    pipeline = albumentations.Compose(
-        [getattr(albumentations, name)(**kwargs) for name, kwargs in member.albumentations.items()]
-    )
+class AlbumentationsItem(ItemTransform):
+    """A member's albumentations pipeline on training items only, like fastai's own random augmentations."""
 
-    class AlbumentationsItem(ItemTransform):
-        split_idx = 0  # training set only, like fastai's own random augmentations
-        order = 2  # after Resize (order 1): augmenting the resized image is cheaper and the result is the same size
+    split_idx = 0  # training set only, like fastai's own random augmentations
+    order = 2  # after Resize (order 1): augmenting the resized image is cheaper and the result is the same size
 
-        def encodes(self, item):
-            image, *targets = item
-            augmented = pipeline(image=np.array(image))["image"]
-            return (PILImage.create(augmented), *targets)
+    def __init__(self, transforms: Mapping[str, Mapping[str, Any]]):
+        super().__init__()
+        self.pipeline = albumentations.Compose(
+            [getattr(albumentations, name)(**kwargs) for name, kwargs in transforms.items()]
+        )
 
-    return AlbumentationsItem()
+    def encodes(self, item):
+        image, *targets = item
+        augmented = self.pipeline(image=np.array(image))["image"]
+        return (PILImage.create(augmented), *targets)
 
 
-def member_datablock(member: MemberConfig):
+def albumentations_transform(member: MemberConfig) -> AlbumentationsItem | None:
+    """The member's albumentations pipeline as a fastai item transform on training items (None without one)."""
+    return AlbumentationsItem(member.albumentations) if member.albumentations else None
+
+
+def member_datablock(member: MemberConfig) -> DataBlock:
     """The DataBlock for a table with `path`, `label`, `variety` and boolean `is_valid` columns."""
     multi = member.targets == "label+variety"
     blocks = (ImageBlock, CategoryBlock(vocab=list(CLASSES))) + ((CategoryBlock(vocab=list(VARIETIES)),) if multi else ())
@@ -229,7 +235,50 @@ def member_dataloaders(member: MemberConfig, table: pd.DataFrame, bs: int, accum
     )
 
 
-# -- the learner ---------------------------------------------------------------------------------------------------
+# -- the network and the learner -----------------------------------------------------------------------------------
+
+
+class ChannelsFirstTimmBody(TimmBody):
+    """fastai's TimmBody for a timm model whose features come out channels-last (timm's `output_fmt` NHWC: swin,
+    swinv2, ...): fastai's head pools dims 2 and 3 as H and W, so the features are handed to it as NCHW."""
+
+    def forward(self, x):
+        return nhwc_to(super().forward(x), Format.NCHW)
+
+
+def with_channels_first_body(network: nn.Sequential) -> nn.Sequential:
+    """fastai's (body, head) network on a timm model, its body swapped for one that hands the head NCHW features
+    when the model's own come out channels-last. The timm model (and so its weights and their names) is kept."""
+    body = network[0]
+    if body.needs_pool and Format(getattr(body.model, "output_fmt", Format.NCHW)) is Format.NHWC:
+        network[0] = ChannelsFirstTimmBody(body.model)
+    return network
+
+
+def timm_overlay(member: MemberConfig) -> dict:
+    """What timm's pretrained config is told about the member (timm's `pretrained_cfg_overlay`).
+
+    - input_size: the member's `size`. Models with a fixed input size (vit, swin, swinv2: `fixed_input_size` in
+      their config) are built for it, as timm does from this entry (it becomes their `img_size`), and pretrained
+      weights are resampled to it by timm's loader (position embeddings, relative position tables); other models
+      ignore it.
+    - file: a local weights file, the offline mechanism Kaggle kernels without internet use.
+    """
+    height, width = member.size if isinstance(member.size, tuple) else (member.size, member.size)
+    overlay: dict[str, Any] = dict(input_size=(3, height, width))
+    if isinstance(member.pretrained, str):
+        overlay["file"] = str(Path(member.pretrained).resolve())
+    return overlay
+
+
+def member_network(member: MemberConfig, pretrained: bool | None = None) -> nn.Sequential:
+    """The member's network as member_learner builds it (timm body, fastai head), without a Learner.
+
+    `pretrained`: None loads the member's own weights (if any); False builds it randomly initialised.
+    """
+    weights = bool(member.pretrained) if pretrained is None else pretrained
+    network, _ = create_timm_model(member.arch, member.n_out, pretrained=weights, pretrained_cfg_overlay=timm_overlay(member))
+    return with_channels_first_body(network)
 
 
 def precision_for(requested: bool | str | None, cuda: bool) -> str:
@@ -246,13 +295,7 @@ def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precisi
     """A fastai Learner on the member's timm architecture, with GradientAccumulation(bs) and, on CUDA, fp16.
 
     `mixed_precision`: None or "auto" (fp16 on CUDA), True/"fp16", "bf16", False/"fp32"; always fp32 on CPU.
-
-    Local weights files go through timm's own offline mechanism (`pretrained_cfg_overlay=dict(file=...)`), the way
-    Kaggle kernels without internet load them.
     """
-    timm_kwargs = {}
-    if isinstance(member.pretrained, str):
-        timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(member.pretrained).resolve()))
     if member.targets == "label+variety":
         loss, metrics = DiseaseVarietyLoss(), [disease_err, variety_err, disease_loss, variety_loss]
     else:
@@ -266,8 +309,9 @@ def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precisi
         metrics=metrics,
         # GradientAccumulation(bs) steps the optimiser once `bs` images have been seen, whatever the step size.
         cbs=[GradientAccumulation(bs)] if accum > 1 else [],
-        **timm_kwargs,
+        pretrained_cfg_overlay=timm_overlay(member),
     )
+    with_channels_first_body(learn.model)
     precision = precision_for(mixed_precision, torch.cuda.is_available())
     if precision == "fp16":
         learn.to_fp16()
