@@ -6,6 +6,8 @@ so both measure and run exactly the same model, item transform, batch size and a
 
 from __future__ import annotations
 
+import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -42,6 +44,7 @@ from pipeline.params import PARAMS_FILE, ParamsError, from_mapping, known_values
 
 Size = int | tuple[int, int]
 N_CLASSES = len(CLASSES)
+CPU_AUTO_WORKERS = 0  # `num_workers: auto` when training on CPU: see loader_workers and the README's Benchmarks
 
 
 @dataclass(frozen=True)
@@ -99,10 +102,13 @@ class TrainConfig:
     tta: bool = True
     # auto: fp16 on CUDA (the seeds' to_fp16), fp32 on CPU; bf16 suits GPUs that have it (Ampere and later).
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    num_workers: int | Literal["auto"] = "auto"  # DataLoader worker processes; auto: see loader_workers
 
     def __post_init__(self):
         if self.bs < 1:
             raise ValueError(f"bs must be a positive integer, got {self.bs}")
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError(f"num_workers must be 'auto' or a non-negative integer, got {self.num_workers}")
         if not self.members:
             raise ValueError("members is empty; define at least one ensemble member")
 
@@ -190,7 +196,7 @@ def item_transform(member: MemberConfig):
 class AlbumentationsItem(ItemTransform):
     """A member's albumentations pipeline on training items only, like fastai's own random augmentations."""
 
-    split_idx = 0  # training set only, like fastai's own random augmentations
+    split_idx = 0  # the training set only (and fastai's TTA, which applies the training transforms)
     order = 2  # after Resize (order 1): augmenting the resized image is cheaper and the result is the same size
 
     def __init__(self, transforms: Mapping[str, Mapping[str, Any]]):
@@ -201,7 +207,11 @@ class AlbumentationsItem(ItemTransform):
 
     def encodes(self, item):
         image, *targets = item
-        augmented = self.pipeline(image=np.array(image))["image"]
+        # albumentations draws from a random state of its own, which every DataLoader worker would inherit
+        # unchanged (the same augmentations each epoch, in each worker) and no checkpoint saves. Seeding it from
+        # python's random, which fastai seeds per worker and the checkpoints save, keeps runs reproducible.
+        self.pipeline.set_random_seed(random.getrandbits(32))
+        augmented = self.pipeline(image=np.asarray(image))["image"]
         return (PILImage.create(augmented), *targets)
 
 
@@ -227,11 +237,35 @@ def member_datablock(member: MemberConfig) -> DataBlock:
     )
 
 
-def member_dataloaders(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, num_workers: int = 0):
-    """DataLoaders with `bs // accum` images per step (the seeds' memory trick), seeded shuffling."""
+def loader_workers(requested: int | Literal["auto"], device: torch.device) -> int:
+    """DataLoader worker processes: `requested`, or for `auto` every CPU this process may run on when training on
+    CUDA (decoding and resizing full-size JPEGs is what a GPU waits for) and CPU_AUTO_WORKERS on CPU, where workers
+    take cores from the training itself.
+    """
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return CPU_AUTO_WORKERS
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def member_dataloaders(
+    member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, num_workers: int | str = 0
+):
+    """DataLoaders with `bs // accum` images per step (the seeds' memory trick), seeded shuffling.
+
+    `num_workers`: worker processes, or `auto` (loader_workers). Each epoch's workers are seeded from the main
+    process's random state, so a run is reproducible for a given seed and worker count (not across counts: item
+    augmentations are drawn in the workers). On CUDA, batches come from pinned memory (faster copies to the GPU).
+    """
+    device = compute_device()
     set_seed(seed, reproducible=True)
     return member_datablock(member).dataloaders(
-        table, bs=batch_size(bs, accum), num_workers=num_workers, device=compute_device()
+        table,
+        bs=batch_size(bs, accum),
+        num_workers=loader_workers(num_workers, device),
+        pin_memory=device.type == "cuda",
+        device=device,
     )
 
 
