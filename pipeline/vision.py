@@ -6,6 +6,7 @@ so both measure and run exactly the same model, item transform, batch size and a
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 from dataclasses import dataclass, field
@@ -82,14 +83,32 @@ class MemberConfig:
             raise ValueError(f"lr must be a positive number below 10 or 'find', got {self.lr}")
         if isinstance(self.pretrained, str) and not Path(self.pretrained).is_file():
             raise ValueError(f"pretrained weights file {self.pretrained!r} not found; fix the path or use true/false")
-        if self.albumentations:
-            unknown = [name for name in self.albumentations if not hasattr(albumentations, name)]
-            if unknown:
-                raise ValueError(f"albumentations has no transform {unknown[0]!r}; see albumentations' docs")
+        for name, kwargs in self.albumentations.items():
+            check_albumentations_transform(name, kwargs)
 
     @property
     def n_out(self) -> int:
         return N_CLASSES + (len(VARIETIES) if self.targets == "label+variety" else 0)
+
+
+def check_albumentations_transform(name: str, kwargs: Mapping[str, Any]) -> None:
+    """A one-line ValueError unless albumentations has transform `name` and it accepts `kwargs`.
+
+    Built once here, so that a bad argument stops params validation rather than a training run hours later
+    (albumentations only warns about an argument it does not know, so those are checked against its signature).
+    """
+    transform = getattr(albumentations, name, None)
+    if not isinstance(transform, type) or not issubclass(transform, albumentations.BasicTransform):
+        raise ValueError(f"albumentations has no transform {name!r}; see albumentations' docs")
+    unknown = sorted(set(kwargs) - set(inspect.signature(transform).parameters))
+    if unknown:
+        raise ValueError(f"albumentations.{name} takes no argument {unknown[0]!r}; see its docs")
+    try:
+        transform(**kwargs)
+    except (TypeError, ValueError) as err:
+        # pydantic's report: a title line, then the argument and the reason, one per line
+        reason = " ".join(line.strip() for line in str(err).splitlines()[1:3]) or str(err)
+        raise ValueError(f"albumentations.{name}: {reason}") from None
 
 
 @dataclass(frozen=True)
@@ -254,9 +273,14 @@ def member_dataloaders(
 ):
     """DataLoaders with `bs // accum` images per step (the seeds' memory trick), seeded shuffling.
 
-    `num_workers`: worker processes, or `auto` (loader_workers). Each epoch's workers are seeded from the main
-    process's random state, so a run is reproducible for a given seed and worker count (not across counts: item
-    augmentations are drawn in the workers). On CUDA, batches come from pinned memory (faster copies to the GPU).
+    `num_workers`: worker processes, or `auto` (loader_workers). On CUDA, batches come from pinned memory (faster
+    copies to the GPU).
+
+    Workers are not persistent: fastai (2.8) builds a new torch iterator every epoch, so it starts new workers
+    every epoch whatever `persistent_workers` says (fastai/fastai3#5), and we do not pass it. That is what keeps
+    runs reproducible: each epoch's workers are seeded from the main process's torch random state, which the
+    train stage's checkpoints save, so a run killed and resumed matches an uninterrupted one with the same seed
+    and worker count (not across counts: item augmentations are drawn in the workers).
     """
     device = compute_device()
     set_seed(seed, reproducible=True)
