@@ -124,3 +124,18 @@ def test_albumentations_change_training_items_and_leave_validation_items_untouch
     assert augmented_train.shape == plain_train.shape
     assert not torch.equal(augmented_train, plain_train)
     assert torch.equal(augmented_valid, plain_valid)
+
+
+@pytest.mark.parametrize(
+    "transforms, error",
+    [
+        ({"NoSuchTransform": {}}, "has no transform 'NoSuchTransform'"),
+        ({"ImageCompression": {"qualty_range": [50, 95]}}, "takes no argument 'qualty_range'"),
+        ({"ImageCompression": {"quality_range": [50, 195]}}, "ImageCompression: quality_range"),
+    ],
+)
+def test_a_bad_albumentations_transform_is_a_one_line_params_error(transforms, error):
+    params = {"train": {"bs": 8, "members": {"m": {"arch": "resnet10t", "albumentations": transforms}}}}
+    with pytest.raises(ParamsError, match=error) as raised:
+        vision.load_train_config(params)
+    assert "\n" not in str(raised.value)
