@@ -6,9 +6,9 @@ and a tiny input, built by vision.member_dataloaders + vision.member_learner exa
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
-import pytest
 
 from pipeline import vision
 from pipeline.paddy import CLASSES, read_train_table
@@ -60,8 +60,9 @@ def test_the_head_pools_a_channels_last_model_over_its_spatial_dims_as_timm_does
     member = tiny_member(**FAMILIES[family])
     body, head = vision.member_network(member)
     assert body.model.output_fmt == "NHWC"
+    height, width = member.size if isinstance(member.size, tuple) else (member.size, member.size)
     torch.manual_seed(0)
-    images = torch.randn(2, 3, 32, 64) if isinstance(member.size, tuple) else torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, 3, height, width)
     body.eval()
     with torch.no_grad():
         pooled = head[:2](body(images))  # AdaptiveConcatPool2d, Flatten
