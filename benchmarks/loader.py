@@ -30,8 +30,7 @@ from fastai.torch_core import to_device
 from pipeline import vision
 from pipeline.common import compute_device, log, write_json
 from pipeline.paddy import read_train_table
-from pipeline.params import read_params
-from pipeline.profile import PROFILE_DIR
+from pipeline.profile import render_params
 from pipeline.synthetic import write_synthetic_dataset
 
 STAGE = "bench loader"
@@ -49,8 +48,8 @@ CPU_STEP_BATCH = 4  # on CPU, the competition member's step on its real batch ta
 
 def bench_members() -> dict[str, tuple[vision.MemberConfig, vision.TrainConfig, str]]:
     """Every demo member and one competition member: (member, random init; its profile's train settings; profile)."""
-    demo = vision.load_train_config(read_params(PROFILE_DIR / "demo.yaml"))
-    competition = vision.load_train_config(read_params(PROFILE_DIR / "competition.yaml"))
+    demo = vision.load_train_config(render_params("demo"))
+    competition = vision.load_train_config(render_params("competition"))
     members = {name: (member, demo, "demo") for name, member in demo.members.items()}
     members[COMPETITION_MEMBER] = (competition.member(COMPETITION_MEMBER), competition, "competition")
     return {name: (replace(member, pretrained=False), *rest) for name, (member, *rest) in members.items()}

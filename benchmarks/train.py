@@ -51,11 +51,11 @@ def seeds_train_seconds(member: vision.MemberConfig, data_dir: Path, bs: int, ac
 
 def benchmark_params(params: dict, name: str) -> dict:
     """params.yaml as the stage reads it, with the member on the seeds' schedule: a fixed accum and lr, one cycle."""
+    member = vision.load_train_config(params).member(name)  # its own keys and train.member_defaults, merged
     params = copy.deepcopy(params)
-    member = params["train"]["members"][name]
-    member.update(
-        accum=member.get("accum") or 1,
-        lr=LR_WHEN_FIND if member.get("lr") == "find" else member.get("lr", LR_WHEN_FIND),
+    params["train"]["members"][name].update(
+        accum=member.accum or 1,
+        lr=LR_WHEN_FIND if member.lr == "find" else member.lr,
         schedule="fit_one_cycle",
     )
     params["train"]["tta"] = False  # predictions are not timed; skipping TTA only makes the bench shorter
