@@ -3,7 +3,7 @@
 The model is the dot product of user and movie latent factors plus a user bias and a movie bias, squashed by
 sigmoid_range into y_range (fastbook chapter 8), written out as the seeds do instead of fastai's EmbeddingDotBias so
 the reader sees every parameter; fastai's collab_learner is the reference it is benchmarked against
-(pipeline/bench_collab.py). Trained with fit_one_cycle and weight decay on a seeded 80/20 split.
+(benchmarks/collab.py). Trained with fit_one_cycle and weight decay on a seeded 80/20 split.
 
 Outputs: models/collab.pth (weights + id vocabularies), metrics/collab.json (validation MSE/RMSE, time),
 dvclive/collab (training curves), reports/collab/ (movie-bias ranking, PCA map of movie factors, "movies like X").

@@ -47,7 +47,6 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.optimizer import SGD
-from fastai.vision.learner import create_timm_model
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from timm.layers import DropBlock2d, DropPath
@@ -66,7 +65,9 @@ from pipeline.vision import (
     load_train_config,
     member_dataloaders,
     member_learner,
+    member_network,
     probe_decision_path,
+    timm_overlay,
 )
 
 STAGE = "probe"
@@ -326,14 +327,13 @@ def norm_layers(model: nn.Module) -> list[str]:
 
 
 def member_network_on_meta(member: MemberConfig) -> nn.Module:
-    """The member's network as vision_learner builds it (timm body + fastai head) on the meta device.
+    """The member's network as member_learner builds it (vision.member_network) on the meta device.
 
     Meta tensors have shapes but no memory: the real network's layers and the body's output shape for nothing,
     whatever the member's size. The weights do not matter here, so no pretrained weights are loaded.
     """
     with torch.device("meta"):
-        network, _ = create_timm_model(member.arch, member.n_out, pretrained=False)
-    return network
+        return member_network(member, pretrained=False)
 
 
 def without_dropout(model: nn.Module) -> nn.Module:
@@ -380,7 +380,10 @@ def small_body(member: MemberConfig, body: nn.Module, seed: int) -> tuple[nn.Mod
         return None, {"family": family, "skipped": f"no small body known for timm family {family!r} and the body has "
                       f"{n_params / 1e6:.0f}M parameters (> {SMALL_BODY_MAX_PARAMS / 1e6:.0f}M)"}
     torch.manual_seed(seed)
-    small = without_dropout(timm.create_model(member.arch, pretrained=False, num_classes=member.n_out, **kwargs))
+    small = timm.create_model(
+        member.arch, pretrained=False, num_classes=member.n_out, pretrained_cfg_overlay=timm_overlay(member), **kwargs
+    )
+    small = without_dropout(small)
     about = {"family": family, "arch": member.arch, "shrunk_by": kwargs, "norm_layers": norm_layers(small)}
     if norm_layers(small) != norm_layers(body):
         return None, about | {"skipped": f"the small body's norm layers differ from the member's {norm_layers(body)}"}

@@ -73,6 +73,7 @@ class StageConfig:
     tta: bool
     validation: ValidationConfig
     precision: str = "auto"
+    num_workers: int | str = "auto"
 
 
 def load_stage_config(params: Mapping[str, Any], name: str) -> StageConfig:
@@ -86,6 +87,7 @@ def load_stage_config(params: Mapping[str, Any], name: str) -> StageConfig:
         tta=train.tta,
         validation=load_section(ValidationConfig, params, "validation"),
         precision=train.precision,
+        num_workers=train.num_workers,
     )
 
 
@@ -238,11 +240,9 @@ class TrainResult:
     images_trained: int
 
 
-def fit_member(
-    cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live, num_workers: int = 0
-) -> TrainResult:
+def fit_member(cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live) -> TrainResult:
     """Build the member's DataLoaders and Learner and run its schedule, resuming from a matching checkpoint."""
-    dls = vision.member_dataloaders(cfg.member, table, cfg.bs, accum, cfg.seed, num_workers=num_workers)
+    dls = vision.member_dataloaders(cfg.member, table, cfg.bs, accum, cfg.seed, num_workers=cfg.num_workers)
     learn = vision.member_learner(cfg.member, dls, cfg.bs, accum, mixed_precision=cfg.precision)
     learn.path, learn.model_dir = checkpoints.directory, "."  # lr_find's temporary weights go there too
     state = checkpoints.state()
@@ -295,7 +295,7 @@ def learning_rate(learn, member: MemberConfig) -> tuple[float, float | None]:
 
 
 def train_with_oom_fallback(
-    cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live, num_workers: int = 0
+    cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live
 ) -> TrainResult:
     """fit_member, doubling accum (halving the step's images) after each CUDA out-of-memory error, up to accum = bs.
 
@@ -304,7 +304,7 @@ def train_with_oom_fallback(
     retries = 0
     while True:
         try:
-            result = fit_member(cfg, table, accum, checkpoints, live, num_workers=num_workers)
+            result = fit_member(cfg, table, accum, checkpoints, live)
             result.oom_retries = retries
             return result
         except torch.OutOfMemoryError:
@@ -442,7 +442,7 @@ def precision_used(learn) -> str:
 # -- the stage -----------------------------------------------------------------------------------------------------
 
 
-def run_stage(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path("."), num_workers: int = 0) -> dict:
+def run_stage(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path(".")) -> dict:
     """Train one member and write all its outputs under `root`; returns its metrics."""
     root = Path(root)
     accum, accum_source = member_accum(cfg.member, root / vision.probe_decision_path(cfg.name))
@@ -457,7 +457,7 @@ def run_stage(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path("."
         live.step = state["completed_epochs"]
     seed_everything(cfg.seed)
     log(STAGE, f"{cfg.name}: {cfg.member.arch}, accum {accum} ({accum_source}), {len(table)} images")
-    result = train_with_oom_fallback(cfg, table, accum, checkpoints, live, num_workers=num_workers)
+    result = train_with_oom_fallback(cfg, table, accum, checkpoints, live)
     learn = result.learn
 
     test, valid = prediction_frames(learn, table, data_dir, use_tta=cfg.tta)
@@ -474,6 +474,7 @@ def run_stage(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path("."
         oom_retries=result.oom_retries,
         device=str(compute_device()),
         precision=precision_used(learn),
+        num_workers=vision.loader_workers(cfg.num_workers, compute_device()),
         epochs=cfg.member.epochs,
         lr=result.lr,
         lr_suggestion=result.lr_suggestion,
@@ -499,7 +500,6 @@ def run_stage(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path("."
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("member", help="a member name under train.members in params.yaml")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     args = parser.parse_args(argv)
     try:
         cfg = load_stage_config(read_params(), args.member)
@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(f"{DATA_DIR}/train.csv: not found; run `dvc repro paddy_data` first")
         if cfg.validation.full:
             banner(STAGE, f"{cfg.name}: validation.full is true: training on ALL images, no held-out metrics")
-        metrics = run_stage(cfg, num_workers=args.num_workers)
+        metrics = run_stage(cfg)
     except (ParamsError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None
     log(STAGE, f"{cfg.name}: valid error rate {metrics['valid_error_rate']}, {metrics['train_seconds']} s")

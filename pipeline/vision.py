@@ -6,6 +6,9 @@ so both measure and run exactly the same model, item transform, batch size and a
 
 from __future__ import annotations
 
+import inspect
+import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -32,6 +35,9 @@ from fastai.vision.all import (
     set_seed,
     vision_learner,
 )
+from fastai.vision.learner import TimmBody, create_timm_model
+from timm.layers import Format, nhwc_to
+from torch import nn
 
 from pipeline.common import compute_device, quiet_progress
 from pipeline.paddy import CLASSES, VARIETIES
@@ -39,6 +45,7 @@ from pipeline.params import PARAMS_FILE, ParamsError, from_mapping, known_values
 
 Size = int | tuple[int, int]
 N_CLASSES = len(CLASSES)
+CPU_AUTO_WORKERS = 0  # `num_workers: auto` when training on CPU: see loader_workers and the README's Benchmarks
 
 
 @dataclass(frozen=True)
@@ -76,14 +83,32 @@ class MemberConfig:
             raise ValueError(f"lr must be a positive number below 10 or 'find', got {self.lr}")
         if isinstance(self.pretrained, str) and not Path(self.pretrained).is_file():
             raise ValueError(f"pretrained weights file {self.pretrained!r} not found; fix the path or use true/false")
-        if self.albumentations:
-            unknown = [name for name in self.albumentations if not hasattr(albumentations, name)]
-            if unknown:
-                raise ValueError(f"albumentations has no transform {unknown[0]!r}; see albumentations' docs")
+        for name, kwargs in self.albumentations.items():
+            check_albumentations_transform(name, kwargs)
 
     @property
     def n_out(self) -> int:
         return N_CLASSES + (len(VARIETIES) if self.targets == "label+variety" else 0)
+
+
+def check_albumentations_transform(name: str, kwargs: Mapping[str, Any]) -> None:
+    """A one-line ValueError unless albumentations has transform `name` and it accepts `kwargs`.
+
+    Built once here, so that a bad argument stops params validation rather than a training run hours later
+    (albumentations only warns about an argument it does not know, so those are checked against its signature).
+    """
+    transform = getattr(albumentations, name, None)
+    if not isinstance(transform, type) or not issubclass(transform, albumentations.BasicTransform):
+        raise ValueError(f"albumentations has no transform {name!r}; see albumentations' docs")
+    unknown = sorted(set(kwargs) - set(inspect.signature(transform).parameters))
+    if unknown:
+        raise ValueError(f"albumentations.{name} takes no argument {unknown[0]!r}; see its docs")
+    try:
+        transform(**kwargs)
+    except (TypeError, ValueError) as err:
+        # pydantic's report: a title line, then the argument and the reason, one per line
+        reason = " ".join(line.strip() for line in str(err).splitlines()[1:3]) or str(err)
+        raise ValueError(f"albumentations.{name}: {reason}") from None
 
 
 @dataclass(frozen=True)
@@ -96,10 +121,13 @@ class TrainConfig:
     tta: bool = True
     # auto: fp16 on CUDA (the seeds' to_fp16), fp32 on CPU; bf16 suits GPUs that have it (Ampere and later).
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    num_workers: int | Literal["auto"] = "auto"  # DataLoader worker processes; auto: see loader_workers
 
     def __post_init__(self):
         if self.bs < 1:
             raise ValueError(f"bs must be a positive integer, got {self.bs}")
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError(f"num_workers must be 'auto' or a non-negative integer, got {self.num_workers}")
         if not self.members:
             raise ValueError("members is empty; define at least one ensemble member")
 
@@ -184,27 +212,34 @@ def item_transform(member: MemberConfig):
     return Resize(member.resize, method=member.method, pad_mode=PadMode.Zeros)
 
 
-def albumentations_transform(member: MemberConfig):
-    """An fastai ItemTransform running the member's albumentations pipeline on training items only (or None)."""
-    if not member.albumentations:
-        return None
-    pipeline = albumentations.Compose(
-        [getattr(albumentations, name)(**kwargs) for name, kwargs in member.albumentations.items()]
-    )
+class AlbumentationsItem(ItemTransform):
+    """A member's albumentations pipeline on training items only, like fastai's own random augmentations."""
 
-    class AlbumentationsItem(ItemTransform):
-        split_idx = 0  # training set only, like fastai's own random augmentations
-        order = 2  # after Resize (order 1): augmenting the resized image is cheaper and the result is the same size
+    split_idx = 0  # the training set only (and fastai's TTA, which applies the training transforms)
+    order = 2  # after Resize (order 1): augmenting the resized image is cheaper and the result is the same size
 
-        def encodes(self, item):
-            image, *targets = item
-            augmented = pipeline(image=np.array(image))["image"]
-            return (PILImage.create(augmented), *targets)
+    def __init__(self, transforms: Mapping[str, Mapping[str, Any]]):
+        super().__init__()
+        self.pipeline = albumentations.Compose(
+            [getattr(albumentations, name)(**kwargs) for name, kwargs in transforms.items()]
+        )
 
-    return AlbumentationsItem()
+    def encodes(self, item):
+        image, *targets = item
+        # albumentations draws from a random state of its own, which every DataLoader worker would inherit
+        # unchanged (the same augmentations each epoch, in each worker) and no checkpoint saves. Seeding it from
+        # python's random, which fastai seeds per worker and the checkpoints save, keeps runs reproducible.
+        self.pipeline.set_random_seed(random.getrandbits(32))
+        augmented = self.pipeline(image=np.asarray(image))["image"]
+        return (PILImage.create(augmented), *targets)
 
 
-def member_datablock(member: MemberConfig):
+def albumentations_transform(member: MemberConfig) -> AlbumentationsItem | None:
+    """The member's albumentations pipeline as a fastai item transform on training items (None without one)."""
+    return AlbumentationsItem(member.albumentations) if member.albumentations else None
+
+
+def member_datablock(member: MemberConfig) -> DataBlock:
     """The DataBlock for a table with `path`, `label`, `variety` and boolean `is_valid` columns."""
     multi = member.targets == "label+variety"
     blocks = (ImageBlock, CategoryBlock(vocab=list(CLASSES))) + ((CategoryBlock(vocab=list(VARIETIES)),) if multi else ())
@@ -221,15 +256,87 @@ def member_datablock(member: MemberConfig):
     )
 
 
-def member_dataloaders(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, num_workers: int = 0):
-    """DataLoaders with `bs // accum` images per step (the seeds' memory trick), seeded shuffling."""
+def loader_workers(requested: int | Literal["auto"], device: torch.device) -> int:
+    """DataLoader worker processes: `requested`, or for `auto` every CPU this process may run on when training on
+    CUDA (decoding and resizing full-size JPEGs is what a GPU waits for) and CPU_AUTO_WORKERS on CPU, where workers
+    take cores from the training itself.
+    """
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return CPU_AUTO_WORKERS
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def member_dataloaders(
+    member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, num_workers: int | str = 0
+):
+    """DataLoaders with `bs // accum` images per step (the seeds' memory trick), seeded shuffling.
+
+    `num_workers`: worker processes, or `auto` (loader_workers). On CUDA, batches come from pinned memory (faster
+    copies to the GPU).
+
+    Workers are not persistent: fastai (2.8) builds a new torch iterator every epoch, so it starts new workers
+    every epoch whatever `persistent_workers` says (fastai/fastai3#5), and we do not pass it. That is what keeps
+    runs reproducible: each epoch's workers are seeded from the main process's torch random state, which the
+    train stage's checkpoints save, so a run killed and resumed matches an uninterrupted one with the same seed
+    and worker count (not across counts: item augmentations are drawn in the workers).
+    """
+    device = compute_device()
     set_seed(seed, reproducible=True)
     return member_datablock(member).dataloaders(
-        table, bs=batch_size(bs, accum), num_workers=num_workers, device=compute_device()
+        table,
+        bs=batch_size(bs, accum),
+        num_workers=loader_workers(num_workers, device),
+        pin_memory=device.type == "cuda",
+        device=device,
     )
 
 
-# -- the learner ---------------------------------------------------------------------------------------------------
+# -- the network and the learner -----------------------------------------------------------------------------------
+
+
+class ChannelsFirstTimmBody(TimmBody):
+    """fastai's TimmBody for a timm model whose features come out channels-last (timm's `output_fmt` NHWC: swin,
+    swinv2, ...): fastai's head pools dims 2 and 3 as H and W, so the features are handed to it as NCHW."""
+
+    def forward(self, x):
+        return nhwc_to(super().forward(x), Format.NCHW)
+
+
+def with_channels_first_body(network: nn.Sequential) -> nn.Sequential:
+    """fastai's (body, head) network on a timm model, its body swapped for one that hands the head NCHW features
+    when the model's own come out channels-last. The timm model (and so its weights and their names) is kept."""
+    body = network[0]
+    if body.needs_pool and Format(getattr(body.model, "output_fmt", Format.NCHW)) is Format.NHWC:
+        network[0] = ChannelsFirstTimmBody(body.model)
+    return network
+
+
+def timm_overlay(member: MemberConfig) -> dict:
+    """What timm's pretrained config is told about the member (timm's `pretrained_cfg_overlay`).
+
+    - input_size: the member's `size`. Models with a fixed input size (vit, swin, swinv2: `fixed_input_size` in
+      their config) are built for it, as timm does from this entry (it becomes their `img_size`), and pretrained
+      weights are resampled to it by timm's loader (position embeddings, relative position tables); other models
+      ignore it.
+    - file: a local weights file, the offline mechanism Kaggle kernels without internet use.
+    """
+    height, width = member.size if isinstance(member.size, tuple) else (member.size, member.size)
+    overlay: dict[str, Any] = dict(input_size=(3, height, width))
+    if isinstance(member.pretrained, str):
+        overlay["file"] = str(Path(member.pretrained).resolve())
+    return overlay
+
+
+def member_network(member: MemberConfig, pretrained: bool | None = None) -> nn.Sequential:
+    """The member's network as member_learner builds it (timm body, fastai head), without a Learner.
+
+    `pretrained`: None loads the member's own weights (if any); False builds it randomly initialised.
+    """
+    weights = bool(member.pretrained) if pretrained is None else pretrained
+    network, _ = create_timm_model(member.arch, member.n_out, pretrained=weights, pretrained_cfg_overlay=timm_overlay(member))
+    return with_channels_first_body(network)
 
 
 def precision_for(requested: bool | str | None, cuda: bool) -> str:
@@ -246,13 +353,7 @@ def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precisi
     """A fastai Learner on the member's timm architecture, with GradientAccumulation(bs) and, on CUDA, fp16.
 
     `mixed_precision`: None or "auto" (fp16 on CUDA), True/"fp16", "bf16", False/"fp32"; always fp32 on CPU.
-
-    Local weights files go through timm's own offline mechanism (`pretrained_cfg_overlay=dict(file=...)`), the way
-    Kaggle kernels without internet load them.
     """
-    timm_kwargs = {}
-    if isinstance(member.pretrained, str):
-        timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(member.pretrained).resolve()))
     if member.targets == "label+variety":
         loss, metrics = DiseaseVarietyLoss(), [disease_err, variety_err, disease_loss, variety_loss]
     else:
@@ -266,8 +367,9 @@ def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precisi
         metrics=metrics,
         # GradientAccumulation(bs) steps the optimiser once `bs` images have been seen, whatever the step size.
         cbs=[GradientAccumulation(bs)] if accum > 1 else [],
-        **timm_kwargs,
+        pretrained_cfg_overlay=timm_overlay(member),
     )
+    with_channels_first_body(learn.model)
     precision = precision_for(mixed_precision, torch.cuda.is_available())
     if precision == "fp16":
         learn.to_fp16()

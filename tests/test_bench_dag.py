@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from pipeline.bench_dag import run, stage_times
+from benchmarks.dag import run, stage_times
 
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "test",

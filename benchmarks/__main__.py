@@ -1,7 +1,6 @@
 """`make bench`: every benchmark in one run, results in bench/*.json and one summary table.
 
-Speed and memory targets live here, not in the timed test suite. Each benchmark module has `run() -> dict`;
-`python -m pipeline.bench collab train` runs a subset.
+`python -m benchmarks collab train` runs a subset; each module also runs alone (`python -m benchmarks.loader`).
 """
 
 from __future__ import annotations
@@ -13,15 +12,16 @@ import time
 from pathlib import Path
 
 BENCHMARKS = {
-    "collab": "pipeline.bench_collab",  # our DotProductBias vs fastai's collab_learner on ML-100k
-    "train": "pipeline.bench_train",  # our train stage vs the seeds' plain train(): images/s
-    "dag": "pipeline.bench_dag",  # the whole demo DAG from a fresh clone: wall time
+    "collab": "benchmarks.collab",  # our DotProductBias vs fastai's collab_learner on ML-100k
+    "train": "benchmarks.train",  # our train stage vs the seeds' plain train(): images/s
+    "loader": "benchmarks.loader",  # each member's DataLoader vs its training step, images/s at 480x640
+    "dag": "benchmarks.dag",  # the whole demo DAG from a fresh clone: wall time
 }
 RESULTS_DIR = Path("bench")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run, of: {', '.join(BENCHMARKS)} (default: all)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names) - set(BENCHMARKS))

@@ -1,6 +1,6 @@
 """Benchmark: the whole demo DAG (both branches) from a fresh clone of HEAD, timed stage by stage.
 
-`make bench` (or `python -m pipeline.bench_dag`) clones the current commit into a temporary directory, runs
+`make bench` (or `python -m benchmarks.dag`) clones the current commit into a temporary directory, runs
 `dvc repro` there, times each stage from DVC's own "Running stage" lines, then runs `dvc repro` again to check that
 nothing reruns. Results in bench/dag.json. Target: under 10 minutes on 2 CPU cores (aim: 5).
 """

@@ -5,7 +5,7 @@ fit_one_cycle(5, 5e-3, wd=0.1). Both train on the same seeded 80/20 split of dat
 of torch threads, one after the other in this process, and are timed the same way (fit_one_cycle only).
 `--cv K` adds K-fold cross-validated RMSE for our model. Writes bench/collab.json.
 
-Run: `python -m pipeline.bench_collab [--cv 5]` (or `make bench`, which calls run()).
+Run: `python -m benchmarks.collab [--cv 5]` (or `make bench`, which calls run()).
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import argparse
 import platform
 from dataclasses import asdict, replace
 from pathlib import Path
+
+from fastai.collab import collab_learner
+from fastai.metrics import rmse
 
 from pipeline import collab
 from pipeline.common import log, quiet_progress, write_json
@@ -26,9 +29,6 @@ REFERENCE = {"n_factors": 50, "y_range": (0.0, 5.5), "bs": 64, "epochs": 5, "lr"
 
 def reference_learner(dls, config: collab.CollabConfig):
     """fastai's own dot-product model, as the seeds call it."""
-    from fastai.collab import collab_learner
-    from fastai.metrics import rmse
-
     learn = collab_learner(dls, n_factors=config.n_factors, y_range=tuple(config.y_range), metrics=rmse)
     quiet_progress(learn)
     return learn

@@ -1,0 +1,223 @@
+"""Benchmark: each member's DataLoader against its training step (images/s), at the competition's real image size.
+
+For every demo member and one competition member (random init), on generated 480x640 JPEGs (pipeline.synthetic):
+- loader: images/s delivered by the member's own training DataLoader (vision.member_dataloaders: decoding, item
+  transform, collation, batch transforms on the device), with 0 workers and with `auto` workers. fastai starts its
+  workers afresh every epoch; the first batch pays for that and is reported apart (`first_batch_s`), the rate is
+  timed over the batches after it, a few per worker so that the workers run in steady state.
+- step: images/s of the member's training step (forward, backward, optimiser step) on the same device, in the
+  precision train uses, timed by a fastai callback from a batch's arrival to its end, so the loader is not in it.
+- where a batch's time goes with 0 workers: decoding, item transforms, batch transforms (ms per image).
+Goal on a GPU: loader (auto workers) >= 1.2x the step rate for every member. The device is this machine's (CUDA when
+present). On CPU, the step is timed on a few small batches to keep the run to a couple of minutes.
+
+Writes bench/loader.json. `python -m benchmarks.loader [--workers 0 auto 1 2] [--members NAME ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+from fastai.callback.core import Callback, CancelFitException
+from fastai.torch_core import to_device
+
+from pipeline import vision
+from pipeline.common import compute_device, log, write_json
+from pipeline.paddy import read_train_table
+from pipeline.profile import render_params
+from pipeline.synthetic import write_synthetic_dataset
+
+STAGE = "bench loader"
+RESULT = Path("bench/loader.json")
+IMAGE_SIZE = (480, 640)  # (w, h), as pipeline.synthetic takes it: the competition's portrait photos
+DISTINCT_IMAGES = 64  # generated once; the table repeats them (decoding costs the same, generating does not)
+COMPETITION_MEMBER = "convnext_large_640"
+TARGET_RATIO = 1.2
+TIMED_ROUNDS = 3  # loader batches timed per worker, so that every worker delivers several
+MIN_TIMED_IMAGES = 128  # and at least this many images
+LOADER_PASSES = 2  # the best of two passes: one is at the mercy of whatever else the machine is doing
+STEPS = {"cuda": (2, 5), "cpu": (1, 1)}  # training steps (untimed warm-up, timed) per device type
+CPU_STEP_BATCH = 4  # on CPU, the competition member's step on its real batch takes minutes: timed on a small one
+
+
+def bench_members() -> dict[str, tuple[vision.MemberConfig, vision.TrainConfig, str]]:
+    """Every demo member and one competition member: (member, random init; its profile's train settings; profile)."""
+    demo = vision.load_train_config(render_params("demo"))
+    competition = vision.load_train_config(render_params("competition"))
+    members = {name: (member, demo, "demo") for name, member in demo.members.items()}
+    members[COMPETITION_MEMBER] = (competition.member(COMPETITION_MEMBER), competition, "competition")
+    return {name: (replace(member, pretrained=False), *rest) for name, (member, *rest) in members.items()}
+
+
+def real_size_table(data_dir: Path, rows: int) -> pd.DataFrame:
+    """`rows` training rows (repeating DISTINCT_IMAGES generated 480x640 JPEGs), then one validation row."""
+    if not (data_dir / "train.csv").is_file():
+        per_class = DISTINCT_IMAGES // 10 + 1  # the smallest class gets half, so a few spare
+        write_synthetic_dataset(data_dir, train_per_class=per_class, n_test=1, image_size=IMAGE_SIZE, seed=0)
+    images = read_train_table(data_dir).head(DISTINCT_IMAGES)
+    table = images.sample(rows + 1, replace=True, random_state=0, ignore_index=True)
+    table["is_valid"] = table.index == rows
+    return table
+
+
+def first_rows(table: pd.DataFrame, rows: int) -> pd.DataFrame:
+    """The first `rows` training rows of `table` and its validation row."""
+    return pd.concat([table[~table["is_valid"]].head(rows), table[table["is_valid"]]], ignore_index=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_batches(workers: int, bs: int) -> int:
+    return max(TIMED_ROUNDS * workers, -(-MIN_TIMED_IMAGES // bs))
+
+
+def loader_rate(member, table, bs: int, accum: int, workers, device) -> dict:
+    """Images/s of the member's training DataLoader with `workers`, after its first batch (best of LOADER_PASSES)."""
+    dls = vision.member_dataloaders(member, table, bs, accum, seed=0, num_workers=workers)
+    count = vision.loader_workers(workers, device)
+    passes = []
+    for _ in range(LOADER_PASSES):
+        batches = iter(dls.train)  # an epoch: fastai starts its workers
+        started = time.perf_counter()
+        next(batches)
+        synchronize(device)
+        first = time.perf_counter()
+        images = 0
+        for _ in range(timed_batches(count, dls.train.bs)):
+            images += len(next(batches)[0])
+        synchronize(device)
+        passes.append((first - started, images / (time.perf_counter() - first)))
+        batches.close()  # ends the epoch early: fastai's iterator shuts its workers down
+    first_batch_s, images_per_second = min(passes, key=lambda run: -run[1])
+    return dict(workers=count, first_batch_s=round(first_batch_s, 2), images_per_second=round(images_per_second, 1))
+
+
+def breakdown_ms(member, table, bs: int, accum: int, device) -> dict:
+    """Milliseconds per image spent decoding, in the item transforms and in the batch transforms (0 workers)."""
+    dl = vision.member_dataloaders(member, table, bs, accum, seed=0, num_workers=0).train
+    dl.before_iter()  # where fastai sets the training split on the item and batch transforms
+    decode = item = 0.0
+    items = []
+    for index in range(dl.bs):
+        started = time.perf_counter()
+        decoded = dl.create_item(index)  # PIL decoding and the label's categorisation (negligible)
+        middle = time.perf_counter()
+        items.append(dl.after_item(decoded))
+        decode, item = decode + middle - started, item + time.perf_counter() - middle
+    started = time.perf_counter()
+    dl.after_batch(to_device(dl.create_batch(items), device))
+    synchronize(device)
+    batch = time.perf_counter() - started
+    return {name: round(1000 * seconds / dl.bs, 2) for name, seconds in (("decode", decode), ("item", item), ("batch", batch))}
+
+
+class StepTimer(Callback):
+    """Times each training batch from its arrival (before_batch) to its end (after_batch), then stops the fit."""
+
+    order = 100  # after every other callback's before_batch (mixed precision, gradient accumulation)
+
+    def __init__(self, warmup: int, timed: int):
+        self.warmup, self.timed, self.seconds, self.images = warmup, timed, [], []
+
+    def before_batch(self):
+        synchronize(self.dls.device)
+        self.started = time.perf_counter()
+
+    def after_batch(self):
+        synchronize(self.dls.device)
+        self.seconds.append(time.perf_counter() - self.started)
+        self.images.append(len(self.xb[0]))
+        if len(self.seconds) == self.warmup + self.timed:
+            raise CancelFitException()
+
+
+def step_rate(member, table, bs: int, accum: int, precision: str, device, step_bs: int) -> dict:
+    """Images/s of the member's training step on batches of `step_bs` in train's precision, after the warm-up."""
+    warmup, timed = STEPS[device.type]
+    # accum = 1 at the step's own batch: GradientAccumulation only skips optimiser steps, which would then be missing
+    # from the timed ones.
+    dls = vision.member_dataloaders(member, first_rows(table, step_bs * (warmup + timed)), step_bs, 1, seed=0)
+    learn = vision.member_learner(member, dls, step_bs, 1, mixed_precision=precision)
+    timer = StepTimer(warmup, timed)
+    learn.fit(1, 1e-4, cbs=[timer])
+    seconds, images = sum(timer.seconds[warmup:]), sum(timer.images[warmup:])
+    return dict(batch=step_bs, precision=vision.precision_for(precision, device.type == "cuda"),
+                images_per_second=round(images / seconds, 1))
+
+
+def run(worker_settings: list = (0, "auto"), names: list[str] | None = None, data_dir: Path | None = None) -> dict:
+    device = compute_device()
+    members = bench_members()
+    chosen = names or list(members)
+    unknown = sorted(set(chosen) - set(members))
+    if unknown:
+        raise SystemExit(f"{STAGE}: unknown member {unknown[0]!r}; use any of: {', '.join(members)}")
+    with tempfile.TemporaryDirectory(prefix="paddy-bench-loader.") as scratch:
+        data_dir = data_dir or Path(scratch) / "paddy"
+        results = {}
+        for name in chosen:
+            member, train, profile = members[name]
+            accum = member.accum or 1
+            bs = vision.batch_size(train.bs, accum)
+            step_bs = CPU_STEP_BATCH if device.type == "cpu" and profile == "competition" else bs
+            counts = {str(w): vision.loader_workers(w, device) for w in worker_settings}
+            table = real_size_table(data_dir, bs * (1 + timed_batches(max(counts.values()), bs)) + 1)
+            log(STAGE, f"{name}: {member.arch}, {bs} images per batch, on {device}")
+            # A setting that resolves to a count already timed (auto on CPU, say) shares its figures.
+            by_count = {count: loader_rate(member, table, train.bs, accum, count, device) for count in set(counts.values())}
+            loaders = {setting: by_count[count] for setting, count in counts.items()}
+            step = step_rate(member, table, train.bs, accum, train.precision, device, step_bs)
+            auto = loaders.get("auto", max(loaders.values(), key=lambda rate: rate["images_per_second"]))
+            results[name] = dict(
+                arch=member.arch,
+                resize=member.resize,
+                method=member.method,
+                size=member.size,
+                batch=bs,
+                loader=loaders,
+                step=step,
+                loader_to_step=round(auto["images_per_second"] / step["images_per_second"], 2),
+                breakdown_ms_per_image=breakdown_ms(member, table, train.bs, accum, device),
+            )
+            log(STAGE, f"{name}: {summary_line(results[name])}")
+    result = dict(device=device_name(device), image_size=list(IMAGE_SIZE), target_ratio=TARGET_RATIO, members=results)
+    write_json(RESULT, result)
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def summary_line(figures: dict) -> str:
+    loaders = ", ".join(f"{w} workers ({rate['workers']}): {rate['images_per_second']}" for w, rate in figures["loader"].items())
+    parts = ", ".join(f"{name} {ms}" for name, ms in figures["breakdown_ms_per_image"].items())
+    return (
+        f"loader img/s {loaders} | step img/s {figures['step']['images_per_second']} (batch {figures['step']['batch']}, "
+        f"{figures['step']['precision']}) | loader/step {figures['loader_to_step']} | ms/image {parts}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", nargs="+", default=["0", "auto"], help="worker settings to time (default: 0 auto)")
+    parser.add_argument("--members", nargs="+", help="members to time (default: every demo member and one competition member)")
+    args = parser.parse_args(argv)
+    workers = [w if w == "auto" else int(w) for w in args.workers]
+    result = run(workers, args.members)
+    print(f"device: {result['device']}, images {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, goal loader/step >= {TARGET_RATIO}")
+    for name, figures in result["members"].items():
+        print(f"{name:20s} {summary_line(figures)}")
+
+
+if __name__ == "__main__":
+    main()
