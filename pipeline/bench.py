@@ -16,6 +16,7 @@ BENCHMARKS = {
     "collab": "pipeline.bench_collab",  # our DotProductBias vs fastai's collab_learner on ML-100k
     "train": "pipeline.bench_train",  # our train stage vs the seeds' plain train(): images/s
     "dag": "pipeline.bench_dag",  # the whole demo DAG from a fresh clone: wall time
+    "ddp": "pipeline.bench_ddp",  # one member in 1 process vs 2 (DDP over gloo): wall time, images/s
 }
 RESULTS_DIR = Path("bench")
 
