@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
+from accelerate.utils import DistributedDataParallelKwargs
 from fastai import distributed as fastai_distributed
 from fastai.callback.progress import ProgressCallback
 from fastai.data.core import TfmdDL
@@ -190,14 +191,17 @@ def distrib_ctx(learn) -> Iterator[Any]:
 
     Batch norm is synchronised on GPUs (statistics over the whole step batch, as in one process). DDP refuses
     SyncBatchNorm on CPU modules, so a gloo run normalises each process's batch on its own.
+    DDP is told to expect unused parameters: fastai's body runs timm's forward_features, so a timm head's own
+    layers (convnext's head norm, for one) get no gradient, and DDP would otherwise stop at the second step.
     """
     cpu = not torch.cuda.is_available()
+    settings = dict(sync_bn=not cpu, cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     had_progress = any(isinstance(cb, ProgressCallback) for cb in learn.cbs)
-    with learn.distrib_ctx(sync_bn=not cpu, cpu=cpu):
+    with learn.distrib_ctx(**settings):
         if world_size() > 1:
             # distrib_ctx added fastai's own trainer; ours is the same but for the loaders' broadcast device.
             learn.remove_cb(fastai_distributed.DistributedTrainer)
-            learn.add_cb(DistributedTrainer(sync_bn=not cpu, cpu=cpu))
+            learn.add_cb(DistributedTrainer(**settings))
         yield learn
     if not had_progress and any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
         learn.remove_cb(ProgressCallback)  # fastai's detach gives ranks > 0 progress bars that quiet_progress removed
