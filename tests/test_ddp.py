@@ -28,16 +28,18 @@ from pipeline.synthetic import write_synthetic_dataset
 from pipeline.vision import MemberConfig, batch_size
 
 ROOT = Path(__file__).resolve().parents[1]
-# Small enough for CI, large enough to learn (81% validation accuracy in one process), so that matching the
-# 1-process accuracy means something: 24 images a class at 48x64, resnet10t at 32 px.
+# Small enough for CI, large enough to learn well above chance (0.1), so that matching the 1-process accuracy means
+# something: 24 images a class at 48x64, resnet10t at 32 px, 5 epochs.
 DDP_PADDY = dict(train_per_class=24, n_test=30, image_size=(48, 64), seed=0)
 MEMBER = dict(arch="resnet10t", resize=40, method="squish", size=32, epochs=5, lr=0.01, schedule="fit_one_cycle", accum=1)
 BS, SEED, VALID = 16, 0, dict(valid_pct=0.25, seed=0)
 # The two runs are two samples of the same training, not one computation: each process normalises its own half
 # of the step batch (DDP refuses SyncBatchNorm on CPU; on GPUs it is synchronised), the processes' halves of the
-# shuffled order make different batches, and augmentation draws differ (seed + rank). Over seeds 0-2 the 1-process
-# accuracy itself spreads by 0.12; 0.2 of ~57 images allows that and still fails a run that does not learn (0.1).
-ACCURACY_TOLERANCE = 0.2
+# shuffled order make different batches, and augmentation draws differ (seed + rank). Measured here: 1 process
+# 0.51 (seed 0; seeds 1-3 give 0.84, 0.70, 0.72), 2 processes 0.40. A tolerance of 0.25 (14 of the 57 validation
+# images) is inside that seed-to-seed spread and still fails a run that learns nothing (0.1 against 0.51). The
+# steps are exact.
+ACCURACY_TOLERANCE = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,7 @@ def one_process(ddp_paddy, tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_from_its_checkpoint_and_finishes(two_processes):
     root, killed_returncode, _, metrics = two_processes
     assert killed_returncode == -signal.SIGKILL
@@ -116,6 +119,7 @@ def test_a_killed_two_process_run_resumes_from_its_checkpoint_and_finishes(two_p
     assert not (root / "models" / "checkpoints" / "tiny").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_write_each_output_once(two_processes):
     root, _, log, metrics = two_processes
     assert log.count("[train] tiny: valid error rate") == 1  # rank 0 alone writes and reports
@@ -127,6 +131,7 @@ def test_two_processes_write_each_output_once(two_processes):
     assert train.read_json(root / "metrics" / "train" / "tiny.json") == metrics
 
 
+@pytest.mark.slow
 def test_two_process_predictions_cover_every_image_once_in_order(two_processes, ddp_paddy):
     root, *_ = two_processes
     test = pd.read_csv(root / "preds" / "tiny" / "test.csv")
@@ -137,11 +142,13 @@ def test_two_process_predictions_cover_every_image_once_in_order(two_processes, 
     assert valid[list(CLASSES)].notna().all().all()
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_optimiser_steps_and_reach_the_accuracy_of_one(two_processes, one_process):
     _, _, _, two = two_processes
     assert (two["process_step_images"], one_process["process_step_images"]) == (BS // 2, BS)
     assert two["optimizer_steps"] == one_process["optimizer_steps"]
-    assert abs(two["valid_accuracy"] - one_process["valid_accuracy"]) <= ACCURACY_TOLERANCE
+    accuracies = (two["valid_accuracy"], one_process["valid_accuracy"])
+    assert abs(accuracies[0] - accuracies[1]) <= ACCURACY_TOLERANCE, accuracies
 
 
 # -- the parts, in one process -----------------------------------------------------------------------------------
