@@ -3,8 +3,8 @@
 `python -m pipeline.train <member>` stays the stage's one command. When `train.devices` asks for more than one
 process, its main relaunches itself through torch's own launcher (`torch.distributed.run`, what `accelerate launch
 --multi_gpu` runs too), one process per device; inside each, accelerate's PartialState joins the process group
-(nccl on CUDA, gloo on CPU) and fastai's `distrib_ctx` wraps the model in DistributedDataParallel with synchronised
-batch norm. One process (a CPU, one GPU) takes none of these paths.
+(nccl on CUDA, gloo on CPU) and fastai's `distrib_ctx` wraps the model in DistributedDataParallel (batch norm
+synchronised on GPUs). One process (a CPU, one GPU) takes none of these paths.
 
 How `bs`, `accum` and the processes combine (P processes):
     per-process step batch = bs // (accum * P)        each process loads this many images per forward pass
