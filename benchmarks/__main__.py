@@ -16,6 +16,7 @@ BENCHMARKS = {
     "train": "benchmarks.train",  # our train stage vs the seeds' plain train(): images/s
     "loader": "benchmarks.loader",  # each member's DataLoader vs its training step, images/s at 480x640
     "dag": "benchmarks.dag",  # the whole demo DAG from a fresh clone: wall time
+    "ddp": "benchmarks.ddp",  # one member in 1 process vs 2 (DDP over gloo): wall time, images/s
 }
 RESULTS_DIR = Path("bench")
 

@@ -54,6 +54,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline.common import atomic_path, compute_device, log, quiet_progress, seed_everything, write_json
+from pipeline.distributed import process_batch, process_count
 from pipeline.paddy import DATA_DIR, read_train_table, smallest_class, train_csv, validation_mask
 from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline.vision import (
@@ -562,7 +563,10 @@ def main(argv: list[str] | None = None) -> None:
         profile = profile_of(params)
         train = load_train_config(params)
         member = train.member(name)
-        config = load_probe_config(params, train.bs)
+        # Under DDP each GPU holds bs // processes of the batch: measure the memory one GPU needs.
+        processes = process_count(train.devices)
+        bs = process_batch(train.bs, processes)
+        config = load_probe_config(params, bs)
         seed = seed_of(params)
         if not train_csv(DATA_DIR).is_file():
             raise ProbeError(f"{train_csv(DATA_DIR)}: not found; run `dvc repro paddy_data` first")
@@ -571,13 +575,14 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         # The probe measures in the precision train will use: fp16 and fp32 activations differ twofold.
         measure = functools.partial(measure_cuda if device.type == "cuda" else measure_cpu, precision=train.precision)
-        result = probe_member(name, member, table, config, train.bs, seed, measure)
+        result = probe_member(name, member, table, config, bs, seed, measure)
         check = member_grad_accum_check(member, seed)
         log(STAGE, f"{name}: gradient accumulation vs full batch: equivalent={check['equivalent']}, max |weight "
                    f"difference| {check['max_abs_weight_diff']:.2e} ({check['seconds']} s)")
         result = {
             "profile": profile,
             "device": device_name(device),
+            "processes": processes,
             "memory": "torch.cuda peak reserved" if device.type == "cuda" else "peak RSS of a fresh child process",
             **result,
             "grad_accum_check": check,

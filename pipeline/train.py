@@ -35,7 +35,7 @@ from PIL import Image
 from pipeline.common import atomic_path, banner, compute_device, log, read_json, seed_everything, write_json
 from pipeline.paddy import CLASSES, DATA_DIR, VARIETIES, read_train_table, test_image_dir, test_image_ids, validation_mask
 from pipeline.params import FieldError, ParamsError, load_section, profile_of, read_params, seed_of
-from pipeline import vision
+from pipeline import distributed, vision
 from pipeline.vision import MemberConfig
 
 STAGE = "train"
@@ -74,6 +74,7 @@ class StageConfig:
     validation: ValidationConfig
     precision: str = "auto"
     num_workers: int | str = "auto"
+    devices: int | str = "auto"
 
 
 def load_stage_config(params: Mapping[str, Any], name: str) -> StageConfig:
@@ -88,6 +89,7 @@ def load_stage_config(params: Mapping[str, Any], name: str) -> StageConfig:
         validation=load_section(ValidationConfig, params, "validation"),
         precision=train.precision,
         num_workers=train.num_workers,
+        devices=train.devices,
     )
 
 
@@ -175,11 +177,16 @@ class Checkpoints:
         return state
 
     def save(self, learn, completed_epochs: int) -> None:
+        """Rank 0 writes the checkpoint, with every rank's random states (gathered: one writer, exact resume)."""
+        loader = distributed.plain_loader(learn.dls.train)
+        rank_states = distributed.gather_to_rank0(dict(get_random_states(), loader=loader.rng.getstate()))
+        if rank_states is None:
+            return
         weights = self.directory / f"epoch_{completed_epochs}.pth"
         with atomic_path(weights) as tmp:
             save_model(tmp, learn.model, learn.opt, with_opt=True)
         with atomic_path(self.directory / "random.pth") as tmp:
-            torch.save(dict(get_random_states(), loader=learn.dls.train.rng.getstate()), tmp)
+            torch.save(dict(ranks=rank_states), tmp)
         state = read_json(self.directory / "state.json") | dict(completed_epochs=completed_epochs)
         write_json(self.directory / "state.json", state)
         for older in self.directory.glob("epoch_*.pth"):
@@ -190,9 +197,12 @@ class Checkpoints:
         if learn.opt is None:
             learn.create_opt()
         load_model(self.directory / f"epoch_{completed_epochs}.pth", learn.model, learn.opt, device=learn.dls.device)
-        states = torch.load(self.directory / "random.pth", weights_only=False)
-        learn.dls.train.rng.setstate(states.pop("loader"))
-        set_random_states(**states)
+        saved = torch.load(self.directory / "random.pth", weights_only=False)
+        ranks = saved.get("ranks", [saved])  # a checkpoint from before DDP holds one process's states
+        if distributed.rank() < len(ranks):  # a rank the saved run did not have keeps its fresh seed
+            states = ranks[distributed.rank()]
+            learn.dls.train.rng.setstate(states.pop("loader"))
+            set_random_states(**states)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -206,6 +216,9 @@ def _epoch_callbacks(checkpoints: Checkpoints, live, offset: int, start_epoch: i
         def after_epoch(self):
             if self.epoch >= start_epoch:
                 checkpoints.save(self.learn, offset + self.epoch + 1)
+
+    if live is None:  # not rank 0: only rank 0 logs
+        return [SaveEpoch()]
 
     class LiveEpoch(DVCLiveCallback):
         # DVCLive's own after_epoch fails on the None validation metrics of a `full` run, and fastai still calls it on
@@ -240,38 +253,47 @@ class TrainResult:
     images_trained: int
 
 
-def fit_member(cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live) -> TrainResult:
-    """Build the member's DataLoaders and Learner and run its schedule, resuming from a matching checkpoint."""
-    dls = vision.member_dataloaders(cfg.member, table, cfg.bs, accum, cfg.seed, num_workers=cfg.num_workers)
-    learn = vision.member_learner(cfg.member, dls, cfg.bs, accum, mixed_precision=cfg.precision)
+def fit_member(
+    cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live
+) -> TrainResult:
+    """Build the member's DataLoaders and Learner and run its schedule, resuming from a matching checkpoint.
+
+    Under DDP each process loads bs // (accum * processes) images per step (pipeline.distributed says why), seeds its
+    augmentations with seed + rank (rank 0's shuffled order is everyone's), and all resume from what rank 0 read.
+    """
+    process_bs = distributed.process_batch(cfg.bs)
+    seed = cfg.seed + distributed.rank()
+    dls = vision.member_dataloaders(cfg.member, table, process_bs, accum, seed, num_workers=cfg.num_workers)
+    learn = vision.member_learner(cfg.member, dls, process_bs, accum, mixed_precision=cfg.precision)
     learn.path, learn.model_dir = checkpoints.directory, "."  # lr_find's temporary weights go there too
-    state = checkpoints.state()
+    state = distributed.from_rank0(checkpoints.state)
     if state is None:
-        lr, suggestion = learning_rate(learn, cfg.member)
-        state = checkpoints.start(lr, suggestion)
+        lr, suggestion = learning_rate(learn, cfg.member)  # on every rank: fastai's lr_find gathers their losses
+        state = distributed.from_rank0(lambda: checkpoints.start(lr, suggestion))
     resume_after = state["completed_epochs"]  # 0 for a fresh run
     if resume_after:
         log(STAGE, f"{cfg.name}: resuming after epoch {resume_after} from {checkpoints.directory}")
     restore_pending = resume_after > 0
     started, images = time.perf_counter(), 0
     offset = 0
-    for phase in schedule_phases(cfg.member, state["lr"]):
-        start_epoch = max(0, resume_after - offset)
-        if start_epoch < phase.epochs:
-            set_frozen = learn.freeze if phase.frozen else learn.unfreeze
-            if not restore_pending:
-                set_frozen()
-            elif start_epoch:
-                set_frozen()  # fastai's freeze/unfreeze clears the optimiser state: restore it after, mid-phase
-                checkpoints.restore(learn, resume_after)
-            else:
-                checkpoints.restore(learn, resume_after)
-                set_frozen()  # at a phase boundary the uninterrupted run clears it too
-            restore_pending = False
-            cbs = _epoch_callbacks(checkpoints, live, offset, start_epoch)
-            learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=start_epoch, cbs=cbs, **phase.kwargs)
-            images += (phase.epochs - start_epoch) * len(dls.train.items)
-        offset += phase.epochs
+    with distributed.distrib_ctx(learn):
+        for phase in schedule_phases(cfg.member, state["lr"]):
+            start_epoch = max(0, resume_after - offset)
+            if start_epoch < phase.epochs:
+                set_frozen = learn.freeze if phase.frozen else learn.unfreeze
+                if not restore_pending:
+                    set_frozen()
+                elif start_epoch:
+                    set_frozen()  # fastai's freeze/unfreeze clears the optimiser state: restore it after, mid-phase
+                    checkpoints.restore(learn, resume_after)
+                else:
+                    checkpoints.restore(learn, resume_after)
+                    set_frozen()  # at a phase boundary the uninterrupted run clears it too
+                restore_pending = False
+                cbs = _epoch_callbacks(checkpoints, live, offset, start_epoch)
+                learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=start_epoch, cbs=cbs, **phase.kwargs)
+                images += (phase.epochs - start_epoch) * len(dls.train.items)
+            offset += phase.epochs
     return TrainResult(
         learn=learn,
         accum=accum,
@@ -307,9 +329,11 @@ def train_with_oom_fallback(
             result = fit_member(cfg, table, accum, checkpoints, live)
             result.oom_retries = retries
             return result
-        except torch.OutOfMemoryError:
-            if accum * 2 > cfg.bs:
+        except torch.OutOfMemoryError as err:
+            if accum * 2 > distributed.process_batch(cfg.bs):
                 raise
+            if distributed.world_size() > 1:  # the other ranks are stuck in a collective: all must restart
+                raise distributed.RestartWithDoubledAccum(f"CUDA out of memory at accum {accum}") from err
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -330,18 +354,36 @@ def tta_disease_probs(learn, dl=None, ds_idx: int = 1, use_tta: bool = True) -> 
     return vision.disease_probs(probs).float().numpy()
 
 
+def sharded_disease_probs(learn, items: pd.DataFrame, use_tta: bool) -> np.ndarray | None:
+    """tta_disease_probs of `items` (a `path` column), each rank predicting its contiguous share, gathered on rank 0
+    in the items' order (None on the other ranks).
+
+    Not fastai's distributed get_preds: its DistributedDL pads the last batch and gathers batch by batch, rank by
+    rank, which interleaves the ranks' rows; sharding by hand covers every row exactly once, in order.
+    """
+    share = items.iloc[distributed.shard(len(items))]
+    if len(share):
+        probs = tta_disease_probs(learn, dl=distributed.local_dl(learn.dls, share), use_tta=use_tta)
+    else:
+        probs = np.zeros((0, len(CLASSES)), dtype=np.float32)
+    return distributed.gather_rows(probs)
+
+
 def prediction_frames(
     learn, table: pd.DataFrame, data_dir: Path, use_tta: bool
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(test, valid) probability tables in the ensemble's contract: image_id[, label], then one column per class."""
+) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(test, valid) probability tables in the ensemble's contract: image_id[, label], then one column per class.
+
+    On rank 0; None on the other ranks of a DDP run, which only predict their share.
+    """
     test_ids = test_image_ids(data_dir)
     test_items = pd.DataFrame({"path": [test_image_dir(data_dir) / image_id for image_id in test_ids]})
-    test_probs = tta_disease_probs(learn, dl=learn.dls.test_dl(test_items), use_tta=use_tta)
-    test = pd.concat([pd.DataFrame({"image_id": test_ids}), pd.DataFrame(test_probs, columns=list(CLASSES))], axis=1)
+    test_probs = sharded_disease_probs(learn, test_items, use_tta)
     valid_rows = table[table["is_valid"]].reset_index(drop=True)
-    valid_probs = (
-        tta_disease_probs(learn, ds_idx=1, use_tta=use_tta) if len(valid_rows) else np.zeros((0, len(CLASSES)))
-    )
+    valid_probs = sharded_disease_probs(learn, valid_rows[["path"]], use_tta)
+    if test_probs is None:
+        return None
+    test = pd.concat([pd.DataFrame({"image_id": test_ids}), pd.DataFrame(test_probs, columns=list(CLASSES))], axis=1)
     valid = pd.concat(
         [valid_rows[["image_id", "label"]], pd.DataFrame(valid_probs, columns=list(CLASSES))], axis=1
     )
@@ -427,9 +469,15 @@ def variety_error(learn, table: pd.DataFrame) -> float | None:
     """The multi-target model's variety error rate on the validation set (no TTA: it is a by-product)."""
     if learn.loss_func.__class__ is not vision.DiseaseVarietyLoss or not table["is_valid"].any():
         return None
-    probs, _ = learn.get_preds(ds_idx=1)
+    probs, _ = learn.get_preds(dl=distributed.local_dl(learn.dls, table.loc[table["is_valid"], ["path"]]))
     varieties = np.asarray(VARIETIES)[probs[:, len(CLASSES) :].argmax(dim=1).numpy()]
     return float((varieties != table.loc[table["is_valid"], "variety"].to_numpy()).mean())
+
+
+def optimizer_steps(learn) -> int:
+    """The optimiser's own count of its steps (fastai's step_stat), over its last phase: all epochs of
+    fit_one_cycle, the unfrozen ones of fine_tune (freezing builds a new optimiser)."""
+    return max((int(state.get("step", 0)) for state in learn.opt.state.values()), default=0)
 
 
 def precision_used(learn) -> str:
@@ -442,25 +490,39 @@ def precision_used(learn) -> str:
 # -- the stage -----------------------------------------------------------------------------------------------------
 
 
-def run_stage(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path(".")) -> dict:
-    """Train one member and write all its outputs under `root`; returns its metrics."""
+def run_stage(
+    cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path("."), oom_retries: int = 0
+) -> dict | None:
+    """Train one member and write all its outputs under `root`; returns its metrics.
+
+    In a DDP run every rank trains and predicts, and rank 0 alone writes (the others return None). `oom_retries`:
+    the launcher's restarts after an out-of-memory error, each of which doubled accum.
+    """
     root = Path(root)
     accum, accum_source = member_accum(cfg.member, root / vision.probe_decision_path(cfg.name))
+    accum *= 2**oom_retries
     table = split_table(data_dir, cfg.validation)
     checkpoints = Checkpoints(root / CHECKPOINTS_DIR / cfg.name, run_fingerprint(cfg, table))
     state = checkpoints.state()
     resuming = state is not None and state["completed_epochs"] > 0
-    live = Live(
-        dir=str(root / LIVE_DIR / cfg.name), resume=resuming, dvcyaml=None, save_dvc_exp=False, report=None
-    )
-    if resuming:
-        live.step = state["completed_epochs"]
-    seed_everything(cfg.seed)
+    live = None
+    if distributed.is_rank0():
+        live = Live(
+            dir=str(root / LIVE_DIR / cfg.name), resume=resuming, dvcyaml=None, save_dvc_exp=False, report=None
+        )
+        if resuming:
+            live.step = state["completed_epochs"]
+    seed_everything(cfg.seed + distributed.rank())
     log(STAGE, f"{cfg.name}: {cfg.member.arch}, accum {accum} ({accum_source}), {len(table)} images")
     result = train_with_oom_fallback(cfg, table, accum, checkpoints, live)
     learn = result.learn
 
-    test, valid = prediction_frames(learn, table, data_dir, use_tta=cfg.tta)
+    predicting = time.perf_counter()
+    frames = prediction_frames(learn, table, data_dir, use_tta=cfg.tta)
+    predict_seconds = time.perf_counter() - predicting
+    if frames is None:
+        return None
+    test, valid = frames
     summary = validation_summary(valid)
     log_interpretation(live, valid, table)
     metrics = dict(
@@ -471,8 +533,11 @@ def run_stage(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path("."
         schedule=cfg.member.schedule,
         accum=result.accum,
         accum_source=accum_source,
-        oom_retries=result.oom_retries,
+        oom_retries=oom_retries + result.oom_retries,
         device=str(compute_device()),
+        processes=distributed.world_size(),
+        process_step_images=vision.batch_size(distributed.process_batch(cfg.bs), result.accum),
+        optimizer_steps=optimizer_steps(learn),
         precision=precision_used(learn),
         num_workers=vision.loader_workers(cfg.num_workers, compute_device()),
         epochs=cfg.member.epochs,
@@ -487,6 +552,7 @@ def run_stage(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path("."
         resumed_from_epoch=result.resumed_from_epoch,
         train_seconds=round(result.train_seconds, 2),
         images_per_second=round(result.images_trained / result.train_seconds, 2) if result.images_trained else None,
+        predict_seconds=round(predict_seconds, 2),
         most_confused=summary["most_confused"],
     )
     write_weights(root / MODELS_DIR / f"{cfg.name}.pth", learn, cfg.member)
@@ -500,17 +566,27 @@ def run_stage(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path("."
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("member", help="a member name under train.members in params.yaml")
+    # Set by the launcher when it restarts every rank after an out-of-memory error (pipeline.distributed).
+    parser.add_argument("--oom-retries", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         cfg = load_stage_config(read_params(), args.member)
         if not (DATA_DIR / "train.csv").is_file():
             raise FileNotFoundError(f"{DATA_DIR}/train.csv: not found; run `dvc repro paddy_data` first")
-        if cfg.validation.full:
+        if cfg.validation.full and distributed.is_rank0():
             banner(STAGE, f"{cfg.name}: validation.full is true: training on ALL images, no held-out metrics")
-        metrics = run_stage(cfg)
+        processes = distributed.process_count(cfg.devices)
+        if processes > 1 and not distributed.launched():
+            log(STAGE, f"{cfg.name}: starting {processes} processes (train.devices {cfg.devices})")
+            relaunch = [cfg.name]
+            distributed.launch_with_oom_retries("pipeline.train", relaunch, processes, lambda m: log(STAGE, m))
+            return
+        with distributed.worker():
+            metrics = run_stage(cfg, oom_retries=args.oom_retries)
     except (ParamsError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None
-    log(STAGE, f"{cfg.name}: valid error rate {metrics['valid_error_rate']}, {metrics['train_seconds']} s")
+    if metrics is not None:
+        log(STAGE, f"{cfg.name}: valid error rate {metrics['valid_error_rate']}, {metrics['train_seconds']} s")
 
 
 if __name__ == "__main__":

@@ -122,12 +122,16 @@ class TrainConfig:
     # auto: fp16 on CUDA (the seeds' to_fp16), fp32 on CPU; bf16 suits GPUs that have it (Ampere and later).
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     num_workers: int | Literal["auto"] = "auto"  # DataLoader worker processes; auto: see loader_workers
+    # auto: one process per visible GPU (DDP when more than one), one on a CPU; a count > 1 on a CPU runs gloo.
+    devices: int | Literal["auto"] = "auto"
 
     def __post_init__(self):
         if self.bs < 1:
             raise ValueError(f"bs must be a positive integer, got {self.bs}")
         if self.num_workers != "auto" and self.num_workers < 0:
             raise ValueError(f"num_workers must be 'auto' or a non-negative integer, got {self.num_workers}")
+        if self.devices != "auto" and self.devices < 1:
+            raise ValueError(f"devices must be auto or a positive count, got {self.devices}")
         if not self.members:
             raise ValueError("members is empty; define at least one ensemble member")
 

@@ -1,0 +1,113 @@
+"""Benchmark: one member trained by the stage's own command in 1 process and in 2 processes (DDP over gloo, CPU).
+
+Each run is `python -m pipeline.train <member>` in a scratch project on the demo's synthetic data: one process with
+all the CPU's threads, one process with one thread, and `train.devices: 2`, two processes with half the threads
+each (what the launcher sets). Two one-thread processes against one is the CPU's closest analogue of two GPUs
+against one; against the all-threads process it is the same cores used two ways. Recorded per run: the command's wall time (imports and launch included), the fit's images/s, the
+TTA prediction time (the 2-process run shards it), the optimiser steps and the validation accuracy.
+
+What it shows on a CPU: that DDP trains the same number of optimiser steps to a comparable accuracy, and what the
+second process costs (a second interpreter and import, gradient all-reduce over loopback, smaller per-process
+batches). What it cannot show: a speed-up. Both runs share the same cores, and one process already uses all of them
+through intra-op threads; DDP pays when each process has a device of its own (README, "Several GPUs").
+Writes bench/ddp.json. `python -m benchmarks.ddp [member] [--epochs N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.common import read_json, write_json
+from pipeline.params import read_params
+from pipeline.synthetic import write_synthetic_dataset
+
+RESULT = Path("bench/ddp.json")
+ROOT = Path(__file__).resolve().parents[1]
+RUN_FIELDS = (
+    "processes", "process_step_images", "optimizer_steps", "train_seconds", "images_per_second", "predict_seconds",
+    "valid_accuracy",
+)
+
+
+def scratch_project(directory: Path, params: dict, data_dir: Path, member: str, devices: int, epochs: int | None):
+    """A project folder running only `member`, with `devices` processes, on `data_dir`."""
+    params = yaml.safe_load(yaml.safe_dump(params))
+    members = params["train"]["members"]
+    chosen = members[member] | dict(accum=members[member].get("accum") or 1)
+    if epochs is not None:
+        chosen["epochs"] = epochs
+    params["train"] |= dict(devices=devices, members={member: chosen})
+    directory.mkdir(parents=True)
+    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (directory / "data").mkdir()
+    (directory / "data" / "paddy").symlink_to(data_dir)
+    return directory
+
+
+def timed_stage(project: Path, member: str, threads: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pipeline.train", member], cwd=project, env=env, check=True)
+    wall = time.perf_counter() - started
+    metrics = read_json(project / "metrics" / "train" / f"{member}.json")
+    return dict(wall_seconds=round(wall, 1), threads_per_process=threads, **{key: metrics[key] for key in RUN_FIELDS})
+
+
+def run(member: str | None = None, epochs: int | None = None) -> dict:
+    params = read_params()
+    member = member or next(iter(params["train"]["members"]))
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as scratch:
+        data_dir = Path(scratch) / "paddy"
+        synthetic = params["data"]["synthetic"]
+        write_synthetic_dataset(
+            data_dir, train_per_class=synthetic["train_per_class"], n_test=synthetic["n_test"],
+            image_size=tuple(synthetic["image_size"]), seed=params["seed"],
+        )
+        runs = {}
+        for name, processes, threads in (
+            ("one_process_all_threads", 1, cores), ("one_process_one_thread", 1, 1), ("two_processes", 2, cores // 2)
+        ):
+            project = scratch_project(Path(scratch) / name, params, data_dir, member, processes, epochs)
+            runs[name] = timed_stage(project, member, threads=max(1, threads))
+    two = runs["two_processes"]
+    result = dict(
+        member=member,
+        cores=cores,
+        epochs=epochs or params["train"]["members"][member]["epochs"],
+        runs=runs,
+        # Each ratio is the two-process run's gain over a one-process run (above 1: faster with two processes).
+        **{
+            f"vs_{name}": dict(
+                fit_speedup=round(two["images_per_second"] / one["images_per_second"], 2),
+                wall_speedup=round(one["wall_seconds"] / two["wall_seconds"], 2),
+                predict_speedup=round(one["predict_seconds"] / two["predict_seconds"], 2),
+                same_optimizer_steps=one["optimizer_steps"] == two["optimizer_steps"],
+                accuracy_difference=round(two["valid_accuracy"] - one["valid_accuracy"], 4),
+            )
+            for name, one in runs.items()
+            if name != "two_processes"
+        },
+    )
+    write_json(RESULT, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("member", nargs="?", help="member under train.members (default: the first)")
+    parser.add_argument("--epochs", type=int, help="instead of the member's epochs (a shorter run)")
+    args = parser.parse_args(argv)
+    print(run(args.member, args.epochs))
+
+
+if __name__ == "__main__":
+    main()
