@@ -19,7 +19,8 @@ from fastai.collab import collab_learner
 from fastai.metrics import rmse
 
 from pipeline import collab
-from pipeline.common import log, quiet_progress, write_json
+from pipeline.common import log, write_json
+from pipeline.torch_setup import quiet_progress
 from pipeline.params import ParamsError, load_section, profile_of, read_params
 
 STAGE = "bench_collab"

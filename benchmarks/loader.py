@@ -28,7 +28,8 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import to_device
 
 from pipeline import vision
-from pipeline.common import compute_device, log, write_json
+from pipeline.common import log, write_json
+from pipeline.torch_setup import compute_device
 from pipeline.paddy import read_train_table
 from pipeline.profile import render_params
 from pipeline.synthetic import write_synthetic_dataset

@@ -20,7 +20,8 @@ from fastai.metrics import error_rate
 from fastai.vision.all import ImageDataLoaders, aug_transforms, vision_learner
 
 from pipeline import train, vision
-from pipeline.common import compute_device, quiet_progress, write_json
+from pipeline.common import write_json
+from pipeline.torch_setup import compute_device, quiet_progress
 from pipeline.paddy import DATA_DIR
 from pipeline.params import read_params
 

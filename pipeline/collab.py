@@ -34,7 +34,8 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.model_selection import KFold
 
-from pipeline.common import atomic_path, log, quiet_progress, seed_everything, write_json
+from pipeline.common import atomic_path, log, write_json
+from pipeline.torch_setup import quiet_progress, seed_everything
 from pipeline.params import ParamsError, load_section, read_params
 
 STAGE = "collab"

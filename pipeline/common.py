@@ -1,16 +1,15 @@
-"""Helpers every stage shares: logging, atomic writes, seeding, the compute device, quiet fastai.
+"""Helpers every stage shares: logging, atomic writes, JSON and CSV reading.
 
 Nothing here knows about a particular stage; stages never import each other, only this module, `params` and the
-dataset helpers (`paddy`).
+dataset helpers (`paddy`). It imports no torch or fastai, so that the light stages (params, paddy_data, ensemble,
+submit) start in a moment and print nothing but their own lines; what training stages share is in `torch_setup`.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import sys
@@ -22,9 +21,6 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import psutil
-import torch
-from fastai.callback.progress import ProgressCallback
-from fastai.torch_core import set_seed
 
 # atomic_path's scratch folders: `.<target name>.<owner pid>.<random>.partial`, next to the target.
 SCRATCH_SUFFIX = ".partial"
@@ -131,38 +127,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (fastai's set_seed also makes cudnn deterministic)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    set_seed(seed, reproducible=True)
-
-
-def compute_device():
-    """CUDA when present, else CPU: the only two paths this pipeline supports."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def quiet_progress(learn) -> None:
-    """Swap fastai's progress bars for one plain line per epoch when stdout is not a terminal.
-
-    fastprogress redraws its bars with carriage returns that turn CI and `dvc repro` logs into walls of text (its
-    own non-terminal check is always true). Without ProgressCallback, fastai's Recorder hands each epoch's row to
-    `learn.logger`, which we point at a formatter.
-    """
-    if sys.stdout.isatty() or os.environ.get("PADDY_PROGRESS") == "1":
-        return
-    if any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
-        learn.remove_cb(ProgressCallback)
-    learn.logger = functools.partial(_log_epoch_row, learn)
-
-
-def _log_epoch_row(learn, row) -> None:
-    fields = [
-        f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}"
-        for name, value in zip(learn.recorder.metric_names, row)
-        if value is not None
-    ]
-    print("  " + " ".join(fields), file=sys.stderr, flush=True)

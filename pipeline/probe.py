@@ -53,7 +53,8 @@ from timm.layers import DropBlock2d, DropPath
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pipeline.common import atomic_path, compute_device, log, quiet_progress, seed_everything, write_json
+from pipeline.common import atomic_path, log, write_json
+from pipeline.torch_setup import compute_device, quiet_progress, seed_everything
 from pipeline.distributed import process_batch, process_count
 from pipeline.paddy import DATA_DIR, read_train_table, smallest_class, train_csv, validation_mask
 from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of

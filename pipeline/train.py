@@ -32,7 +32,8 @@ from fastai.torch_core import get_random_states, set_random_states
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline.common import atomic_path, banner, compute_device, log, read_json, seed_everything, write_json
+from pipeline.common import atomic_path, banner, log, read_json, write_json
+from pipeline.torch_setup import compute_device, seed_everything
 from pipeline.paddy import CLASSES, DATA_DIR, VARIETIES, read_train_table, test_image_dir, test_image_ids, validation_mask
 from pipeline.params import FieldError, ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline import distributed, vision

@@ -39,7 +39,7 @@ from fastai.vision.learner import TimmBody, create_timm_model
 from timm.layers import Format, nhwc_to
 from torch import nn
 
-from pipeline.common import compute_device, quiet_progress
+from pipeline.torch_setup import compute_device, quiet_progress
 from pipeline.paddy import CLASSES, VARIETIES
 from pipeline.params import PARAMS_FILE, ParamsError, from_mapping, known_values, section_of
 

@@ -1,0 +1,51 @@
+"""What the stages that train share: seeding, the compute device, fastai's progress bars made quiet for logs.
+
+Apart from `common` because importing torch and fastai takes seconds and prints warnings the light stages must not.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.torch_core import set_seed
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (fastai's set_seed also makes cudnn deterministic)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    set_seed(seed, reproducible=True)
+
+
+def compute_device():
+    """CUDA when present, else CPU: the only two paths this pipeline supports."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def quiet_progress(learn) -> None:
+    """Swap fastai's progress bars for one plain line per epoch when stdout is not a terminal.
+
+    fastprogress redraws its bars with carriage returns that turn CI and `dvc repro` logs into walls of text (its
+    own non-terminal check is always true). Without ProgressCallback, fastai's Recorder hands each epoch's row to
+    `learn.logger`, which we point at a formatter.
+    """
+    if sys.stdout.isatty() or os.environ.get("PADDY_PROGRESS") == "1":
+        return
+    if any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
+        learn.remove_cb(ProgressCallback)
+    learn.logger = functools.partial(_log_epoch_row, learn)
+
+
+def _log_epoch_row(learn, row) -> None:
+    fields = [
+        f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}"
+        for name, value in zip(learn.recorder.metric_names, row)
+        if value is not None
+    ]
+    print("  " + " ".join(fields), file=sys.stderr, flush=True)
