@@ -36,7 +36,7 @@ help:
 	@echo "make repro     run the whole DAG (dvc repro); a second run with nothing changed runs nothing"
 	@echo "make train-parallel JOBS=2   like make repro, but train@<member> stages run JOBS at a time, one GPU each"
 	@echo "make test      install, then run the test suite (CPU, a few minutes)"
-	@echo "make bench     benchmarks: training throughput, DataLoader vs step rate, collab vs collab_learner, demo DAG time"
+	@echo "make bench     benchmarks: training throughput, DataLoader vs step rate, collab vs collab_learner, demo DAG time, DDP 1 vs 2 processes"
 	@echo "make submit    upload submissions/submission.csv to Kaggle (refuses synthetic or stale outputs)"
 	@echo "               make submit ARGS=--force re-uploads a file that was submitted before"
 	@echo "make profile PROFILE=competition|demo   switch params.yaml to a profile, carrying your edits over"
