@@ -280,8 +280,9 @@ def member_dataloaders(
     `num_workers`: worker processes, or `auto` (loader_workers). On CUDA, batches come from pinned memory (faster
     copies to the GPU).
 
-    Workers are not persistent: fastai (2.8) builds a new torch iterator every epoch, so it starts new workers
-    every epoch whatever `persistent_workers` says (fastai/fastai3#5), and we do not pass it. That is what keeps
+    Workers are not persistent: fastai's DataLoader.__iter__ (2.8) instantiates torch's
+    _MultiProcessingDataLoaderIter itself every epoch, bypassing the torch DataLoader that would keep workers, so it
+    starts new workers every epoch whatever `persistent_workers` says, and we do not pass it. That is what keeps
     runs reproducible: each epoch's workers are seeded from the main process's torch random state, which the
     train stage's checkpoints save, so a run killed and resumed matches an uninterrupted one with the same seed
     and worker count (not across counts: item augmentations are drawn in the workers).
