@@ -176,7 +176,7 @@ def test_cuda_out_of_memory_doubles_accum_and_retries(tiny_paddy, tmp_path, monk
 def test_out_of_memory_mid_epoch_resumes_from_the_checkpoint_at_double_accum_with_its_optimiser_state(
     tiny_paddy, tmp_path, monkeypatch
 ):
-    cfg = stage_config(epochs=3, accum=1, tta=False)
+    cfg = stage_config(epochs=2, accum=1, tta=False)
     at_fit_start, checkpointed = [], {}
 
     class OutOfMemoryOnceInEpoch2(Callback):
@@ -213,7 +213,7 @@ def test_out_of_memory_mid_epoch_resumes_from_the_checkpoint_at_double_accum_wit
         patched.setattr(train.Checkpoints, "save", save_then_die)
         with pytest.raises(Killed):
             train.run_stage(cfg, data_dir=tiny_paddy, root=tmp_path / "resumed")
-    train.run_stage(stage_config(epochs=3, accum=2, tta=False), data_dir=tiny_paddy, root=tmp_path / "resumed")
+    train.run_stage(stage_config(epochs=2, accum=2, tta=False), data_dir=tiny_paddy, root=tmp_path / "resumed")
     expected = torch.load(tmp_path / "resumed" / "models" / "tiny.pth", weights_only=False)["state_dict"]
     actual = torch.load(tmp_path / "oom" / "models" / "tiny.pth", weights_only=False)["state_dict"]
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
