@@ -45,6 +45,7 @@ CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"  # not a DVC output: DVC would dele
 PREDS_DIR = Path("preds")
 METRICS_DIR = Path("metrics/train")
 LIVE_DIR = Path("dvclive/train")
+GIB = 1024**3
 TOP_LOSSES = 9
 MOST_CONFUSED = 10
 
@@ -94,8 +95,11 @@ def load_stage_config(params: Mapping[str, Any], name: str) -> StageConfig:
     )
 
 
-
 # -- inputs --------------------------------------------------------------------------------------------------------
+
+
+class TrainError(Exception):
+    """A run that cannot start or go on: the message is one line naming the file and the fix."""
 
 
 def member_accum(member: MemberConfig, probe_json: Path) -> tuple[int, str]:
@@ -103,8 +107,15 @@ def member_accum(member: MemberConfig, probe_json: Path) -> tuple[int, str]:
     if member.accum is not None:
         return vision.accum_to_use(member, {})
     if not probe_json.is_file():
-        raise FileNotFoundError(f"{probe_json}: not found; run `dvc repro probe` or set the member's accum in params")
-    return vision.accum_to_use(member, read_json(probe_json))
+        raise TrainError(f"{probe_json}: not found; run `dvc repro probe` or set the member's accum in params")
+    try:
+        decision = read_json(probe_json)
+    except json.JSONDecodeError:
+        raise TrainError(f"{probe_json}: not valid JSON; run `dvc repro probe` again") from None
+    try:
+        return vision.accum_to_use(member, decision)
+    except ValueError as err:  # the probe chose no accum: vision's message says what to do
+        raise TrainError(f"{probe_json}: {err}") from None
 
 
 def split_table(data_dir: Path, validation: ValidationConfig) -> pd.DataFrame:
@@ -152,14 +163,32 @@ def schedule_phases(member: MemberConfig, lr: float) -> list[Phase]:
     ]
 
 
+def resume_point(phases: list[Phase], completed_epochs: int) -> tuple[int, int]:
+    """(index of the phase to go on with, its epochs already done); after the last epoch: (last, its epochs)."""
+    first_epoch = 0
+    for index, phase in enumerate(phases):
+        if completed_epochs < first_epoch + phase.epochs:
+            return index, completed_epochs - first_epoch
+        first_epoch += phase.epochs
+    return len(phases) - 1, phases[-1].epochs
+
+
 # -- checkpoints: model, optimiser and every random state after each completed epoch ---------------------------------
 
 
 class Checkpoints:
-    """A member's resumable progress: `state.json` names the last completed epoch, saved beside it."""
+    """A member's resumable progress: `state.json` names the last completed epoch, saved beside it.
+
+    DVCLive writes into `live_dir` inside it, so that a resumed run carries on the killed run's history and the
+    published plots (dvclive/train/<member>) are only replaced by a finished run's.
+    """
 
     def __init__(self, directory: Path, fingerprint: str):
         self.directory, self.fingerprint = Path(directory), fingerprint
+
+    @property
+    def live_dir(self) -> Path:
+        return self.directory / "dvclive"
 
     def state(self) -> dict | None:
         """The saved progress, if it belongs to this run's fingerprint."""
@@ -169,11 +198,18 @@ class Checkpoints:
         state = read_json(state_file)
         return state if state.get("fingerprint") == self.fingerprint else None
 
-    def start(self, lr: float, lr_suggestion: float | None) -> dict:
+    def start(self, lr: float | None = None, lr_suggestion: float | None = None) -> dict:
+        """A fresh run's progress (anything of another run is removed); lr None: not chosen yet (record_lr)."""
         if self.directory.exists():
             shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True)
         state = dict(fingerprint=self.fingerprint, completed_epochs=0, lr=lr, lr_suggestion=lr_suggestion)
+        write_json(self.directory / "state.json", state)
+        return state
+
+    def record_lr(self, lr: float, lr_suggestion: float | None) -> dict:
+        """Keep the lr the schedule uses, so that a resumed run does not run lr_find again."""
+        state = read_json(self.directory / "state.json") | dict(lr=lr, lr_suggestion=lr_suggestion)
         write_json(self.directory / "state.json", state)
         return state
 
@@ -209,34 +245,72 @@ class Checkpoints:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _epoch_callbacks(checkpoints: Checkpoints, live, offset: int, start_epoch: int):
-    """Per-epoch checkpointing and DVCLive logging, silent on the epochs fit_one_cycle's start_epoch skips."""
-    class SaveEpoch(Callback):
-        order = 60  # after the Recorder (50) has the epoch's metrics
+class SaveEpoch(Callback):
+    """Checkpoint after each trained epoch of a phase that starts at `first_epoch` of the whole schedule."""
 
-        def after_epoch(self):
-            if self.epoch >= start_epoch:
-                checkpoints.save(self.learn, offset + self.epoch + 1)
+    order = 60  # after the Recorder (50) has the epoch's metrics, and after LiveEpoch (0) has logged them
 
-    if live is None:  # not rank 0: only rank 0 logs
-        return [SaveEpoch()]
+    def __init__(self, checkpoints: Checkpoints, first_epoch: int, start_epoch: int):
+        self.checkpoints, self.first_epoch, self.start_epoch = checkpoints, first_epoch, start_epoch
 
-    class LiveEpoch(DVCLiveCallback):
-        # DVCLive's own after_epoch fails on the None validation metrics of a `full` run, and fastai still calls it on
-        # skipped epochs; its after_fit would end the Live run after the first of fine_tune's explicit phases: the
-        # stage ends it once, after the last.
-        def after_epoch(self):
-            if self.epoch < start_epoch:
-                return
-            for key, value in zip(self.learn.recorder.metric_names, self.learn.recorder.log):
-                if key != "epoch" and value is not None:
-                    self.live.log_metric(standardize_metric_name(key, "dvclive.fastai"), float(value))
-            self.live.next_step()
+    def after_epoch(self):
+        if self.epoch >= self.start_epoch:  # fastai still calls after_epoch on the epochs start_epoch skips
+            self.checkpoints.save(self.learn, self.first_epoch + self.epoch + 1)
 
-        def after_fit(self):
-            pass
 
-    return [SaveEpoch(), LiveEpoch(live=live)]
+class LiveEpoch(DVCLiveCallback):
+    """DVCLive's fastai callback, made to log once per trained epoch across fine_tune's explicit phases.
+
+    DVCLive's own after_epoch fails on the None validation metrics of a `full` run, and fastai still calls it on
+    skipped epochs; its after_fit would end the Live run after the first phase: the stage ends it once, after the
+    last.
+    """
+
+    def __init__(self, live: Live, start_epoch: int):
+        super().__init__(live=live)
+        self.start_epoch = start_epoch
+
+    def after_epoch(self):
+        if self.epoch < self.start_epoch:
+            return
+        for key, value in zip(self.learn.recorder.metric_names, self.learn.recorder.log):
+            if key != "epoch" and value is not None:
+                self.live.log_metric(standardize_metric_name(key, "dvclive.fastai"), float(value))
+        self.live.next_step()
+
+    def after_fit(self):
+        pass
+
+
+def epoch_callbacks(checkpoints: Checkpoints, live: Live | None, first_epoch: int, start_epoch: int) -> list:
+    """SaveEpoch on every rank (saving gathers every rank's random states), LiveEpoch where there is a logger."""
+    save = SaveEpoch(checkpoints, first_epoch, start_epoch)
+    return [save] if live is None else [save, LiveEpoch(live, start_epoch)]
+
+
+def rewind_live(live: Live, completed_epochs: int) -> None:
+    """Point DVCLive at the checkpoint: step = completed epochs, and no history rows from later epochs.
+
+    LiveEpoch writes an epoch's rows just before SaveEpoch checkpoints it, so a kill in between leaves rows of an
+    epoch that the resumed run trains and logs again.
+    """
+    live.step = completed_epochs
+    for history in Path(live.plots_dir, "metrics").rglob("*.tsv"):
+        header, *rows = history.read_text().splitlines(keepends=True)
+        step = header.rstrip("\n").split("\t").index("step")
+        kept = [row for row in rows if int(row.split("\t")[step]) < completed_epochs]
+        if len(kept) < len(rows):
+            with atomic_path(history) as tmp:
+                tmp.write_text(header + "".join(kept))
+
+
+def publish_live(live_dir: Path, published: Path) -> None:
+    """Replace the published DVCLive folder by the finished run's in one rename (a kill leaves the old one whole).
+
+    A copy, not a move: until the checkpoint is removed, a killed run's rerun resumes from it and needs its history.
+    """
+    with atomic_path(published) as tmp:
+        shutil.copytree(live_dir, tmp)
 
 
 # -- training ------------------------------------------------------------------------------------------------------
@@ -252,15 +326,18 @@ class TrainResult:
     resumed_from_epoch: int
     train_seconds: float
     images_trained: int
+    peak_memory: dict  # peak_reserved_gib, peak_allocated_gib: CUDA's peaks while training (rank 0's); None on CPU
 
 
 def fit_member(
-    cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live
+    cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live: Live | None
 ) -> TrainResult:
-    """Build the member's DataLoaders and Learner and run its schedule, resuming from a matching checkpoint.
+    """Build the member's DataLoaders and Learner and run its schedule, resuming from the checkpoint run_stage found
+    or started.
 
     Under DDP each process loads bs // (accum * processes) images per step (pipeline.distributed says why), seeds its
     augmentations with seed + rank (rank 0's shuffled order is everyone's), and all resume from what rank 0 read.
+    `live` is rank 0's DVCLive logger (None on the other ranks).
     """
     process_bs = distributed.process_batch(cfg.bs)
     seed = cfg.seed + distributed.rank()
@@ -268,43 +345,57 @@ def fit_member(
     learn = vision.member_learner(cfg.member, dls, process_bs, accum, mixed_precision=cfg.precision)
     learn.path, learn.model_dir = checkpoints.directory, "."  # lr_find's temporary weights go there too
     state = distributed.from_rank0(checkpoints.state)
-    if state is None:
+    if state["lr"] is None:
         lr, suggestion = learning_rate(learn, cfg.member)  # on every rank: fastai's lr_find gathers their losses
-        state = distributed.from_rank0(lambda: checkpoints.start(lr, suggestion))
-    resume_after = state["completed_epochs"]  # 0 for a fresh run
-    if resume_after:
-        log(STAGE, f"{cfg.name}: resuming after epoch {resume_after} from {checkpoints.directory}")
-    restore_pending = resume_after > 0
+        state = distributed.from_rank0(lambda: checkpoints.record_lr(lr, suggestion))
+    completed = state["completed_epochs"]  # 0 for a fresh run
+    if completed:
+        log(STAGE, f"{cfg.name}: resuming after epoch {completed} from {checkpoints.directory}")
+    if live is not None:
+        rewind_live(live, completed)
+    phases = schedule_phases(cfg.member, state["lr"])
+    resume_phase, resume_epoch = resume_point(phases, completed)
+    first_epoch = sum(phase.epochs for phase in phases[:resume_phase])
+    reset_peak_memory()
     started, images = time.perf_counter(), 0
-    offset = 0
     with distributed.distrib_ctx(learn):
-        for phase in schedule_phases(cfg.member, state["lr"]):
-            start_epoch = max(0, resume_after - offset)
+        for index, phase in enumerate(phases[resume_phase:], start=resume_phase):
+            start_epoch = resume_epoch if index == resume_phase else 0
+            enter_phase(learn, phase, checkpoints, completed if index == resume_phase else 0, start_epoch)
             if start_epoch < phase.epochs:
-                set_frozen = learn.freeze if phase.frozen else learn.unfreeze
-                if not restore_pending:
-                    set_frozen()
-                elif start_epoch:
-                    set_frozen()  # fastai's freeze/unfreeze clears the optimiser state: restore it after, mid-phase
-                    checkpoints.restore(learn, resume_after)
-                else:
-                    checkpoints.restore(learn, resume_after)
-                    set_frozen()  # at a phase boundary the uninterrupted run clears it too
-                restore_pending = False
-                cbs = _epoch_callbacks(checkpoints, live, offset, start_epoch)
+                cbs = epoch_callbacks(checkpoints, live, first_epoch, start_epoch)
                 learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=start_epoch, cbs=cbs, **phase.kwargs)
                 images += (phase.epochs - start_epoch) * len(dls.train.items)
-            offset += phase.epochs
+            first_epoch += phase.epochs
     return TrainResult(
         learn=learn,
         accum=accum,
         oom_retries=0,
         lr=state["lr"],
         lr_suggestion=state["lr_suggestion"],
-        resumed_from_epoch=resume_after,
+        resumed_from_epoch=completed,
         train_seconds=time.perf_counter() - started,
         images_trained=images,
+        peak_memory=peak_memory_gib() if images else dict(peak_reserved_gib=None, peak_allocated_gib=None),
     )
+
+
+def enter_phase(learn, phase: Phase, checkpoints: Checkpoints, resume_after: int, start_epoch: int) -> None:
+    """Freeze or unfreeze the body for `phase`; when resuming into it (resume_after > 0), restore the checkpoint too:
+    on every rank, the same file, also when no epoch is left to train (a run killed while predicting).
+
+    fastai's freeze/unfreeze clear the optimiser state, so the order matters: at a phase boundary the uninterrupted
+    run clears it (restore, then set); inside a phase, or after its last epoch, it goes on with it (set, then
+    restore).
+    """
+    set_frozen = learn.freeze if phase.frozen else learn.unfreeze
+    if resume_after and start_epoch == 0:
+        checkpoints.restore(learn, resume_after)
+        set_frozen()
+    else:
+        set_frozen()
+        if resume_after:
+            checkpoints.restore(learn, resume_after)
 
 
 def learning_rate(learn, member: MemberConfig) -> tuple[float, float | None]:
@@ -315,6 +406,21 @@ def learning_rate(learn, member: MemberConfig) -> tuple[float, float | None]:
         learn.unfreeze()
     suggestion = float(learn.lr_find(show_plot=False).valley)
     return suggestion, suggestion
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> dict:
+    """CUDA's peak reserved and allocated memory since reset_peak_memory, in GiB as the probe reports them."""
+    if not torch.cuda.is_available():
+        return dict(peak_reserved_gib=None, peak_allocated_gib=None)
+    return dict(
+        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3),
+        peak_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
+    )
 
 
 def train_with_oom_fallback(
@@ -335,12 +441,13 @@ def train_with_oom_fallback(
                 raise
             if distributed.world_size() > 1:  # the other ranks are stuck in a collective: all must restart
                 raise distributed.RestartWithDoubledAccum(f"CUDA out of memory at accum {accum}") from err
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            retries += 1
             log(STAGE, f"{cfg.name}: CUDA out of memory at accum {accum}; retrying with accum {accum * 2}")
-            accum *= 2
+        # Outside the except block: its traceback holds the failed attempt's learner, which must go first.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        retries += 1
+        accum *= 2
 
 
 # -- outputs -------------------------------------------------------------------------------------------------------
@@ -498,21 +605,19 @@ def run_stage(
 
     In a DDP run every rank trains and predicts, and rank 0 alone writes (the others return None). `oom_retries`:
     the launcher's restarts after an out-of-memory error, each of which doubled accum.
+    Until the last step nothing published is touched: a failed or killed run leaves the previous outputs and plots
+    in place, and its rerun resumes from the checkpoint (after the last epoch too: it then only predicts again).
     """
     root = Path(root)
     accum, accum_source = member_accum(cfg.member, root / vision.probe_decision_path(cfg.name))
     accum *= 2**oom_retries
     table = split_table(data_dir, cfg.validation)
     checkpoints = Checkpoints(root / CHECKPOINTS_DIR / cfg.name, run_fingerprint(cfg, table))
-    state = checkpoints.state()
-    resuming = state is not None and state["completed_epochs"] > 0
+    # Before Live: a fresh start empties the folder Live writes into. Rank 0 writes, every rank waits for it.
+    distributed.from_rank0(lambda: checkpoints.state() or checkpoints.start())
     live = None
     if distributed.is_rank0():
-        live = Live(
-            dir=str(root / LIVE_DIR / cfg.name), resume=resuming, dvcyaml=None, save_dvc_exp=False, report=None
-        )
-        if resuming:
-            live.step = state["completed_epochs"]
+        live = Live(dir=str(checkpoints.live_dir), resume=True, dvcyaml=None, save_dvc_exp=False, report=None)
     seed_everything(cfg.seed + distributed.rank())
     log(STAGE, f"{cfg.name}: {cfg.member.arch}, accum {accum} ({accum_source}), {len(table)} images")
     result = train_with_oom_fallback(cfg, table, accum, checkpoints, live)
@@ -526,6 +631,7 @@ def run_stage(
     test, valid = frames
     summary = validation_summary(valid)
     log_interpretation(live, valid, table)
+    live.end()
     metrics = dict(
         profile=cfg.profile,
         member=cfg.name,
@@ -554,12 +660,13 @@ def run_stage(
         train_seconds=round(result.train_seconds, 2),
         images_per_second=round(result.images_trained / result.train_seconds, 2) if result.images_trained else None,
         predict_seconds=round(predict_seconds, 2),
+        **result.peak_memory,
         most_confused=summary["most_confused"],
     )
     write_weights(root / MODELS_DIR / f"{cfg.name}.pth", learn, cfg.member)
     write_predictions(root / PREDS_DIR / cfg.name, test, valid)
     write_json(root / METRICS_DIR / f"{cfg.name}.json", metrics)
-    live.end()
+    publish_live(checkpoints.live_dir, root / LIVE_DIR / cfg.name)
     checkpoints.remove()
     return metrics
 
@@ -573,7 +680,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_stage_config(read_params(), args.member)
         if not (DATA_DIR / "train.csv").is_file():
-            raise FileNotFoundError(f"{DATA_DIR}/train.csv: not found; run `dvc repro paddy_data` first")
+            raise TrainError(f"{DATA_DIR}/train.csv: not found; run `dvc repro paddy_data` first")
         if cfg.validation.full and distributed.is_rank0():
             banner(STAGE, f"{cfg.name}: validation.full is true: training on ALL images, no held-out metrics")
         processes = distributed.process_count(cfg.devices)
@@ -584,7 +691,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         with distributed.worker():
             metrics = run_stage(cfg, oom_retries=args.oom_retries)
-    except (ParamsError, FileNotFoundError, ValueError) as err:
+    except (ParamsError, TrainError, FileNotFoundError) as err:  # FileNotFoundError: an input gone (its path named)
         raise SystemExit(f"{STAGE}: {err}") from None
     if metrics is not None:
         log(STAGE, f"{cfg.name}: valid error rate {metrics['valid_error_rate']}, {metrics['train_seconds']} s")

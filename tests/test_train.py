@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import shutil
 import socket
 
 import numpy as np
 import pandas as pd
 import pytest
+import timm
 import torch
+import yaml
+from fastai.callback.core import Callback
+from fastai.learner import Learner
 
 from pipeline import train, vision
 from pipeline import paddy
@@ -62,6 +68,7 @@ def test_metrics_record_the_run(trained):
     assert metrics["profile"] == "demo" and metrics["member"] == "tiny" and metrics["arch"] == "resnet10t"
     assert (metrics["accum"], metrics["accum_source"], metrics["oom_retries"]) == (1, "params", 0)
     assert metrics["precision"] == "fp32" and metrics["device"] == "cpu"
+    assert metrics["peak_reserved_gib"] is None and metrics["peak_allocated_gib"] is None  # CUDA's peaks only
     assert metrics["valid_error_rate"] == pytest.approx(1 - metrics["valid_accuracy"])
     assert 0 <= metrics["valid_variety_error_rate"] <= 1
     assert metrics["images_per_second"] > 0
@@ -106,6 +113,41 @@ def test_a_killed_run_resumes_from_its_last_epoch_with_the_same_result(trained, 
     assert loss["step"].tolist() == list(range(cfg.member.epochs))
 
 
+def test_a_run_killed_during_tta_resumes_into_its_trained_model_and_keeps_the_old_plots_until_done(
+    trained, tiny_paddy, tmp_path, monkeypatch
+):
+    cfg, metrics, root = trained
+    published = tmp_path / "dvclive" / "train" / cfg.name
+    (published / "plots").mkdir(parents=True)
+    (published / "plots" / "previous_run.txt").write_text("the last good run's plots")
+
+    def killed_during_tta(*args, **kwargs):
+        raise Killed("killed during TTA, after the last epoch's checkpoint")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train, "prediction_frames", killed_during_tta)
+        with pytest.raises(Killed):
+            train.run_stage(cfg, data_dir=tiny_paddy, root=tmp_path)
+    assert sorted(path.name for path in published.rglob("*")) == ["plots", "previous_run.txt"]
+
+    resumed = train.run_stage(cfg, data_dir=tiny_paddy, root=tmp_path)
+
+    assert resumed["resumed_from_epoch"] == cfg.member.epochs
+    expected = torch.load(root / "models" / f"{cfg.name}.pth", weights_only=False)["state_dict"]
+    actual = torch.load(tmp_path / "models" / f"{cfg.name}.pth", weights_only=False)["state_dict"]
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    for preds in ("test.csv", "valid.csv"):
+        assert (tmp_path / "preds" / cfg.name / preds).read_bytes() == (root / "preds" / cfg.name / preds).read_bytes()
+    assert plot_files(tmp_path, cfg.name) == plot_files(root, cfg.name)
+    assert not (tmp_path / "models" / "checkpoints" / cfg.name).exists()
+
+
+def plot_files(root, name) -> dict:
+    """Every file of a member's published DVCLive plots, by path, with its bytes."""
+    plots = root / "dvclive" / "train" / name / "plots"
+    return {str(path.relative_to(plots)): path.read_bytes() for path in sorted(plots.rglob("*")) if path.is_file()}
+
+
 def test_a_checkpoint_of_another_config_is_not_resumed(tiny_paddy, tmp_path):
     cfg = stage_config(epochs=1)
     checkpoints = train.Checkpoints(tmp_path, train.run_fingerprint(cfg, train.split_table(tiny_paddy, cfg.validation)))
@@ -131,13 +173,79 @@ def test_cuda_out_of_memory_doubles_accum_and_retries(tiny_paddy, tmp_path, monk
     assert (metrics["accum"], metrics["oom_retries"]) == (4, 1)
 
 
-def test_out_of_memory_at_accum_equal_to_bs_is_raised(tiny_paddy, tmp_path, monkeypatch):
-    def always_out_of_memory(*args, **kwargs):
+def test_out_of_memory_mid_epoch_resumes_from_the_checkpoint_at_double_accum_with_its_optimiser_state(
+    tiny_paddy, tmp_path, monkeypatch
+):
+    cfg = stage_config(epochs=2, accum=1, tta=False)
+    at_fit_start, checkpointed = [], {}
+
+    class OutOfMemoryOnceInEpoch2(Callback):
+        def before_fit(self):
+            if not hasattr(self.learn, "gather_preds"):  # get_preds runs before_fit too
+                at_fit_start.append(copy.deepcopy(self.learn.opt.state_dict()))  # training updates it in place
+
+        def before_batch(self):
+            if self.training and self.epoch == 1 and self.iter == 1 and not checkpointed:
+                checkpointed.update(torch.load(self.learn.path / "epoch_1.pth", weights_only=False)["opt"])
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    member_learner = vision.member_learner
+
+    def learner_that_runs_out_of_memory(*args, **kwargs):
+        learn = member_learner(*args, **kwargs)
+        learn.add_cb(OutOfMemoryOnceInEpoch2())
+        return learn
+
+    with monkeypatch.context() as patched:
+        patched.setattr(vision, "member_learner", learner_that_runs_out_of_memory)
+        metrics = train.run_stage(cfg, data_dir=tiny_paddy, root=tmp_path / "oom")
+
+    assert (metrics["accum"], metrics["oom_retries"], metrics["resumed_from_epoch"]) == (2, 1, 1)
+    assert len(at_fit_start) == 2 and same_optimiser_state(at_fit_start[1]["state"], checkpointed["state"])
+    # The same as a run killed after epoch 1 and resumed at accum 2.
+    save = train.Checkpoints.save
+
+    def save_then_die(self, learn, completed_epochs):
+        save(self, learn, completed_epochs)
+        raise Killed("killed after epoch 1")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train.Checkpoints, "save", save_then_die)
+        with pytest.raises(Killed):
+            train.run_stage(cfg, data_dir=tiny_paddy, root=tmp_path / "resumed")
+    train.run_stage(stage_config(epochs=2, accum=2, tta=False), data_dir=tiny_paddy, root=tmp_path / "resumed")
+    expected = torch.load(tmp_path / "resumed" / "models" / "tiny.pth", weights_only=False)["state_dict"]
+    actual = torch.load(tmp_path / "oom" / "models" / "tiny.pth", weights_only=False)["state_dict"]
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    test_preds = [(tmp_path / run / "preds" / "tiny" / "test.csv").read_bytes() for run in ("oom", "resumed")]
+    assert test_preds[0] == test_preds[1]
+
+
+def same_optimiser_state(actual: list[dict], expected: list[dict]) -> bool:
+    """fastai's per-parameter optimiser state (Adam's averages and step counts): equal, tensors exactly."""
+    if len(actual) != len(expected) or not any(expected):
+        return False
+    for got, want in zip(actual, expected):
+        if got.keys() != want.keys():
+            return False
+        for key, value in want.items():
+            same = torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value
+            if not same:
+                return False
+    return True
+
+
+def test_out_of_memory_doubles_accum_up_to_bs_then_is_raised(tiny_paddy, tmp_path, monkeypatch):
+    tried = []
+
+    def always_out_of_memory(cfg, table, accum, *args, **kwargs):
+        tried.append(accum)
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(train, "fit_member", always_out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
-        train.run_stage(stage_config(epochs=1, accum=8), data_dir=tiny_paddy, root=tmp_path)
+        train.run_stage(stage_config(epochs=1, accum=4), data_dir=tiny_paddy, root=tmp_path)
+    assert tried == [4, 8, 16]  # bs is 16: one try per accum up to it, none beyond
 
 
 def test_full_training_writes_header_only_validation_predictions(tiny_paddy, tmp_path):
@@ -153,7 +261,7 @@ def test_accum_comes_from_the_probe_unless_params_set_it(tmp_path):
     probe.write_text('{"member": "tiny", "chosen_accum": 4, "accum": 4, "accum_source": "probe"}')
     assert train.member_accum(MemberConfig(**TINY_MEMBER), probe) == (4, "probe")
     assert train.member_accum(MemberConfig(**TINY_MEMBER, accum=2), probe) == (2, "params")
-    with pytest.raises(FileNotFoundError, match="dvc repro probe"):
+    with pytest.raises(train.TrainError, match="missing.json: not found; run `dvc repro probe`"):
         train.member_accum(MemberConfig(**TINY_MEMBER), tmp_path / "missing.json")
 
 
@@ -164,8 +272,6 @@ def test_fine_tune_is_one_frozen_epoch_then_the_unfrozen_epochs_at_half_the_lr()
 
 
 def test_local_pretrained_weights_load_without_network(tiny_paddy, tmp_path, monkeypatch):
-    import timm
-
     weights = tmp_path / "resnet10t.pth"
     torch.save(timm.create_model("resnet10t", pretrained=False).state_dict(), weights)
     saved = torch.load(weights)
@@ -182,3 +288,62 @@ def test_local_pretrained_weights_load_without_network(tiny_paddy, tmp_path, mon
     body_keys = [key for key in saved if not key.startswith("fc.")]
     assert sorted(loaded) == sorted(f"model.{key}" for key in body_keys)
     assert all(torch.equal(loaded[f"model.{key}"], saved[key]) for key in body_keys)
+
+
+def test_lr_find_suggestion_is_the_lr_the_schedule_uses_and_is_recorded(tiny_paddy, tmp_path, monkeypatch):
+    suggested, scheduled = [], []
+    lr_find, fit_one_cycle = Learner.lr_find, Learner.fit_one_cycle
+
+    def recorded_lr_find(self, *args, **kwargs):
+        # 10 iterations instead of fastai's 100 (minutes on this CPU): what is tested is where the suggestion goes.
+        suggestion = lr_find(self, *args, **(kwargs | dict(num_it=10)))
+        suggested.append(suggestion.valley)
+        return suggestion
+
+    def recorded_fit_one_cycle(self, n_epoch, lr_max=None, *args, **kwargs):
+        scheduled.append(lr_max)
+        return fit_one_cycle(self, n_epoch, lr_max, *args, **kwargs)
+
+    monkeypatch.setattr(Learner, "lr_find", recorded_lr_find)
+    monkeypatch.setattr(Learner, "fit_one_cycle", recorded_fit_one_cycle)
+    metrics = train.run_stage(stage_config(epochs=1, lr="find", tta=False), data_dir=tiny_paddy, root=tmp_path)
+
+    assert len(suggested) == 1 and suggested[0] != TINY_MEMBER["lr"]
+    assert scheduled == suggested
+    assert metrics["lr"] == metrics["lr_suggestion"] == pytest.approx(suggested[0])
+
+
+@pytest.fixture
+def project(tiny_paddy, tmp_path, monkeypatch):
+    """A project folder with params.yaml for member `tiny` and the tiny dataset at data/paddy; the cwd."""
+    shutil.copytree(tiny_paddy, tmp_path / "data" / "paddy")
+    params = dict(
+        profile="demo",
+        seed=0,
+        validation=dict(valid_pct=0.25, seed=0, full=False),
+        train=dict(bs=16, tta=False, members=dict(tiny=TINY_MEMBER | dict(accum=1))),
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_a_bug_inside_training_is_raised_as_itself_not_as_a_one_line_error(project, monkeypatch):
+    def run_stage_with_a_bug(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")  # what a pandas or torch bug looks like
+
+    monkeypatch.setattr(train, "run_stage", run_stage_with_a_bug)
+    with pytest.raises(ValueError, match="broadcast"):
+        train.main(["tiny"])
+
+
+def test_missing_data_is_a_one_line_error_naming_the_file_and_the_fix(project):
+    shutil.rmtree(project / "data")
+    with pytest.raises(SystemExit, match=r"^train: data/paddy/train.csv: not found; run `dvc repro paddy_data` first$"):
+        train.main(["tiny"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's peak memory: needs a GPU")
+def test_metrics_record_cuda_peak_memory_during_training(tiny_paddy, tmp_path):
+    metrics = train.run_stage(stage_config(epochs=1, tta=False), data_dir=tiny_paddy, root=tmp_path)
+    assert 0 < metrics["peak_allocated_gib"] <= metrics["peak_reserved_gib"]
