@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from pipeline.params import FieldError
+
 COMPETITION = "paddy-disease-classification"
 DATA_DIR = Path("data/paddy")
 
@@ -99,7 +101,7 @@ class ValidationConfig:
 
     def __post_init__(self):
         if not 0 < self.valid_pct < 1:
-            raise ValueError(f"valid_pct is {self.valid_pct}; use a share between 0 and 1, e.g. 0.2")
+            raise FieldError("valid_pct", f"is {self.valid_pct}; use a fraction between 0 and 1, e.g. 0.2")
 
 
 def validation_rows(data_dir: Path, validation: ValidationConfig) -> pd.DataFrame:

@@ -34,7 +34,9 @@ from PIL import Image
 
 from pipeline.common import atomic_path, banner, log, read_json, write_json
 from pipeline.torch_setup import compute_device, seed_everything
-from pipeline.paddy import CLASSES, DATA_DIR, VARIETIES, read_train_table, test_image_dir, test_image_ids, validation_mask
+from pipeline.paddy import (
+    CLASSES, DATA_DIR, VARIETIES, ValidationConfig, read_train_table, test_image_dir, test_image_ids, validation_mask,
+)
 from pipeline.params import FieldError, ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline import distributed, vision
 from pipeline.vision import MemberConfig
@@ -48,19 +50,6 @@ LIVE_DIR = Path("dvclive/train")
 GIB = 1024**3
 TOP_LOSSES = 9
 MOST_CONFUSED = 10
-
-
-@dataclass(frozen=True)
-class ValidationConfig:
-    """The `validation` section: the split every member and the ensemble share."""
-
-    valid_pct: float = 0.2
-    seed: int = 42
-    full: bool = False
-
-    def __post_init__(self):
-        if not 0 < self.valid_pct < 1:
-            raise FieldError("valid_pct", f"is {self.valid_pct}; use a fraction between 0 and 1, e.g. 0.2")
 
 
 @dataclass(frozen=True)

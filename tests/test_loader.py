@@ -36,7 +36,7 @@ def stage_config(num_workers) -> train.StageConfig:
         member=MemberConfig(**AUGMENTED_MEMBER),
         bs=16,
         tta=False,
-        validation=train.ValidationConfig(valid_pct=0.25, seed=0),
+        validation=train.ValidationConfig(valid_pct=0.25, seed=0, full=False),
         num_workers=num_workers,
     )
 

@@ -281,7 +281,7 @@ def test_local_pretrained_weights_load_without_network(tiny_paddy, tmp_path, mon
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     member = MemberConfig(**(TINY_MEMBER | dict(pretrained=str(weights), schedule="fine_tune")))
-    table = train.split_table(tiny_paddy, train.ValidationConfig(valid_pct=0.25, seed=0))
+    table = train.split_table(tiny_paddy, train.ValidationConfig(valid_pct=0.25, seed=0, full=False))
     dls = vision.member_dataloaders(member, table, bs=16, accum=1, seed=0)
     body = vision.member_learner(member, dls, bs=16, accum=1).model[0]
     loaded = body.state_dict()  # fastai's TimmBody wraps timm's model, created without its head (fc)
