@@ -7,13 +7,13 @@ code: the params check, paddy_data, then probe@<member> and train@<member> for e
 check of submissions/submission.csv against sample_submission.csv (no upload: the data is synthetic). One member's
 train run is killed with SIGKILL after its first completed epoch and run again, which must resume from it.
 
-What is real: every member's architecture, item transform, batch transform size, the probe's candidate accums, the
-precision (fp32 on CPU whatever is asked; on CUDA the profile's or `--precision`), and full-size (480x640) JPEGs.
-What is cut: the data is generated (a few batches per epoch), weights are random (`pretrained: false`), and
-`epochs: 1` (fine_tune: the frozen epoch and one unfrozen one). The batch size is the profile's on CUDA; on CPU a
-batch of 64 at 224 px through vit_large takes longer than the whole rehearsal may, so the CPU default is the smallest
-batch the probe can use (2 images per step at its largest accum), announced in the output and the JSON; `--bs`
-overrides both.
+What is real: every member's architecture, item transform, batch transform size, the precision (fp32 on CPU whatever
+is asked; on CUDA the profile's or `--precision`), full-size (480x640) JPEGs, the schedule and TTA.
+What is cut: the data is generated, as few images as the stratified split allows (one validation image per class,
+so validation.valid_pct is set to give that), weights are random (`pretrained: false`), and `epochs: 1` (fine_tune:
+the frozen epoch and one unfrozen one). The batch size is the profile's on CUDA; on CPU the large members take a
+few seconds an image, so the CPU default is CPU_BS, announced in the output and the JSON (`--bs` sets either), and
+the probe measures only the candidate accums that leave at least 2 images per step at that bs.
 
 Prints one line per member (stage times, the probe's accum, ok or the error), exits non-zero if any member failed
 (after trying them all), and writes bench/rehearsal.json and each stage's log under bench/rehearsal-logs/.
@@ -22,9 +22,8 @@ Prints one line per member (stage times, the probe's accum, ok or the error), ex
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
-import json
-import math
 import os
 import re
 import resource
@@ -57,6 +56,7 @@ LOGS_DIR = Path("bench/rehearsal-logs")
 PROFILE = "competition"
 IMAGE_SIZE = [480, 640]  # (w, h) as data.synthetic.image_size takes it: the real photos' portrait 480x640
 STEPS_PER_EPOCH = 2  # full batches of bs per training epoch, at least
+CPU_BS = 4  # 28 training images a member (the fewest the split allows) in 7 steps; the probe measures accum 1 and 2
 MIN_IMAGES_PER_STEP = 2  # fastai's head has a BatchNorm1d, which cannot train on a batch of one image
 MIN_SMALLEST_CLASS = 2  # the probe trains on the smallest class and needs at least 2 of its images
 ERROR_CHARS = 300
@@ -83,45 +83,50 @@ class RehearsalError(RuntimeError):
 # -- the rehearsal's params: pure functions ------------------------------------------------------------------------
 
 
-def cpu_batch_size(accums: Sequence[int]) -> int:
-    """The CPU default bs: the smallest at which the probe's largest candidate accum leaves 2 images per step.
+def probe_accums_for(accums: Sequence[int], bs: int) -> list[int]:
+    """The probe's candidate accums that leave at least 2 images per step at `bs` (all of them at the profile's bs).
 
     fastai's head has a BatchNorm1d, which refuses to train on a batch of one image; the probe measures every
     candidate accum at `bs // accum` images per step.
     """
-    return MIN_IMAGES_PER_STEP * max(accums)
+    usable = [accum for accum in accums if bs // accum >= MIN_IMAGES_PER_STEP]
+    if not usable:
+        raise RehearsalError(f"--bs {bs} leaves fewer than {MIN_IMAGES_PER_STEP} images per step at every accum of "
+                             f"probe.accums {list(accums)}; use --bs {MIN_IMAGES_PER_STEP * min(accums)} or more")
+    return usable
 
 
-def train_per_class_for(bs: int, valid_pct: float, n_classes: int = len(CLASSES)) -> int:
-    """data.synthetic.train_per_class giving each epoch STEPS_PER_EPOCH full batches of `bs`, for the fewest images.
+def generated_split(bs: int, n_classes: int = len(CLASSES)) -> tuple[int, float]:
+    """(data.synthetic.train_per_class, validation.valid_pct): the fewest generated images for a rehearsal at `bs`.
 
-    The generator writes `train_per_class` images of each class and half that of the smallest; the shared split is
-    stratified, so it needs a validation image per class; the probe needs 2 images of the smallest class.
+    Images cost seconds each on a CPU, a validation image (two validations and TTA's five passes) more than a
+    training one, so the split keeps one validation image per class, the fewest a stratified split allows, and the
+    training side gets STEPS_PER_EPOCH full batches of `bs`. The generator writes `train_per_class` images of each
+    class and half that of the smallest, of which the probe needs 2.
     """
     per_class = 2 * MIN_SMALLEST_CLASS
     while True:
         total = (n_classes - 1) * per_class + per_class // 2
-        n_valid = math.ceil(valid_pct * total)  # scikit-learn's train_test_split rounds the test share up
-        if n_valid >= n_classes and total - n_valid >= STEPS_PER_EPOCH * bs:
-            return per_class
+        if total - n_classes >= max(STEPS_PER_EPOCH * bs, n_classes):
+            # scikit-learn's train_test_split rounds the test share up: half an image below n_classes gives n_classes.
+            return per_class, round((n_classes - 0.5) / total, 4)
         per_class += 1
 
 
 def rehearsal_params(profile: Mapping[str, Any], members: Sequence[str], bs: int, precision: str | None) -> dict:
-    """The profile's params with the rehearsal's overrides: generated full-size data sized from `bs`, only
-    `members` (in the profile's order), random init, one epoch, `bs`, and `precision` when given.
+    """The profile's params with the rehearsal's overrides: generated full-size data and its split sized from
+    `bs`, only `members` (in the profile's order), random init, one epoch, `bs`, the probe's accums usable at `bs`,
+    and `precision` when given.
 
-    Everything else (architectures, item and batch transforms, the probe's accums, the schedule, TTA) is the
-    profile's.
+    Everything else (architectures, item and batch transforms, the schedule, TTA) is the profile's.
     """
-    params = json.loads(json.dumps(profile))  # a deep copy of plain data
+    params = copy.deepcopy(dict(profile))
     train_section = params["train"]
+    train_per_class, valid_pct = generated_split(bs)
     params["data"]["source"] = "synthetic"
-    params["data"]["synthetic"] = {
-        "train_per_class": train_per_class_for(bs, params["validation"]["valid_pct"]),
-        "n_test": bs,
-        "image_size": list(IMAGE_SIZE),
-    }
+    params["data"]["synthetic"] = {"train_per_class": train_per_class, "n_test": bs, "image_size": list(IMAGE_SIZE)}
+    params["validation"]["valid_pct"] = valid_pct
+    params["probe"]["accums"] = probe_accums_for(params["probe"]["accums"], bs)
     train_section["bs"] = bs
     if precision is not None:
         train_section["precision"] = precision
@@ -438,12 +443,18 @@ def main(argv: list[str] | None = None) -> None:
                                                      "default: a new temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the workspace afterwards")
     args = parser.parse_args(argv)
+    # A stage runs in a session of its own (see run_stage): a plain SIGTERM to the rehearsal would leave it running.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         ok = rehearse(args)
     except RehearsalError as err:
         raise SystemExit(f"rehearsal: {err}") from None
     if not ok:
         raise SystemExit(1)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def rehearse(args: argparse.Namespace) -> bool:
@@ -465,18 +476,17 @@ def rehearse(args: argparse.Namespace) -> bool:
     elif cuda:
         bs, bs_source = profile["train"]["bs"], "the profile's"
     else:
-        bs, bs_source = cpu_batch_size(profile["probe"]["accums"]), (
-            f"CPU default (the profile's {profile['train']['bs']} is for a GPU; the smallest bs leaving "
-            f"{MIN_IMAGES_PER_STEP} images per step at the probe's largest accum; --bs to change)")
+        bs, bs_source = CPU_BS, f"reduced for the CPU from the profile's {profile['train']['bs']}; --bs to change"
     params = rehearsal_params(profile, members, bs, args.precision)
     precision = precision_for(params["train"]["precision"], cuda)
     device = f"cuda ({torch.cuda.get_device_name()})" if cuda else f"cpu ({os.cpu_count()} cores)"
     workdir = prepare_workdir(args.workdir)
     data = params["data"]["synthetic"]
-    say(f"{PROFILE} profile, {len(members)} member(s) on {device}: bs {bs} ({bs_source}), precision {precision}"
-        f"{' (CPU: fp32 whatever is asked)' if not cuda else ''}; generated {data['image_size'][0]}x"
-        f"{data['image_size'][1]} JPEGs ({data['train_per_class']} per class, {data['n_test']} test), random init, "
-        "1 epoch (fine_tune: frozen + 1 unfrozen)")
+    say(f"{PROFILE} profile, {len(members)} member(s) on {device}: bs {bs} ({bs_source}), probe accums "
+        f"{params['probe']['accums']}, precision {precision}{' (CPU: fp32 whatever is asked)' if not cuda else ''}; "
+        f"generated {data['image_size'][0]}x{data['image_size'][1]} JPEGs ({data['train_per_class']} per class, "
+        f"valid_pct {params['validation']['valid_pct']}: one validation image per class, {data['n_test']} test), "
+        "random init, 1 epoch (fine_tune: frozen + 1 unfrozen)")
     say(f"workspace {workdir} ({'kept' if args.keep else 'removed at the end; --keep keeps it'}); "
         f"logs in {LOGS_DIR}/")
     logs = REPO_ROOT / LOGS_DIR
@@ -523,6 +533,8 @@ def rehearse(args: argparse.Namespace) -> bool:
         "bs": bs,
         "bs_source": bs_source,
         "profile_bs": profile["train"]["bs"],
+        "probe_accums": params["probe"]["accums"],
+        "valid_pct": params["validation"]["valid_pct"],
         "precision": precision,
         "data": {"image_size_wh": data["image_size"], "train_per_class": data["train_per_class"],
                  "n_test": data["n_test"]},

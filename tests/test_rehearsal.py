@@ -15,13 +15,14 @@ import pytest
 from benchmarks.rehearsal import (
     GIT_IDENTITY,
     MemberRun,
+    RehearsalError,
     copy_repo,
-    cpu_batch_size,
     error_line,
+    generated_split,
     memory_comparison,
+    probe_accums_for,
     rehearsal_params,
     summary_line,
-    train_per_class_for,
 )
 from pipeline.paddy import CLASSES, validation_mask
 from pipeline.profile import render_params
@@ -63,27 +64,38 @@ def test_a_subset_of_members_keeps_only_their_stages_and_ensemble_weights():
 
 
 def test_batch_size_and_precision_are_set_and_the_profile_is_left_alone():
-    params = rehearsal_params(COMPETITION, MEMBERS, 16, "bf16")
-    assert (params["train"]["bs"], params["train"]["precision"]) == (16, "bf16")
+    params = rehearsal_params(COMPETITION, MEMBERS, 4, "bf16")
+    assert (params["train"]["bs"], params["train"]["precision"]) == (4, "bf16")
     assert rehearsal_params(COMPETITION, MEMBERS, 16, None)["train"]["precision"] == COMPETITION["train"]["precision"]
     assert COMPETITION["train"]["bs"] == 64 and COMPETITION["data"]["source"] == "kaggle"
+    assert COMPETITION["probe"]["accums"] == [1, 2, 4] and COMPETITION["validation"]["valid_pct"] == 0.2
 
 
-def test_cpu_batch_leaves_two_images_per_step_at_the_probes_largest_accum():
-    assert cpu_batch_size([1, 2, 4]) == 8
-    assert cpu_batch_size([1, 2, 4, 8]) == 16
+def test_probe_measures_only_the_accums_leaving_two_images_per_step():
+    assert probe_accums_for([1, 2, 4], 64) == [1, 2, 4]
+    assert probe_accums_for([1, 2, 4], 4) == [1, 2]
+    assert rehearsal_params(COMPETITION, MEMBERS, 4, None)["probe"]["accums"] == [1, 2]
 
 
-@pytest.mark.parametrize("bs", [8, 64])
-def test_generated_data_gives_two_full_batches_per_epoch_and_a_valid_split(bs, tmp_path):
-    per_class = train_per_class_for(bs, valid_pct=0.2)
+def test_a_batch_too_small_for_every_accum_is_refused_with_the_smallest_usable():
+    with pytest.raises(RehearsalError, match="use --bs 2 or more"):
+        probe_accums_for([1, 2, 4], 1)
+
+
+@pytest.mark.parametrize("bs", [4, 64])
+def test_generated_data_has_one_validation_image_per_class_and_two_full_batches(bs, tmp_path):
+    per_class, valid_pct = generated_split(bs)
     # Tiny images: the counts are the generator's, whatever the size.
     write_synthetic_dataset(tmp_path, train_per_class=per_class, n_test=1, image_size=(16, 16), seed=0)
     labels = pd.read_csv(tmp_path / "train.csv")["label"]
-    is_valid = validation_mask(labels, 0.2, seed=42)  # stratified: fails without a validation image per class
+    is_valid = validation_mask(labels, valid_pct, seed=42)  # stratified: fails without a validation image per class
+    assert sorted(labels[is_valid]) == sorted(CLASSES)
     assert (~is_valid).sum() >= 2 * bs
     assert labels.value_counts().min() >= 2  # the probe's smallest class
-    assert set(labels[is_valid]) == set(CLASSES)
+
+
+def test_generated_split_is_the_fewest_images_at_a_cpu_batch():
+    assert generated_split(4) == (4, 0.25)  # 38 images: the smallest class's 2 are the probe's minimum
 
 
 def test_error_of_a_traceback_is_its_exception_not_dvcs_summary():
