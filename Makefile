@@ -28,7 +28,7 @@ endif
 export PATH := $(ENV_BIN):$(PATH)
 .DEFAULT_GOAL := help
 
-.PHONY: help install lock demo repro train-parallel test bench submit profile clean
+.PHONY: help install lock demo repro train-parallel test bench rehearsal submit profile clean
 
 help:
 	@echo "make install   make .venv (unless PYTHON=... is given) and install $(LOCK) + the pipeline into it"
@@ -37,6 +37,8 @@ help:
 	@echo "make train-parallel JOBS=2   like make repro, but train@<member> stages run JOBS at a time, one GPU each"
 	@echo "make test      install, then run the test suite (CPU, a few minutes)"
 	@echo "make bench     benchmarks: training throughput, DataLoader vs step rate, collab vs collab_learner, demo DAG time, DDP 1 vs 2 processes"
+	@echo "make rehearsal the competition profile's DAG on generated 480x640 photos in a scratch workspace: run it"
+	@echo "               before spending GPU hours (ARGS=\"--members a,b --bs 16 --precision bf16 --keep\")"
 	@echo "make submit    upload submissions/submission.csv to Kaggle (refuses synthetic or stale outputs)"
 	@echo "               make submit ARGS=--force re-uploads a file that was submitted before"
 	@echo "make profile PROFILE=competition|demo   switch params.yaml to a profile, carrying your edits over"
@@ -102,6 +104,10 @@ test: install
 bench:
 	@echo ">> benchmarks (results in bench/): see README 'Benchmarks'"
 	$(PYTHON) -m benchmarks
+
+rehearsal:
+	@echo ">> rehearsal: the competition profile's DAG, every member at its real shapes, in a scratch workspace"
+	$(PYTHON) -m benchmarks.rehearsal $(ARGS)
 
 submit:
 	@echo ">> submitting submissions/submission.csv to Kaggle (checks first)"
