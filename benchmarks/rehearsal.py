@@ -10,7 +10,7 @@ train run is killed with SIGKILL after its first completed epoch and run again, 
 What is real: every member's architecture, item transform, batch transform size, the precision (fp32 on CPU whatever
 is asked; on CUDA the profile's or `--precision`), full-size (480x640) JPEGs, the schedule and TTA.
 What is cut: the data is generated, as few images as the stratified split allows (one validation image per class,
-so validation.valid_pct is set to give that), weights are random (`pretrained: false`), and `epochs: 1` (fine_tune:
+so validation.valid_pct is set to give that), weights are random (`pretrained: false`), and `epochs: 1` with each training epoch capped at STEPS_PER_EPOCH optimiser steps (fine_tune:
 the frozen epoch and one unfrozen one). The batch size is the profile's on CUDA; on CPU the large members take a
 few seconds an image, so the CPU default is CPU_BS, announced in the output and the JSON (`--bs` sets either), and
 the probe measures only the candidate accums that leave at least 2 images per step at that bs.
@@ -130,7 +130,7 @@ def rehearsal_params(profile: Mapping[str, Any], members: Sequence[str], bs: int
     train_section["bs"] = bs
     if precision is not None:
         train_section["precision"] = precision
-    capped = {"pretrained": False, "epochs": 1}
+    capped = {"pretrained": False, "epochs": 1, "max_steps_per_epoch": STEPS_PER_EPOCH}
     train_section["member_defaults"] = {**train_section.get("member_defaults", {}), **capped}
     train_section["members"] = {  # a member's own key wins over member_defaults: capped there too
         name: {**member, **{key: value for key, value in capped.items() if key in member}}

@@ -25,7 +25,7 @@ import torch
 from dvclive import Live
 from dvclive.fastai import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelTrainException
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.learner import load_model, save_model
 from fastai.torch_core import get_random_states, set_random_states
@@ -271,10 +271,32 @@ class LiveEpoch(DVCLiveCallback):
         pass
 
 
-def epoch_callbacks(checkpoints: Checkpoints, live: Live | None, first_epoch: int, start_epoch: int) -> list:
-    """SaveEpoch on every rank (saving gathers every rank's random states), LiveEpoch where there is a logger."""
-    save = SaveEpoch(checkpoints, first_epoch, start_epoch)
-    return [save] if live is None else [save, LiveEpoch(live, start_epoch)]
+class StepCap(Callback):
+    """End each training epoch after `max_steps` optimiser steps; validation still runs whole.
+
+    fastai's ShortEpochCallback cuts by a share of the epoch and cuts validation too; a rehearsal wants a fixed
+    number of real steps (each `accum` batches, as GradientAccumulation steps) followed by the real validation.
+    """
+
+    def __init__(self, max_steps: int, accum: int):
+        self.max_batches = max_steps * accum
+
+    def after_batch(self):
+        if self.training and self.iter + 1 >= self.max_batches:
+            raise CancelTrainException
+
+
+def epoch_callbacks(
+    checkpoints: Checkpoints, live: Live | None, first_epoch: int, start_epoch: int, step_cap: StepCap | None = None
+) -> list:
+    """SaveEpoch on every rank (saving gathers every rank's random states), LiveEpoch where there is a logger, and
+    the member's step cap if it has one."""
+    cbs = [SaveEpoch(checkpoints, first_epoch, start_epoch)]
+    if live is not None:
+        cbs.append(LiveEpoch(live, start_epoch))
+    if step_cap is not None:
+        cbs.append(step_cap)
+    return cbs
 
 
 def rewind_live(live: Live, completed_epochs: int) -> None:
@@ -345,6 +367,9 @@ def fit_member(
     phases = schedule_phases(cfg.member, state["lr"])
     resume_phase, resume_epoch = resume_point(phases, completed)
     first_epoch = sum(phase.epochs for phase in phases[:resume_phase])
+    cap = cfg.member.max_steps_per_epoch
+    step_cap = None if cap is None else StepCap(cap, accum)
+    epoch_images = len(dls.train.items) if cap is None else min(len(dls.train.items), cap * cfg.bs)
     reset_peak_memory()
     started, images = time.perf_counter(), 0
     with distributed.distrib_ctx(learn):
@@ -352,9 +377,9 @@ def fit_member(
             start_epoch = resume_epoch if index == resume_phase else 0
             enter_phase(learn, phase, checkpoints, completed if index == resume_phase else 0, start_epoch)
             if start_epoch < phase.epochs:
-                cbs = epoch_callbacks(checkpoints, live, first_epoch, start_epoch)
+                cbs = epoch_callbacks(checkpoints, live, first_epoch, start_epoch, step_cap)
                 learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=start_epoch, cbs=cbs, **phase.kwargs)
-                images += (phase.epochs - start_epoch) * len(dls.train.items)
+                images += (phase.epochs - start_epoch) * epoch_images
             first_epoch += phase.epochs
     return TrainResult(
         learn=learn,

@@ -65,6 +65,9 @@ class MemberConfig:
     min_scale: float = 0.75
     # Item-level augmentation with albumentations, applied to training items only: {TransformName: {kwargs}}.
     albumentations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A smoke test's cap (make rehearsal): optimiser steps per training epoch, validation and TTA left whole; None:
+    # every batch. Not for real runs: the one-cycle schedule is cut short with it.
+    max_steps_per_epoch: int | None = None
 
     def __post_init__(self):
         if not timm.is_model(self.arch):
@@ -75,6 +78,8 @@ class MemberConfig:
                 raise ValueError(f"{name} {value!r} is too small; use at least 8 pixels a side")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be null or a positive integer, got {self.max_steps_per_epoch}")
         if self.accum is not None and self.accum < 1:
             raise ValueError(f"accum must be null or a positive integer, got {self.accum}")
         if not 0 < self.min_scale <= 1:

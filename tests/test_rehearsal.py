@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks.rehearsal import (
     GIT_IDENTITY,
+    STEPS_PER_EPOCH,
     MemberRun,
     RehearsalError,
     copy_repo,
@@ -46,7 +47,7 @@ def test_members_train_one_epoch_from_random_weights_on_generated_full_size_phot
     assert params["data"]["source"] == "synthetic"
     assert params["data"]["synthetic"]["image_size"] == [480, 640]
     for member in load_train_config(params).members.values():
-        assert (member.pretrained, member.epochs) == (False, 1)
+        assert (member.pretrained, member.epochs, member.max_steps_per_epoch) == (False, 1, STEPS_PER_EPOCH)
 
 
 def test_a_member_that_sets_its_own_epochs_and_weights_is_capped_too():

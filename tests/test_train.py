@@ -347,3 +347,19 @@ def test_missing_data_is_a_one_line_error_naming_the_file_and_the_fix(project):
 def test_metrics_record_cuda_peak_memory_during_training(tiny_paddy, tmp_path):
     metrics = train.run_stage(stage_config(epochs=1, tta=False), data_dir=tiny_paddy, root=tmp_path)
     assert 0 < metrics["peak_allocated_gib"] <= metrics["peak_reserved_gib"]
+
+
+def test_max_steps_per_epoch_caps_the_optimiser_steps_and_leaves_validation_whole(tiny_paddy, tmp_path):
+    # Uncapped, 57 training images at 8 a batch and accum 2 make 3 steps an epoch: the cap of 1 must give 2 in all,
+    # each of 2 batches (a cap counted in batches would give 1), and every validation image still predicted.
+    cfg = stage_config(accum=2, tta=False, max_steps_per_epoch=1)
+    metrics = train.run_stage(cfg, data_dir=tiny_paddy, root=tmp_path)
+    assert metrics["optimizer_steps"] == 2
+    valid = pd.read_csv(tmp_path / "preds" / cfg.name / "valid.csv")
+    table = train.split_table(tiny_paddy, cfg.validation)
+    assert len(valid) == table["is_valid"].sum() > 0
+
+
+def test_max_steps_per_epoch_must_be_positive():
+    with pytest.raises(ValueError, match="max_steps_per_epoch"):
+        MemberConfig(**TINY_MEMBER, max_steps_per_epoch=0)
