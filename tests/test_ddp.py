@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # something: 24 images a class at 48x64, resnet10t at 32 px, 5 epochs.
 DDP_PADDY = dict(train_per_class=24, n_test=30, image_size=(48, 64), seed=0)
 MEMBER = dict(arch="resnet10t", resize=40, method="squish", size=32, epochs=5, lr=0.01, schedule="fit_one_cycle", accum=1)
-BS, SEED, VALID = 16, 0, dict(valid_pct=0.25, seed=0, full=False)
+BS, SEED, VALID = 16, 0, dict(valid_pct=0.25, seed=0)
 # The two runs are two samples of the same training, not one computation: each process normalises its own half
 # of the step batch (DDP refuses SyncBatchNorm on CPU; on GPUs it is synchronised), the processes' halves of the
 # shuffled order make different batches, and augmentation draws differ (seed + rank). Measured here: 1 process
@@ -102,7 +102,7 @@ def one_process(ddp_paddy, tmp_path_factory):
     try:
         cfg = train.StageConfig(
             profile="demo", seed=SEED, name="tiny", member=MemberConfig(**MEMBER), bs=BS, tta=True,
-            validation=train.ValidationConfig(**VALID),
+            validation=train.ValidationConfig(**VALID, full=False),
         )
         return train.run_stage(cfg, data_dir=ddp_paddy, root=tmp_path_factory.mktemp("one"))
     finally:
@@ -209,7 +209,7 @@ def test_under_ddp_out_of_memory_stops_the_rank_instead_of_retrying_alone(monkey
     monkeypatch.setattr(train, "fit_member", fit_that_runs_out_of_memory)
     cfg = train.StageConfig(
         profile="demo", seed=0, name="tiny", member=MemberConfig(**MEMBER), bs=BS, tta=False,
-        validation=train.ValidationConfig(**VALID),
+        validation=train.ValidationConfig(**VALID, full=False),
     )
     with pytest.raises(distributed.RestartWithDoubledAccum):
         train.train_with_oom_fallback(cfg, pd.DataFrame(), 1, checkpoints=None, live=None)
