@@ -42,7 +42,7 @@ import torch
 import yaml
 
 from pipeline import probe, train
-from pipeline.common import read_json, write_json
+from pipeline.common import log, read_json, write_json
 from pipeline.paddy import CLASSES
 from pipeline.params import PARAMS_FILE
 from pipeline.profile import render_params
@@ -54,6 +54,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_FILE = Path("bench/rehearsal.json")
 LOGS_DIR = Path("bench/rehearsal-logs")
 PROFILE = "competition"
+STAGE = "rehearsal"  # the prefix of its log lines, as the stages have theirs
 IMAGE_SIZE = [480, 640]  # (w, h) as data.synthetic.image_size takes it: the real photos' portrait 480x640
 STEPS_PER_EPOCH = 2  # full batches of bs per training epoch, at least
 CPU_BS = 4  # 28 training images a member (the fewest the split allows) in 7 steps; the probe measures accum 1 and 2
@@ -369,15 +370,11 @@ def completed_epochs(workdir: Path, member: str) -> int:
 # -- the rehearsal -----------------------------------------------------------------------------------------------
 
 
-def say(message: str) -> None:
-    print(f"[rehearsal] {message}", file=sys.stderr, flush=True)
-
-
 def run_logged(workdir: Path, stage: str, logs: Path, suffix: str = "", **kwargs) -> StageRun:
-    say(f"{stage}{suffix}: running")
+    log(STAGE, f"{stage}{suffix}: running")
     result = run_stage(workdir, stage, logs / f"{stage}{suffix}.log", **kwargs)
     outcome = "killed" if result.killed else "ok" if result.ok else f"failed: {error_line(result.lines, result.returncode)}"
-    say(f"{stage}{suffix}: {result.seconds} s ({result.cpu_seconds} s of CPU), {outcome}")
+    log(STAGE, f"{stage}{suffix}: {result.seconds} s ({result.cpu_seconds} s of CPU), {outcome}")
     return result
 
 
@@ -482,12 +479,12 @@ def rehearse(args: argparse.Namespace) -> bool:
     device = f"cuda ({torch.cuda.get_device_name()})" if cuda else f"cpu ({os.cpu_count()} cores)"
     workdir = prepare_workdir(args.workdir)
     data = params["data"]["synthetic"]
-    say(f"{PROFILE} profile, {len(members)} member(s) on {device}: bs {bs} ({bs_source}), probe accums "
+    log(STAGE, f"{PROFILE} profile, {len(members)} member(s) on {device}: bs {bs} ({bs_source}), probe accums "
         f"{params['probe']['accums']}, precision {precision}{' (CPU: fp32 whatever is asked)' if not cuda else ''}; "
         f"generated {data['image_size'][0]}x{data['image_size'][1]} JPEGs ({data['train_per_class']} per class, "
         f"valid_pct {params['validation']['valid_pct']}: one validation image per class, {data['n_test']} test), "
         "random init, 1 epoch (fine_tune: frozen + 1 unfrozen)")
-    say(f"workspace {workdir} ({'kept' if args.keep else 'removed at the end; --keep keeps it'}); "
+    log(STAGE, f"workspace {workdir} ({'kept' if args.keep else 'removed at the end; --keep keeps it'}); "
         f"logs in {LOGS_DIR}/")
     logs = REPO_ROOT / LOGS_DIR
     adopt_orphans()
