@@ -9,7 +9,8 @@
 # `uv pip compile --universal`): plain pip installs it (`--require-hashes`), as on Kaggle, and the same lock serves
 # Linux x86_64 with the CUDA wheels torch pulls from PyPI, other Linux machines, macOS and Windows.
 # `make lock` regenerates it after a change to pyproject.toml's dependencies.
-PROFILE ?= demo
+# make profile: PROFILE names the profile to write (default: the one params.yaml names).
+PROFILE ?=
 # make train-parallel: GPUS lists the devices (default: every GPU nvidia-smi lists, none on a CPU machine);
 # JOBS members train at once (default: one per GPU, else 1), each seeing one GPU through CUDA_VISIBLE_DEVICES
 # (more JOBS than GPUS share them round-robin).
@@ -41,8 +42,8 @@ help:
 	@echo "               before spending GPU hours (ARGS=\"--members a,b --bs 16 --precision bf16 --keep\")"
 	@echo "make submit    upload submissions/submission.csv to Kaggle (refuses synthetic or stale outputs)"
 	@echo "               make submit ARGS=--force re-uploads a file that was submitted before"
-	@echo "make profile PROFILE=competition|demo   switch params.yaml to a profile, carrying your edits over"
-	@echo "               make profile PROFILE=... ARGS=--force lets the profile win where your edits collide"
+	@echo "make profile PROFILE=competition|demo   write params.yaml: base + that profile + your params.local.yaml"
+	@echo "               (no PROFILE: the current one again); ARGS=--force writes over values changed in params.yaml"
 	@echo "make lock      re-resolve pyproject.toml's dependencies into $(LOCK) (after changing them)"
 	@echo "make clean     remove caches of Python and pytest (never data, models, preds or submissions)"
 	@echo "Every target runs in .venv; add PYTHON=/path/to/python to use that interpreter instead."
@@ -114,7 +115,7 @@ submit:
 	$(PYTHON) -m pipeline.submit $(ARGS)
 
 profile:
-	@echo ">> switching params.yaml to the $(PROFILE) profile"
+	@echo ">> writing params.yaml: pipeline/profiles/base.yaml + the $(or $(PROFILE),current) profile + params.local.yaml"
 	$(PYTHON) -m pipeline.profile $(PROFILE) $(ARGS)
 
 clean:

@@ -1,22 +1,24 @@
-"""Profiles: params.yaml is pipeline/profiles/base.yaml with one profile on top (`python -m pipeline.profile NAME`).
+"""Profiles: params.yaml is pipeline/profiles/base.yaml, one profile on top, then your own params.local.yaml.
 
-base.yaml holds the params every profile shares; demo.yaml and competition.yaml hold only what differs. Rendering
-puts a profile on the base: mappings merge key by key; anything else (a number, a string, a list) replaces the
-base's value; a key the base lacks goes right after the key that precedes it in the profile file; comments come
-along (the profile's, where both files comment a key). ruamel.yaml (the YAML library DVC reads params with) keeps
-the comments.
+`python -m pipeline.profile [NAME]` writes it (NAME defaults to the profile params.yaml names); `--print` shows it.
+base.yaml holds what every profile shares, demo.yaml and competition.yaml only what differs, params.local.yaml
+(optional, yours, committed with params.yaml) your own values, which every profile gets. Each layer goes on the one
+below it: mappings merge key by key, anything else (a number, a string, a list) replaces the value below.
 
-A switch is a three-way merge of parsed values, as git merges lines: your edits are where params.yaml differs from
-a fresh render of the profile it names. They are carried onto the new profile, except where the new profile
-changes the same key to something else: then the switch refuses, naming the key, and `--force` lets the profile
-win. Comment edits are no edits; whenever the old file's text differs from that fresh render, it is kept as
-params.yaml.bak, so nothing typed into it is lost.
+params.yaml itself is generated. A value changed in it directly (by hand, or `dvc exp run -S`) is found by
+comparing it with a fresh render of its profile and params.local.yaml, and the switch refuses, naming the key,
+rather than drop it; `--force` writes the profile anyway. Whenever the old file's text differs from that render
+(a comment included), it is kept as params.yaml.bak: nothing typed into params.yaml is lost silently.
+
+The merge is ruamel.yaml's (the library DVC reads params with), not OmegaConf.merge: ruamel keeps the comments,
+and params.yaml's comments are where each key is documented.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -32,10 +34,12 @@ from pipeline.params import PARAMS_FILE, PROFILES
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 BASE_FILE = PROFILE_DIR / "base.yaml"
+LOCAL_FILE = Path("params.local.yaml")
 HEADER = (
-    "# paddy-pipeline parameters: pipeline/profiles/base.yaml with pipeline/profiles/{name}.yaml on top, as written by\n"
-    "# `make profile PROFILE={name}`. Edit freely: a profile switch carries your edits over (README \"Profiles\").\n"
-    "# Every stage reads only its own section(s); dvc.yaml lists which.\n"
+    "# paddy-pipeline parameters, written by `make profile PROFILE={name}`: pipeline/profiles/base.yaml, then\n"
+    "# pipeline/profiles/{name}.yaml, then params.local.yaml if you have one. Keep your own values in params.local.yaml\n"
+    "# (docs/profiles.md): a profile switch refuses to drop a value changed here. Every stage reads only its own\n"
+    "# section(s); dvc.yaml lists which.\n"
 )
 # A top-level key whose value is a block (a section): the rendered file has one blank line before each.
 SECTION_LINE = re.compile(r"^[^\s#][^:]*:\s*(#.*)?$")
@@ -43,16 +47,6 @@ SECTION_LINE = re.compile(r"^[^\s#][^:]*:\s*(#.*)?$")
 
 class ProfileError(RuntimeError):
     """A refused switch or a broken profile file; the message says why and what to do."""
-
-
-class _Removed:
-    """Where a key is absent: a value no YAML file can hold."""
-
-    def __repr__(self) -> str:
-        return "<removed>"
-
-
-REMOVED = _Removed()
 
 
 class _Representer(RoundTripRepresenter):
@@ -70,32 +64,26 @@ def profile_file(name: str) -> Path:
     return PROFILE_DIR / f"{name}.yaml"
 
 
-# -- rendering ------------------------------------------------------------------------------------------------------
-
-
-def render_text(name: str) -> str:
-    """params.yaml for profile `name`: the base with the profile on top, with comments."""
-    return _text(name, _render(name))
-
-
-def _render(name: str) -> CommentedMap:
+def render_text(name: str, local_file: Path | None = None) -> str:
+    """params.yaml for profile `name` (and `local_file`, when it exists), with the comments of every layer."""
     merged = _load_file(BASE_FILE)
     merged.ca.comment = None  # the base's header is about base.yaml, not about params.yaml
-    merge_onto(merged, _load_file(profile_file(name)))
-    return merged
+    layers = [profile_file(name), *([local_file] if local_file is not None and Path(local_file).is_file() else [])]
+    for layer in layers:
+        merge_onto(merged, _load_file(layer))
+    stream = io.StringIO()
+    _yaml().dump(merged, stream)
+    return _tidy(HEADER.format(name=name) + _leading_comments(profile_file(name)) + stream.getvalue())
 
 
-def _text(name: str, document: CommentedMap) -> str:
-    return _tidy(HEADER.format(name=name) + _leading_comments(profile_file(name)) + _dump(document))
-
-
-def render_params(name: str) -> dict:
-    """Profile `name`'s params as DVC and the stages read them (plain values, no comments)."""
-    return _values(render_text(name), profile_file(name))
+def render_params(name: str, local_file: Path | None = None) -> dict:
+    """Profile `name`'s params (with `local_file`'s on top) as DVC and the stages read them: plain values."""
+    return YAML(typ="safe").load(render_text(name, local_file))
 
 
 def merge_onto(base: CommentedMap, overlay: CommentedMap) -> None:
-    """Put `overlay` on `base` in place: mappings merge key by key, any other value replaces base's."""
+    """Put `overlay` on `base` in place: mappings merge key by key, any other value replaces base's; a key base
+    lacks goes right after the key that precedes it in overlay."""
     previous = None
     for key, value in overlay.items():
         if isinstance(base.get(key), dict) and isinstance(value, dict):
@@ -103,19 +91,11 @@ def merge_onto(base: CommentedMap, overlay: CommentedMap) -> None:
         elif key in base:
             base[key] = value
         else:
-            base.insert(_position_after(base, previous), key, value)
-        _copy_comment(overlay, base, key)
+            base.insert(0 if previous is None else list(base).index(previous) + 1, key, value)
+        comment = overlay.ca.items.get(key)
+        if comment is not None and getattr(comment[2], "value", "").strip():
+            base.ca.items[key] = comment
         previous = key
-
-
-def _position_after(mapping: CommentedMap, previous: Any) -> int:
-    return 0 if previous is None else list(mapping).index(previous) + 1
-
-
-def _copy_comment(source: CommentedMap, target: CommentedMap, key: Any) -> None:
-    comment = source.ca.items.get(key)
-    if comment is not None and getattr(comment[2], "value", "").strip():
-        target.ca.items[key] = comment
 
 
 def _yaml() -> YAML:
@@ -127,9 +107,11 @@ def _yaml() -> YAML:
 
 def _load_file(path: Path) -> CommentedMap:
     try:
-        document = _yaml().load(path.read_text())
+        document = _yaml().load(Path(path).read_text())
     except (OSError, YAMLError) as err:
         raise ProfileError(f"{path}: cannot be read as YAML ({str(err).splitlines()[0]}); fix the file") from None
+    if document is None:
+        return CommentedMap()  # an empty params.local.yaml overrides nothing
     if not isinstance(document, CommentedMap):
         raise ProfileError(f"{path}: expected a mapping of sections at the top level")
     return document
@@ -138,12 +120,6 @@ def _load_file(path: Path) -> CommentedMap:
 def _leading_comments(path: Path) -> str:
     lines = path.read_text().splitlines(keepends=True)
     return "".join(lines[: next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))])
-
-
-def _dump(document: CommentedMap) -> str:
-    stream = io.StringIO()
-    _yaml().dump(document, stream)
-    return stream.getvalue()
 
 
 def _tidy(text: str) -> str:
@@ -162,43 +138,80 @@ def _tidy(text: str) -> str:
     return "\n".join(tidy) + "\n"
 
 
-def _values(text: str, path: Path) -> Any:
-    try:
-        return YAML(typ="safe").load(text)
-    except YAMLError as err:
-        raise ProfileError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+def differences(old: Any, new: Any, path: tuple = ()) -> Iterator[tuple]:
+    """Each path of keys where `new` differs from `old`: mappings key by key, anything else (a list too) whole.
 
-
-# -- switching ------------------------------------------------------------------------------------------------------
-
-
-def value_edits(old: Any, new: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-    """Each place where `new` differs from `old`, as (path of keys, new's value there or REMOVED), outermost first.
-
-    Mappings are compared key by key; anything else is one value (a list is edited as a whole).
+    Compared as JSON, so that YAML's `1`, `1.0` and `true` stay three different settings.
     """
     if isinstance(old, dict) and isinstance(new, dict):
         for key in [*old, *(key for key in new if key not in old)]:
-            yield from value_edits(old.get(key, REMOVED), new.get(key, REMOVED), (*path, key))
-    elif not _same(old, new):
-        yield path, new
+            yield from differences(old.get(key), new.get(key), (*path, key))
+    elif json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True, default=str):
+        yield path
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal values of equal types (YAML's `1`, `1.0` and `true` are three different settings)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return type(a) is type(b) and a == b
+def dotted(path: tuple) -> str:
+    return ".".join(map(str, path))
 
 
-def _lookup(values: Any, path: tuple) -> Any:
-    for key in path:
-        if not isinstance(values, dict) or key not in values:
-            return REMOVED
-        values = values[key]
-    return values
+def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, local_file: Path = LOCAL_FILE,
+                   force: bool = False) -> str:
+    """Write profile `name` (default: the one params_file names) with local_file on top to params_file, refusing
+    to drop a value changed in params_file itself unless `force`; returns what was done, in one line."""
+    params_file, local_file = Path(params_file), Path(local_file)
+    backup = params_file.with_name(params_file.name + ".bak")
+    text, origin, problem = _current(params_file)
+    edits = []
+    if origin is not None:
+        local = _load_file(local_file) if local_file.is_file() else {}
+        # A value params.local.yaml sets is the user's declared one: it wins over what params.yaml holds there.
+        edits = [path for path in differences(render_params(origin, local_file), YAML(typ="safe").load(text))
+                 if not any(_overlap(path, own) for own in _leaves(local))]
+    name = name or origin
+    if name is None:
+        raise ProfileError(f"{params_file} {problem}; name the profile to write: one of {', '.join(PROFILES)}")
+    if text is not None and origin is None and not force:
+        raise ProfileError(f"{params_file} {problem}, so your values cannot be told from a profile's; fix it, or "
+                           f"rerun with --force (writes the {name} profile and keeps your file as {backup})")
+    if edits and not force:
+        raise ProfileError(
+            f"{params_file}: you changed {', '.join(map(dotted, edits[:3]))}{' and more' if len(edits) > 3 else ''} "
+            f"there, not in {local_file}; move your values into {local_file} (docs/profiles.md), or rerun with "
+            f"--force (writes the {name} profile and keeps your file as {backup})"
+        )
+    kept = text is not None and (origin is None or text != render_text(origin, local_file))
+    if kept:
+        shutil.copyfile(params_file, backup)
+    with atomic_path(params_file) as tmp:
+        tmp.write_text(render_text(name, local_file))
+    done = [f"{params_file} is now the {name} profile" + (f" with {local_file}" if local_file.is_file() else "")]
+    if edits:
+        done.append(f"the profile won over your changes of: {', '.join(map(dotted, edits))}")
+    if kept:
+        done.append(f"your old file is {backup}")
+    return "; ".join(done)
+
+
+def _current(params_file: Path) -> tuple[str | None, str | None, str]:
+    """params_file's text, the profile it names (None when it names none) and, then, what is wrong with it."""
+    if not params_file.is_file():
+        return None, None, "does not exist"
+    text = params_file.read_text()
+    try:
+        values = YAML(typ="safe").load(text)
+    except YAMLError as err:
+        return text, None, f"is not valid YAML ({str(err).splitlines()[0]})"
+    origin = values.get("profile") if isinstance(values, dict) else None
+    return text, origin if origin in PROFILES else None, f"names no profile (profile: {origin!r})"
+
+
+def _leaves(values: Any, path: tuple = ()) -> Iterator[tuple]:
+    """The path of every value in nested mappings (a list is one value)."""
+    if isinstance(values, dict):
+        for key, value in values.items():
+            yield from _leaves(value, (*path, key))
+    else:
+        yield path
 
 
 def _overlap(a: tuple, b: tuple) -> bool:
@@ -206,103 +219,19 @@ def _overlap(a: tuple, b: tuple) -> bool:
     return a[: len(b)] == b or b[: len(a)] == a
 
 
-def dotted(path: tuple) -> str:
-    return ".".join(map(str, path))
-
-
-def _carry(edit: tuple, target: CommentedMap, edited: CommentedMap) -> None:
-    """Apply the user's edit at path `edit` (taken, with its comment, from document `edited`) to `target`."""
-    *parents, key = edit
-    for parent in parents:
-        target, edited = target[parent], edited[parent]
-    if key not in edited:
-        del target[key]
-        return
-    if key not in target:
-        earlier = list(edited)[: list(edited).index(key)]
-        previous = next((k for k in reversed(earlier) if k in target), None)
-        target.insert(_position_after(target, previous), key, edited[key])
-    else:
-        target[key] = edited[key]
-    _copy_comment(edited, target, key)
-
-
-def switch_profile(name: str, params_file: Path = PARAMS_FILE, force: bool = False) -> str:
-    """Write profile `name` to params_file, carrying the user's edits over; returns what was done, in one line."""
-    params_file = Path(params_file)
-    backup = params_file.with_name(params_file.name + ".bak")
-    fresh = render_text(name)
-    if not params_file.is_file():
-        _write(params_file, fresh)
-        return f"{params_file} is now the {name} profile"
-    text = params_file.read_text()
-    try:
-        current, edited = YAML(typ="safe").load(text), _yaml().load(text)
-    except YAMLError as err:
-        current = edited = None
-        problem = f"is not valid YAML ({str(err).splitlines()[0]})"
-    else:
-        problem = f"names no profile (profile: {current.get('profile')!r})" if isinstance(current, dict) else "is not a mapping"
-    origin = current.get("profile") if isinstance(current, dict) else None
-    if origin not in PROFILES:
-        if not force:
-            raise ProfileError(
-                f"{params_file} {problem}, so your edits cannot be told from a profile's values; fix it, or rerun "
-                f"with --force (writes the plain {name} profile and keeps your file as {backup})"
-            )
-        shutil.copyfile(params_file, backup)
-        _write(params_file, fresh)
-        return f"{params_file} is now the plain {name} profile; your old file is {backup}"
-
-    pristine = render_text(origin)
-    old, new = render_params(origin), render_params(name)
-    result = _render(name)
-    profile_changes = [path for path, _ in value_edits(old, new)]
-    carried, collisions = [], []
-    for path, value in value_edits(old, current):
-        if _same(_lookup(new, path), value):
-            continue  # the new profile says the same
-        clash = next((change for change in profile_changes if _overlap(change, path)), None)
-        if clash is not None:
-            collisions.append((path, clash))
-        else:
-            _carry(path, result, edited)
-            carried.append(dotted(path))
-    if collisions and not force:
-        path, clash = collisions[0]
-        more = f" ({len(collisions) - 1} more collide)" if len(collisions) > 1 else ""
-        raise ProfileError(
-            f"{params_file}: your edit of '{dotted(path)}' collides with the {name} profile, which changes "
-            f"'{dotted(clash)}'{more}; undo the edit, or rerun with --force (the profile wins and your file is kept "
-            f"as {backup})"
-        )
-    if text != pristine:
-        shutil.copyfile(params_file, backup)
-    _write(params_file, _text(name, result))
-    done = [f"{params_file} is now the {name} profile"]
-    if carried:
-        done.append(f"your edits carried over: {', '.join(carried)}")
-    if collisions:
-        done.append(f"the profile won over your edits of: {', '.join(dotted(path) for path, _ in collisions)}")
-    if text != pristine:
-        done.append(f"your old file is {backup}")
-    return "; ".join(done)
-
-
-def _write(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("profile", choices=PROFILES)
-    parser.add_argument("--force", action="store_true", help="switch even where your edits collide with the profile")
-    parser.add_argument("--print", action="store_true", help="print the profile's params.yaml instead of writing it")
+    parser.add_argument("profile", nargs="?", choices=PROFILES, help="default: the profile params.yaml names")
+    parser.add_argument("--force", action="store_true", help="write the profile even over values changed in "
+                                                             "params.yaml (kept as params.yaml.bak)")
+    parser.add_argument("--print", action="store_true", help="print the params.yaml it would write instead")
     args = parser.parse_args(argv)
     try:
         if args.print:
-            print(render_text(args.profile), end="")
+            name = args.profile or _current(PARAMS_FILE)[1]
+            if name is None:
+                raise ProfileError(f"{PARAMS_FILE} names no profile; name one: {', '.join(PROFILES)}")
+            print(render_text(name, LOCAL_FILE), end="")
         else:
             print(switch_profile(args.profile, force=args.force))
     except ProfileError as err:

@@ -11,11 +11,12 @@ from pipeline.profile import (
     BASE_FILE,
     PROFILE_DIR,
     ProfileError,
+    LOCAL_FILE,
     main,
     render_params,
     render_text,
     switch_profile,
-    value_edits,
+    differences,
 )
 from pipeline.params import PROFILES
 from pipeline.vision import load_train_config
@@ -37,7 +38,9 @@ def leaves(values, path=()):
 
 
 @pytest.fixture
-def demo_params(tmp_path):
+def demo_params(tmp_path, monkeypatch):
+    """A project folder on the demo profile, as the working directory (params.local.yaml is found there)."""
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "params.yaml"
     path.write_text(render_text("demo"))
     return path
@@ -53,10 +56,12 @@ def edit(path, change):
 # -- the files -------------------------------------------------------------------------------------------------------
 
 
-def test_committed_params_yaml_is_the_rendered_demo_profile():
-    assert (ROOT / "params.yaml").read_text() == render_text("demo"), (
-        "params.yaml is not pipeline/profiles/base.yaml + demo.yaml: edit those, then "
-        "`python -m pipeline.profile demo --print > params.yaml`"
+def test_committed_params_yaml_is_the_render_of_its_profile_and_params_local_yaml():
+    committed = (ROOT / "params.yaml").read_text()
+    name = yaml.safe_load(committed)["profile"]
+    assert committed == render_text(name, ROOT / LOCAL_FILE), (
+        f"params.yaml is not pipeline/profiles/base.yaml + {name}.yaml + params.local.yaml: put your values in "
+        "params.local.yaml, then `make profile`"
     )
 
 
@@ -115,6 +120,10 @@ def test_competition_profile_is_the_seeds_ensemble():
 # -- switching -------------------------------------------------------------------------------------------------------
 
 
+def local(path, text):
+    (path.parent / "params.local.yaml").write_text(text)
+
+
 def test_switch_writes_the_rendered_profile(demo_params):
     switch_profile("competition", demo_params)
     assert demo_params.read_text() == render_text("competition")
@@ -122,8 +131,65 @@ def test_switch_writes_the_rendered_profile(demo_params):
 
 
 def test_a_missing_params_file_is_written(tmp_path):
-    switch_profile("demo", tmp_path / "params.yaml")
+    switch_profile("demo", tmp_path / "params.yaml", tmp_path / "params.local.yaml")
     assert (tmp_path / "params.yaml").read_text() == render_text("demo")
+
+
+def test_params_local_yaml_goes_on_top_of_every_profile_with_its_comments(demo_params):
+    local(demo_params, "collab:\n  epochs: 9                  # my note\ntrain:\n  bs: 16\n")
+    for name in PROFILES:
+        message = switch_profile(name, demo_params)
+        switched = yaml.safe_load(demo_params.read_text())
+        assert (switched["collab"]["epochs"], switched["train"]["bs"]) == (9, 16)
+        assert list(differences(render_params(name), switched)) == [("train", "bs"), ("collab", "epochs")]
+        assert "epochs: 9                  # my note" in demo_params.read_text() and "params.local.yaml" in message
+
+
+def test_an_added_member_in_params_local_yaml_joins_the_profiles_members(demo_params):
+    local(demo_params, "train:\n  members:\n    tiny:\n      arch: resnet10t\n")
+    switch_profile("competition", demo_params)
+    members = yaml.safe_load(demo_params.read_text())["train"]["members"]
+    assert members["tiny"] == {"arch": "resnet10t"} and "vit_large_640" in members
+
+
+def test_without_a_name_the_profile_params_yaml_names_is_rendered_again(demo_params):
+    switch_profile("competition", demo_params)
+    local(demo_params, "seed: 7\n")
+    switch_profile(None, demo_params)
+    assert yaml.safe_load(demo_params.read_text())["seed"] == 7
+    assert yaml.safe_load(demo_params.read_text())["profile"] == "competition"
+
+
+def test_a_value_changed_in_params_yaml_is_refused_naming_it_and_the_file_is_untouched(demo_params):
+    edit(demo_params, lambda p: p["train"]["members"]["convnext_squish"].update(epochs=8))  # as dvc exp run -S does
+    before = demo_params.read_text()
+    with pytest.raises(ProfileError, match=r"you changed train.members.convnext_squish.epochs there, not in "
+                                           r"params.local.yaml; move your values into params.local.yaml"):
+        switch_profile("competition", demo_params)
+    assert demo_params.read_text() == before and not demo_params.with_name("params.yaml.bak").exists()
+
+
+def test_a_value_changed_in_params_yaml_is_refused_even_when_rendering_the_same_profile_again(demo_params):
+    edit(demo_params, lambda p: p["data"].update(skip_bad_images=1))  # 1 is not false: a change
+    with pytest.raises(ProfileError, match=r"you changed data.skip_bad_images"):
+        switch_profile("demo", demo_params)
+
+
+def test_a_new_value_in_params_local_yaml_wins_over_the_one_it_wrote_before(demo_params):
+    local(demo_params, "train:\n  bs: 16\n")
+    switch_profile("demo", demo_params)
+    local(demo_params, "train:\n  bs: 8\n")
+    switch_profile("competition", demo_params)
+    assert yaml.safe_load(demo_params.read_text())["train"]["bs"] == 8
+
+
+def test_a_forced_switch_writes_the_profile_and_keeps_the_changed_file(demo_params):
+    edit(demo_params, lambda p: p["train"].update(bs=16))
+    edited = demo_params.read_text()
+    message = switch_profile("competition", demo_params, force=True)
+    assert demo_params.read_text() == render_text("competition")
+    assert demo_params.with_name("params.yaml.bak").read_text() == edited
+    assert "train.bs" in message and "params.yaml.bak" in message
 
 
 def test_a_comment_edit_does_not_block_a_switch_and_is_kept_in_the_backup(demo_params):
@@ -135,64 +201,6 @@ def test_a_comment_edit_does_not_block_a_switch_and_is_kept_in_the_backup(demo_p
     assert "params.yaml.bak" in message
 
 
-def test_an_edit_the_profile_leaves_alone_is_carried_over(demo_params):
-    edit(demo_params, lambda p: p["collab"].update(epochs=9))
-    message = switch_profile("competition", demo_params)
-    switched = yaml.safe_load(demo_params.read_text())
-    assert switched["collab"]["epochs"] == 9
-    assert list(value_edits(render_params("competition"), switched)) == [(("collab", "epochs"), 9)]
-    assert "collab.epochs" in message
-
-
-def test_an_added_member_is_carried_over_with_its_comment(demo_params):
-    text = demo_params.read_text().replace(
-        "    resnet_pad_multi:\n", "    tiny:                      # my extra member\n      arch: resnet10t\n"
-        "    resnet_pad_multi:\n"
-    )
-    demo_params.write_text(text)
-    switch_profile("competition", demo_params)
-    switched = demo_params.read_text()
-    assert "    tiny:                      # my extra member\n      arch: resnet10t\n" in switched
-    assert yaml.safe_load(switched)["train"]["members"]["tiny"] == {"arch": "resnet10t"}
-
-
-def test_an_edit_of_a_key_the_profile_changes_is_refused_naming_it(demo_params):
-    edit(demo_params, lambda p: p["train"].update(bs=16))
-    before = demo_params.read_text()
-    with pytest.raises(ProfileError, match=r"your edit of 'train.bs' collides with the competition profile"):
-        switch_profile("competition", demo_params)
-    assert demo_params.read_text() == before
-
-
-def test_an_edit_inside_a_member_the_profile_removes_is_refused_naming_both(demo_params):
-    edit(demo_params, lambda p: p["train"]["members"]["convnext_squish"].update(epochs=3))
-    with pytest.raises(ProfileError, match=r"'train.members.convnext_squish.epochs' .* changes 'train.members.convnext_squish'"):
-        switch_profile("competition", demo_params)
-
-
-def test_an_edit_that_agrees_with_the_new_profile_is_no_collision(demo_params):
-    edit(demo_params, lambda p: p["data"].update(source="kaggle"))
-    switch_profile("competition", demo_params)
-    assert yaml.safe_load(demo_params.read_text()) == render_params("competition")
-
-
-def test_a_forced_switch_lets_the_profile_win_keeps_other_edits_and_a_backup(demo_params):
-    edit(demo_params, lambda p: (p["train"].update(bs=16), p["collab"].update(epochs=9)))
-    edited = demo_params.read_text()
-    switch_profile("competition", demo_params, force=True)
-    switched = yaml.safe_load(demo_params.read_text())
-    assert switched["train"]["bs"] == 64 and switched["collab"]["epochs"] == 9
-    assert demo_params.with_name("params.yaml.bak").read_text() == edited
-
-
-def test_switching_back_restores_the_first_profile_with_the_edits(demo_params):
-    edit(demo_params, lambda p: p["collab"].update(epochs=9))
-    edited = yaml.safe_load(demo_params.read_text())
-    switch_profile("competition", demo_params)
-    switch_profile("demo", demo_params)
-    assert yaml.safe_load(demo_params.read_text()) == edited
-
-
 def test_a_file_naming_no_profile_is_refused_unless_forced(demo_params):
     demo_params.write_text(demo_params.read_text().replace("profile: demo", "profile: mine"))
     with pytest.raises(ProfileError, match=r"names no profile \(profile: 'mine'\)"):
@@ -200,6 +208,12 @@ def test_a_file_naming_no_profile_is_refused_unless_forced(demo_params):
     switch_profile("competition", demo_params, force=True)
     assert demo_params.read_text() == render_text("competition")
     assert "profile: mine" in demo_params.with_name("params.yaml.bak").read_text()
+
+
+def test_a_broken_params_local_yaml_is_one_line_naming_it(demo_params, capsys):
+    local(demo_params, "train: [unclosed\n")
+    with pytest.raises(SystemExit, match=r"^profile: params.local.yaml: cannot be read as YAML .*; fix the file$"):
+        main(["competition"])
 
 
 def test_print_shows_the_profile_without_writing(tmp_path, monkeypatch, capsys):
