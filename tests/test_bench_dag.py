@@ -7,14 +7,7 @@ import subprocess
 import pytest
 
 from benchmarks.dag import run, stage_times
-
-GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "test",
-    "GIT_AUTHOR_EMAIL": "test@example.com",
-    "GIT_COMMITTER_NAME": "test",
-    "GIT_COMMITTER_EMAIL": "test@example.com",
-}
-
+from helpers import GIT_IDENTITY
 
 def test_each_stage_lasts_until_the_next_one_starts():
     lines = [

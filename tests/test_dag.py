@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import project_env, scratch_clone
 
 pytestmark = pytest.mark.slow
 
@@ -51,25 +52,9 @@ class DemoRun:
 # -- helpers -------------------------------------------------------------------------------------------------------
 
 
-def project_env(repo: Path) -> dict:
-    """The environment of every command: this Python's dvc and python, the clone's own code, a git identity, one
-    torch thread."""
-    return {
-        **os.environ,
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "PYTHONPATH": str(repo),
-        "OMP_NUM_THREADS": "1",
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "test",
-        "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test",
-        "GIT_COMMITTER_EMAIL": "test@example.com",
-    }
-
-
 def run(repo: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        command, cwd=repo, env=project_env(repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=repo, env=project_env(repo, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     if check:
         assert result.returncode == 0, f"{' '.join(command)} failed in {repo}:\n{result.stdout[-4000:]}"
@@ -78,22 +63,6 @@ def run(repo: Path, *command: str, check: bool = True) -> subprocess.CompletedPr
 
 def stages_run(output: str) -> list[str]:
     return RUNNING_STAGE.findall(output)
-
-
-def scratch_clone(target: Path) -> None:
-    """A git clone of this repository with the working tree's files on top, so uncommitted edits are tested too."""
-    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(target)], check=True)
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, check=True, capture_output=True, text=True,
-    ).stdout
-    for name in filter(None, listed.split("\0")):
-        source, copy = ROOT / name, target / name
-        if source.is_file():
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, copy)
-        elif copy.is_file():  # deleted in the working tree, not yet committed
-            copy.unlink()
 
 
 def set_key(params: dict, dotted: str, value) -> None:
@@ -291,12 +260,6 @@ def pulled_clone(demo_run, tmp_path_factory) -> PulledClone:
     subprocess.run(["git", "clone", "--quiet", str(trainer), str(laptop)], check=True)
     run(laptop, "dvc", "pull")
     return PulledClone(trainer, laptop)
-
-
-def test_a_clone_that_pulls_from_the_remote_has_the_trained_members(pulled_clone):
-    for member in members_of(pulled_clone.laptop):
-        model = Path("models") / f"{member}.pth"
-        assert (pulled_clone.laptop / model).read_bytes() == (pulled_clone.trainer / model).read_bytes()
 
 
 def test_after_dvc_pull_dvc_repro_runs_nothing(pulled_clone):

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 
 from benchmarks.rehearsal import (
-    GIT_IDENTITY,
     STEPS_PER_EPOCH,
     MemberRun,
     RehearsalError,
@@ -25,6 +24,7 @@ from benchmarks.rehearsal import (
     rehearsal_params,
     summary_line,
 )
+from helpers import GIT_IDENTITY
 from pipeline.paddy import CLASSES, validation_mask
 from pipeline.profile import render_params
 from pipeline.synthetic import write_synthetic_dataset

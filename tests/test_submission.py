@@ -1,5 +1,7 @@
 """Spec of submission CSVs: built from probabilities, validated against sample_submission.csv, written atomically."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -93,7 +95,11 @@ def test_a_failed_write_leaves_the_previous_file_untouched(tmp_path, monkeypatch
     write_submission_csv(target, good_submission())
     before = target.read_text()
 
-    def crash(self, *args, **kwargs):
+    to_csv = pd.DataFrame.to_csv
+
+    def crash(self, path, *args, **kwargs):  # half the file reaches the disk, then the disk is full
+        text = to_csv(self, None, *args, **kwargs)
+        Path(path).write_text(text[: len(text) // 2])
         raise OSError("disk full")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", crash)
