@@ -1,23 +1,13 @@
 """`make rehearsal`: the competition profile's DAG end to end, on generated full-size photos, in a scratch workspace.
 
-Run it before spending GPU hours. It copies the repository (its tracked and untracked-not-ignored files: never
-data/, models/, preds/ or the DVC cache) into a temporary folder, writes there a params.yaml rendered from the
-competition profile (and params.local.yaml) with a few overrides, and runs the real stage commands through
-`dvc repro` with that copy's code: the params check, paddy_data, probe@ and train@ for each member, the ensemble,
-and the check of submissions/submission.csv against sample_submission.csv (no upload: the data is synthetic). One
-member's train run is killed with SIGKILL after its first completed epoch and run again, which must resume from it.
-
-What is real: every member's architecture, item transform, batch transform size, the precision (fp32 on CPU whatever
-is asked), full-size (480x640) JPEGs, the schedule and TTA. What is cut: the data is generated, as few images as the
-stratified split allows (one validation image per class), weights are random, and `epochs: 1` with each training
-epoch capped at STEPS_PER_EPOCH optimiser steps (fine_tune: the frozen epoch and one unfrozen one). The batch size
-is the profile's on CUDA and CPU_BS on CPU, where the large members take seconds an image (`--bs` sets either).
-
+Run it before spending GPU hours (docs/benchmarks.md). It copies the repository's tracked and untracked-not-ignored
+files (never data/, models/, preds/ or the DVC cache) into a temporary folder, writes there the competition profile's
+params (with params.local.yaml) cut down by rehearsal_params, and runs every stage through `dvc repro` with that
+copy's code; one member's training is killed with SIGKILL after its first epoch and must resume. Real: each member's
+architecture, transforms, precision, 480x640 JPEGs, schedule and TTA. Cut: generated data, as few images as the
+stratified split allows, random weights, one epoch of STEPS_PER_EPOCH steps, and bs CPU_BS on a CPU.
 A copy of our own rather than `dvc exp run --temp -S ...`: a temporary experiment stores its outputs (six large
 members' weights) in the user's DVC cache, and is deleted when its run is killed, so the resume could not be checked.
-
-Prints one line per member, exits non-zero if any member failed (after trying them all), and writes
-bench/rehearsal.json and each stage's log under bench/rehearsal-logs/.
 """
 
 from __future__ import annotations
@@ -156,18 +146,16 @@ class MemberRun:
 
 def summary_line(run: MemberRun, name_width: int = 0) -> str:
     """The member's one line: probe and train times, the probe's accum, then `ok` or `error: <one line>`."""
-    seconds = {key: "-" if value is None else f"{value:.1f} s"
-               for key, value in (("probe", run.probe_seconds), ("train", run.train_seconds))}
-    parts = [run.name.ljust(name_width), f"probe {seconds['probe']:>8}", f"train {seconds['train']:>8}",
-             f"accum {'-' if run.accum is None else run.accum}"]
-    if run.images_per_second is not None:
-        parts.append(f"{run.images_per_second:.1f} img/s")
-    if run.memory:
-        parts.append(f"peak {run.memory['probe_gib']:.2f} GiB probe / {run.memory['train_gib']:.2f} train")
-    if run.killed_after_epoch is not None:
-        parts.append(f"killed after epoch {run.killed_after_epoch}, resumed from {run.resumed_from_epoch}")
-    parts.append("ok" if run.ok else f"error: {run.error}")
-    return "  ".join(parts)
+    def shown(seconds):
+        return f"{'-' if seconds is None else f'{seconds:.1f} s':>8}"
+    parts = [run.name.ljust(name_width), f"probe {shown(run.probe_seconds)}", f"train {shown(run.train_seconds)}",
+             f"accum {'-' if run.accum is None else run.accum}",
+             run.images_per_second is not None and f"{run.images_per_second:.1f} img/s",
+             run.memory and f"peak {run.memory['probe_gib']:.2f} GiB probe / {run.memory['train_gib']:.2f} train",
+             run.killed_after_epoch is not None
+             and f"killed after epoch {run.killed_after_epoch}, resumed from {run.resumed_from_epoch}",
+             "ok" if run.ok else f"error: {run.error}"]
+    return "  ".join(part for part in parts if part)
 
 
 def memory_comparison(probe_metrics: Mapping[str, Any], train_metrics: Mapping[str, Any], accum: int) -> dict | None:
@@ -219,7 +207,6 @@ def stage_env(workdir: Path) -> dict:
 
 @dataclass
 class StageRun:
-    returncode: int
     seconds: float
     error: str | None  # None when it passed (or was killed as asked)
     killed: bool = False
@@ -251,7 +238,7 @@ def run_stage(workdir: Path, stage: str, log_file: Path, kill_when: Callable[[],
     error = None if killed or process.returncode == 0 else error_line(log_file.read_text().splitlines(),
                                                                       process.returncode)
     log(STAGE, f"{stage}: {seconds} s, {'killed' if killed else 'ok' if error is None else 'failed: ' + error}")
-    return StageRun(process.returncode, seconds, error, killed)
+    return StageRun(seconds, error, killed)
 
 
 def completed_epochs(workdir: Path, member: str) -> int:
@@ -294,9 +281,6 @@ def rehearse_member(workdir: Path, name: str, logs: Path, kill: bool) -> MemberR
     return run
 
 
-# -- the rehearsal -----------------------------------------------------------------------------------------------
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.rehearsal", description=__doc__.splitlines()[0])
     parser.add_argument("--members", help="comma-separated members of the competition profile (default: all)")
@@ -309,17 +293,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the workspace afterwards")
     args = parser.parse_args(argv)
     # A stage runs in a session of its own (see run_stage): a plain SIGTERM to the rehearsal would leave it running.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         ok = rehearse(args)
     except RehearsalError as err:
         raise SystemExit(f"rehearsal: {err}") from None
-    if not ok:
-        raise SystemExit(1)
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise SystemExit(0 if ok else 1)
 
 
 def chosen_members(profile: Mapping[str, Any], members: str | None, kill: str | None) -> tuple[list[str], str]:
@@ -370,7 +349,10 @@ def rehearse(args: argparse.Namespace) -> bool:
             result = run_stage(workdir, "ensemble", logs / "ensemble.log")
             stages["ensemble"] = {"seconds": result.seconds, "error": result.error and f"ensemble: {result.error}"}
             if result.error is None:
-                stages["ensemble"]["error"] = check_outputs(workdir)
+                try:  # as `make submit` checks it
+                    check_submission(workdir / SUBMISSION_FILE, workdir / "data/paddy")
+                except SubmissionError as err:
+                    stages["ensemble"]["error"] = str(err)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -381,11 +363,8 @@ def rehearse(args: argparse.Namespace) -> bool:
     width = max(len(run.name) for run in runs) if runs else 0
     for run in runs:
         print(summary_line(run, width))
-    if ensemble is None:
-        print("ensemble: skipped (a member failed)")
-    else:
-        print(f"ensemble: {ensemble['seconds']:.1f} s, " + (f"error: {ensemble['error']}" if ensemble["error"] else
-              "submission.csv valid against sample_submission.csv, not uploaded (synthetic data)"))
+    print("ensemble: skipped (a member failed)" if ensemble is None else f"ensemble: {ensemble['seconds']:.1f} s, "
+          + (f"error: {ensemble['error']}" if ensemble["error"] else "submission.csv valid, not uploaded (synthetic)"))
     print(f"rehearsal: {'ok' if ok else 'FAILED'} in {total:.0f} s ({total / 60:.1f} min), {device}, bs {bs}, "
           f"load average {os.getloadavg()[0]:.1f} -> {RESULT_FILE}")
     write_json(REPO_ROOT / RESULT_FILE, {
@@ -395,15 +374,6 @@ def rehearse(args: argparse.Namespace) -> bool:
         "killed_member": kill_member, "total_seconds": total, "workspace": str(workdir) if args.keep else None,
     })
     return ok
-
-
-def check_outputs(workdir: Path) -> str | None:
-    """The ensemble's submission validated against sample_submission.csv as `make submit` does; None when valid."""
-    try:
-        check_submission(workdir / SUBMISSION_FILE, workdir / "data/paddy")
-    except SubmissionError as err:
-        return str(err)
-    return None
 
 
 def prepare_workdir(workdir: Path | None) -> Path:

@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from benchmarks.dag import run, stage_times
+
 from helpers import GIT_IDENTITY
 
 def test_each_stage_lasts_until_the_next_one_starts():

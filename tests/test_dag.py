@@ -9,7 +9,6 @@ for a given thread count, and two members training side by side on 2 cores do no
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers import project_env, scratch_clone
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
 TINY_PARAMS = {
     "data.synthetic.train_per_class": 8,  # the smallest class gets 4
@@ -54,7 +53,8 @@ class DemoRun:
 
 def run(repo: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        command, cwd=repo, env=project_env(repo, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=repo, env=project_env(repo, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
     )
     if check:
         assert result.returncode == 0, f"{' '.join(command)} failed in {repo}:\n{result.stdout[-4000:]}"
@@ -252,7 +252,7 @@ class PulledClone:
 def pulled_clone(demo_run, tmp_path_factory) -> PulledClone:
     base = tmp_path_factory.mktemp("remote")
     trainer = copy_repo(demo_run.repo, base / "trainer")
-    # The README's commands: a default remote, committed so that every clone knows it; push after training.
+    # docs/gpus.md's commands: a default remote, committed so that every clone knows it; push after training.
     run(trainer, "dvc", "remote", "add", "--default", "storage", str(base / "dvc-storage"))
     run(trainer, "git", "commit", "--quiet", "-m", "DVC remote", ".dvc/config")
     run(trainer, "dvc", "push")
