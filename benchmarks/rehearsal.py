@@ -218,7 +218,7 @@ def run_stage(workdir: Path, stage: str, log_file: Path, kill_when: Callable[[],
     The stage runs in a session of its own, so that the kill reaches DVC and the stage's process (and its workers)
     and nothing else; the same happens if the rehearsal itself is interrupted.
     """
-    log(STAGE, f"{stage}: running, log {log_file.relative_to(REPO_ROOT)}")
+    log(STAGE, f"{stage}: running, log in {log_file}")
     started, killed = time.perf_counter(), False
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as output:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -22,6 +23,7 @@ from benchmarks.rehearsal import (
     memory_comparison,
     probe_accums_for,
     rehearsal_params,
+    run_stage,
     summary_line,
 )
 from helpers import GIT_IDENTITY
@@ -174,3 +176,26 @@ def test_the_workspace_copy_never_takes_ignored_files(tmp_path):
     workdir.mkdir()
     assert copy_repo(repo, workdir) == 3
     assert sorted(p.name for p in workdir.iterdir()) == [".gitignore", "new.py", "tracked.py"]
+
+
+@pytest.fixture
+def stage_repo(tmp_path):
+    """A git + DVC repository whose stages stand in for the real ones: one that writes a marker, then waits to be
+    killed; one that fails with its own one-line error."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "slow.py").write_text("import time\nopen('started', 'w').close()\ntime.sleep(60)\n")
+    (repo / "refuses.py").write_text("import sys\nprint('[refuses] working')\nsys.exit('refuses: bad.txt: fix it')\n")
+    (repo / "dvc.yaml").write_text("stages:\n  slow:\n    cmd: python slow.py\n  refuses:\n    cmd: python refuses.py\n")
+    env = {**os.environ, **GIT_IDENTITY}
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(command, cwd=repo, env=env, check=True)
+    return repo
+
+
+def test_a_stage_is_killed_when_asked_and_a_failing_one_reports_its_own_line(stage_repo, tmp_path):
+    killed = run_stage(stage_repo, "slow", tmp_path / "slow.log", kill_when=lambda: (stage_repo / "started").exists())
+    assert killed.killed and killed.error is None and killed.seconds < 30
+    failed = run_stage(stage_repo, "refuses", tmp_path / "refuses.log")
+    assert (failed.killed, failed.error) == (False, "refuses: bad.txt: fix it")
+    assert "refuses: bad.txt: fix it" in (tmp_path / "refuses.log").read_text()
