@@ -1,10 +1,10 @@
 """Stage `paddy_data`: put the Paddy Doctor data in data/paddy/, verified, in the competition's own layout.
 
 Sources (`data.source`): `kaggle` (in a Kaggle notebook with the competition attached, its files in place; else the
-official client, the zip cached in data/downloads/), a local zip or
-folder in the competition layout, or `synthetic` (generated from `seed`; the default, announced loudly). The new
-data is built and verified in a temporary folder next to data/paddy and swapped in with one rename, so a killed
-download, extraction or a failed check leaves the previous complete data in place.
+official client, the zip cached in data/downloads/), a local zip or folder in the competition layout, or
+`synthetic` (generated from `seed`; the default, announced loudly). The new data is built and verified in a
+temporary folder next to data/paddy and swapped in with one rename, so a killed download, extraction or a failed
+check leaves the previous complete data in place.
 """
 
 from __future__ import annotations
