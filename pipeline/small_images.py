@@ -44,26 +44,33 @@ class SmallImagesError(ValueError):
     """Missing or incomplete input: the message is one line naming the file and the fix."""
 
 
+def resize_image_folders(source: Path, destination: Path, max_size: int, workers: int | None = None) -> None:
+    """fastai's resize_images on train_images/ and test_images/ (`workers` processes; None: up to 4, 0: none)."""
+    # fastai imports torch: imported here so that check_params, which loads this stage's config, stays light.
+    from fastai.vision.utils import resize_images
+
+    for folder in IMAGE_FOLDERS:
+        resize_images(Path(source) / folder, dest=Path(destination) / folder, max_size=max_size, recurse=True,
+                      max_workers=min(4, os.cpu_count() or 1) if workers is None else workers)
+
+
 def write_small_images(source: Path, destination: Path, max_size: int, workers: int | None = None) -> dict:
     """Resize every image listed in `source`'s tables into `destination` (same layout); return its SOURCE record.
 
     SOURCE.json is the source's, with the resized images' hash in place of the originals' (what train resumes on).
     """
-    # fastai imports torch: imported here so that check_params, which loads this stage's config, stays light.
-    from fastai.vision.utils import resize_images
-
     source, destination = Path(source), Path(destination)
     train = pd.read_csv(train_csv(source), dtype=str)
     listed = [Path("train_images") / label / image_id for label, image_id in zip(train["label"], train["image_id"])]
     listed += [Path("test_images") / iid for iid in pd.read_csv(sample_submission_csv(source), dtype=str)["image_id"]]
     with atomic_path(destination) as staging:
-        for folder in IMAGE_FOLDERS:
-            resize_images(source / folder, dest=staging / folder, max_size=max_size, recurse=True,
-                          max_workers=workers if workers is not None else min(4, os.cpu_count() or 1))
+        resize_image_folders(source, staging, max_size, workers)
         manifest = hashlib.sha256()
         for relative in listed:  # resize_images skips a file it cannot read without a word
             if not (staging / relative).is_file():
-                raise SmallImagesError(f"{source / relative}: not resized (unreadable?); run `dvc repro paddy_data -f`")
+                raise SmallImagesError(
+                    f"{source / relative}: not resized (unreadable?); run `dvc repro --force --single-item paddy_data`"
+                )
             manifest.update(f"{relative.as_posix()} {file_sha256(staging / relative)}\n".encode())
         for table in (train_csv(source), sample_submission_csv(source)):
             shutil.copy2(table, staging / table.name)
