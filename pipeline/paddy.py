@@ -14,6 +14,7 @@ from pipeline.params import FieldError
 COMPETITION = "paddy-disease-classification"
 DATA_DIR = Path("data/paddy")
 SMALL_DATA_DIR = Path("data/paddy_small")  # the same layout, every image pre-resized (stage small_images)
+WRITTEN_BY = {DATA_DIR: "paddy_data", SMALL_DATA_DIR: "small_images"}  # the stage that writes each data folder
 
 # The competition's 10 labels (folder names under train_images/) and 10 rice varieties, in sorted order.
 CLASSES = (

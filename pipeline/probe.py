@@ -56,7 +56,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from pipeline.common import atomic_path, log, write_json
 from pipeline.torch_setup import compute_device, quiet_progress, seed_everything
 from pipeline.distributed import process_batch, process_count
-from pipeline.paddy import member_data_dir, read_train_table, smallest_class, train_csv, validation_mask
+from pipeline.paddy import WRITTEN_BY, member_data_dir, read_train_table, smallest_class, train_csv, validation_mask
 from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline.vision import (
     N_CLASSES,
@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         seed = seed_of(params)
         data_dir = member_data_dir(member.images)
         if not train_csv(data_dir).is_file():
-            raise ProbeError(f"{train_csv(data_dir)}: not found; run `dvc repro {STAGE}@{name}` (it builds it first)")
+            raise ProbeError(f"{train_csv(data_dir)}: not found; run `dvc repro {WRITTEN_BY[data_dir]}` first")
         table = read_train_table(data_dir)
         device = compute_device()
         started = time.perf_counter()

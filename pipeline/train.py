@@ -35,8 +35,8 @@ from PIL import Image
 from pipeline.common import atomic_path, banner, log, read_json, write_json
 from pipeline.torch_setup import compute_device, seed_everything
 from pipeline.paddy import (
-    CLASSES, DATA_DIR, VARIETIES, ValidationConfig, member_data_dir, read_train_table, test_image_dir, test_image_ids,
-    validation_mask,
+    CLASSES, DATA_DIR, VARIETIES, WRITTEN_BY, ValidationConfig, member_data_dir, read_train_table, test_image_dir,
+    test_image_ids, validation_mask,
 )
 from pipeline.params import FieldError, ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline import distributed, vision
@@ -696,7 +696,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_stage_config(read_params(), args.member)
         data_dir = member_data_dir(cfg.member.images)
         if not (data_dir / "train.csv").is_file():
-            raise TrainError(f"{data_dir}/train.csv: not found; run `dvc repro {STAGE}@{cfg.name}` (it builds it first)")
+            raise TrainError(f"{data_dir}/train.csv: not found; run `dvc repro {WRITTEN_BY[data_dir]}` first")
         if cfg.validation.full and distributed.is_rank0():
             banner(STAGE, f"{cfg.name}: validation.full is true: training on ALL images, no held-out metrics")
         processes = distributed.process_count(cfg.devices)
