@@ -8,10 +8,12 @@ For every demo member and one competition member (random init), on generated 480
 - step: images/s of the member's training step (forward, backward, optimiser step) on the same device, in the
   precision train uses, timed by a fastai callback from a batch's arrival to its end, so the loader is not in it.
 - where a batch's time goes with 0 workers: decoding, item transforms, batch transforms (ms per image).
+- with `--images full small`: the loader's images/s again on the same images pre-resized once (stage small_images,
+  longest side 256), as a member with `images: small` reads them; `small_to_full` is the ratio per worker setting.
 Goal on a GPU: loader (auto workers) >= 1.2x the step rate for every member. The device is this machine's (CUDA when
 present). On CPU, the step is timed on a few small batches to keep the run to a couple of minutes.
 
-Writes bench/loader.json. `python -m benchmarks.loader [--workers 0 auto 1 2] [--members NAME ...]`.
+Writes bench/loader.json. `python -m benchmarks.loader [--workers 0 auto 1 2] [--members NAME ...] [--images full small]`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import to_device
 
-from pipeline import vision
+from pipeline import small_images, vision
 from pipeline.common import log, write_json
 from pipeline.torch_setup import compute_device
 from pipeline.paddy import read_train_table
@@ -45,6 +47,7 @@ MIN_TIMED_IMAGES = 128  # and at least this many images
 LOADER_PASSES = 2  # the best of two passes: one is at the mercy of whatever else the machine is doing
 STEPS = {"cuda": (2, 5), "cpu": (1, 1)}  # training steps (untimed warm-up, timed) per device type
 CPU_STEP_BATCH = 4  # on CPU, the competition member's step on its real batch takes minutes: timed on a small one
+SMALL_MAX_SIZE = 256  # small_images.max_size in the profiles: the seeds' resize_images(max_size=256)
 
 
 def bench_members() -> dict[str, tuple[vision.MemberConfig, vision.TrainConfig, str]]:
@@ -65,6 +68,14 @@ def real_size_table(data_dir: Path, rows: int) -> pd.DataFrame:
     table = images.sample(rows + 1, replace=True, random_state=0, ignore_index=True)
     table["is_valid"] = table.index == rows
     return table
+
+
+def pre_resized(table: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
+    """`table` reading the same images resized once (longest side SMALL_MAX_SIZE), as a member with `images: small`."""
+    small_dir = data_dir.with_name(data_dir.name + "_small")
+    if not small_dir.is_dir():
+        small_images.resize_image_folders(data_dir, small_dir, SMALL_MAX_SIZE)
+    return table.assign(path=[small_dir / Path(path).relative_to(data_dir) for path in table["path"]])
 
 
 def first_rows(table: pd.DataFrame, rows: int) -> pd.DataFrame:
@@ -155,7 +166,10 @@ def step_rate(member, table, bs: int, accum: int, precision: str, device, step_b
                 images_per_second=round(images / seconds, 1))
 
 
-def run(worker_settings: list = (0, "auto"), names: list[str] | None = None, data_dir: Path | None = None) -> dict:
+def run(
+    worker_settings: list = (0, "auto"), names: list[str] | None = None, data_dir: Path | None = None,
+    images: list[str] = ("full",),
+) -> dict:
     device = compute_device()
     members = bench_members()
     chosen = names or list(members)
@@ -176,6 +190,10 @@ def run(worker_settings: list = (0, "auto"), names: list[str] | None = None, dat
             # A setting that resolves to a count already timed (auto on CPU, say) shares its figures.
             by_count = {count: loader_rate(member, table, train.bs, accum, count, device) for count in set(counts.values())}
             loaders = {setting: by_count[count] for setting, count in counts.items()}
+            if "small" in images:
+                small_table = pre_resized(table, data_dir)
+                by_count = {c: loader_rate(member, small_table, train.bs, accum, c, device) for c in set(counts.values())}
+                small = {setting: by_count[count] for setting, count in counts.items()}
             step = step_rate(member, table, train.bs, accum, train.precision, device, step_bs)
             auto = loaders.get("auto", max(loaders.values(), key=lambda rate: rate["images_per_second"]))
             results[name] = dict(
@@ -189,6 +207,11 @@ def run(worker_settings: list = (0, "auto"), names: list[str] | None = None, dat
                 loader_to_step=round(auto["images_per_second"] / step["images_per_second"], 2),
                 breakdown_ms_per_image=breakdown_ms(member, table, train.bs, accum, device),
             )
+            if "small" in images:
+                results[name]["loader_small"] = small
+                results[name]["small_to_full"] = {
+                    w: round(small[w]["images_per_second"] / loaders[w]["images_per_second"], 2) for w in loaders
+                }
             log(STAGE, f"{name}: {summary_line(results[name])}")
     result = dict(device=device_name(device), image_size=list(IMAGE_SIZE), target_ratio=TARGET_RATIO, members=results)
     write_json(RESULT, result)
@@ -202,6 +225,9 @@ def device_name(device: torch.device) -> str:
 def summary_line(figures: dict) -> str:
     loaders = ", ".join(f"{w} workers ({rate['workers']}): {rate['images_per_second']}" for w, rate in figures["loader"].items())
     parts = ", ".join(f"{name} {ms}" for name, ms in figures["breakdown_ms_per_image"].items())
+    if "loader_small" in figures:
+        small = ", ".join(f"{w}: {rate['images_per_second']}" for w, rate in figures["loader_small"].items())
+        loaders += f" | pre-resized img/s {small} (x{' x'.join(map(str, figures['small_to_full'].values()))})"
     return (
         f"loader img/s {loaders} | step img/s {figures['step']['images_per_second']} (batch {figures['step']['batch']}, "
         f"{figures['step']['precision']}) | loader/step {figures['loader_to_step']} | ms/image {parts}"
@@ -212,9 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--workers", nargs="+", default=["0", "auto"], help="worker settings to time (default: 0 auto)")
     parser.add_argument("--members", nargs="+", help="members to time (default: every demo member and one competition member)")
+    parser.add_argument("--images", nargs="+", default=["full"], choices=["full", "small"],
+                        help="small: also time the images pre-resized to 256 px (stage small_images)")
     args = parser.parse_args(argv)
     workers = [w if w == "auto" else int(w) for w in args.workers]
-    result = run(workers, args.members)
+    result = run(workers, args.members, images=args.images)
     print(f"device: {result['device']}, images {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, goal loader/step >= {TARGET_RATIO}")
     for name, figures in result["members"].items():
         print(f"{name:20s} {summary_line(figures)}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from pipeline import collab, ensemble, movielens_data, paddy_data, probe, train, vision
+from pipeline import collab, ensemble, movielens_data, paddy_data, probe, small_images, train, vision
 from pipeline.common import atomic_path, log
 from pipeline.params import PARAMS_FILE, ParamsError, read_params
 
@@ -43,6 +43,7 @@ def check_params(params: Mapping[str, Any]) -> None:
     """Load every stage's config from `params`; the first bad key raises a one-line ParamsError."""
     recorder = ReadRecorder(params)
     paddy_data.load_config(recorder)
+    small_images.load_config(recorder)
     shared = vision.load_train_config(recorder)
     probe.load_probe_config(recorder, shared.bs)
     for name in shared.members:

@@ -13,6 +13,8 @@ from pipeline.params import FieldError
 
 COMPETITION = "paddy-disease-classification"
 DATA_DIR = Path("data/paddy")
+SMALL_DATA_DIR = Path("data/paddy_small")  # the same layout, every image pre-resized (stage small_images)
+WRITTEN_BY = {DATA_DIR: "paddy_data", SMALL_DATA_DIR: "small_images"}  # the stage that writes each data folder
 
 # The competition's 10 labels (folder names under train_images/) and 10 rice varieties, in sorted order.
 CLASSES = (
@@ -62,6 +64,11 @@ def train_image_path(data_dir: Path, label: str, image_id: str) -> Path:
 
 def test_image_dir(data_dir: Path = DATA_DIR) -> Path:
     return Path(data_dir) / "test_images"
+
+
+def member_data_dir(images: str) -> Path:
+    """The data folder a member reads: data/paddy, or data/paddy_small for a member with `images: small`."""
+    return SMALL_DATA_DIR if images == "small" else DATA_DIR
 
 
 def read_train_table(data_dir: Path = DATA_DIR) -> pd.DataFrame:

@@ -1,9 +1,10 @@
 """Stage `paddy_data`: put the Paddy Doctor data in data/paddy/, verified, in the competition's own layout.
 
-Sources (`data.source`): `kaggle` (the official client; the zip is cached in data/downloads/), a local zip or
-folder in the competition layout, or `synthetic` (generated from `seed`; the default, announced loudly). The new
-data is built and verified in a temporary folder next to data/paddy and swapped in with one rename, so a killed
-download, extraction or a failed check leaves the previous complete data in place.
+Sources (`data.source`): `kaggle` (in a Kaggle notebook with the competition attached, its files in place; else the
+official client, the zip cached in data/downloads/), a local zip or folder in the competition layout, or
+`synthetic` (generated from `seed`; the default, announced loudly). The new data is built and verified in a
+temporary folder next to data/paddy and swapped in with one rename, so a killed download, extraction or a failed
+check leaves the previous complete data in place.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pipeline.synthetic import write_synthetic_dataset
 
 STAGE = "paddy_data"
 DOWNLOADS_DIR = Path("data/downloads")
+KAGGLE_INPUT = Path("/kaggle/input")  # where a Kaggle notebook mounts its attached competitions and datasets
 METRICS_FILE = Path("metrics/data.json")
 # The way round Kaggle this stage offers, added to every Kaggle error.
 OTHER_SOURCES = "set data.source to synthetic or to a local copy of the competition zip"
@@ -146,6 +148,13 @@ def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: P
             )
             return _verify_and_record(staging, origin, config.skip_bad_images, "synthetic data")
 
+    mounted = kaggle_mount(config.competition) if config.source == "kaggle" else None
+    if mounted is not None:
+        log(STAGE, f"data source: kaggle, the competition's files attached to this notebook at {mounted} (in place)")
+        origin = {"source": "kaggle", "competition": config.competition, "in_place": str(mounted)}
+        with atomic_path(data_dir) as staging:
+            link_in_place(mounted, staging)
+            return _verify_and_record(staging, origin, config.skip_bad_images, str(mounted))
     if config.source == "kaggle":
         archive = download_competition(config.competition, Path(downloads_dir))
         origin = {"source": "kaggle", "competition": config.competition}
@@ -160,6 +169,35 @@ def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: P
             extract_competition(archive, staging)
             origin["archive_sha256"] = file_sha256(archive)
         return _verify_and_record(staging, origin, config.skip_bad_images, str(archive))
+
+
+def kaggle_mount(competition: str) -> Path | None:
+    """The competition's read-only folder when this runs in a Kaggle notebook that has it attached, else None.
+
+    Kaggle mounts an attached competition at /kaggle/input/<competition> and sets KAGGLE_KERNEL_RUN_TYPE in its
+    notebooks; $PADDY_KAGGLE_INPUT stands in for /kaggle/input in tests.
+    """
+    if "KAGGLE_KERNEL_RUN_TYPE" not in os.environ:
+        return None
+    mounted = Path(os.environ.get("PADDY_KAGGLE_INPUT", KAGGLE_INPUT)) / competition
+    if train_csv(mounted).is_file():
+        return mounted
+    log(STAGE, f"{mounted} not found: attach the competition to the notebook (Add Input) to use its files in place")
+    return None
+
+
+def link_in_place(mounted: Path, staging: Path) -> None:
+    """The competition layout at `staging` without copying the images: their folders are links into `mounted`.
+
+    DVC does not follow a link to a folder inside an output (DVC 3), so data/paddy's cache holds the tables and
+    SOURCE.json alone; SOURCE.json carries every image's hash, so a change of images still changes data/paddy.
+    """
+    staging.mkdir()
+    for entry in mounted.iterdir():
+        if entry.is_dir():
+            (staging / entry.name).symlink_to(entry, target_is_directory=True)
+        else:
+            shutil.copy2(entry, staging / entry.name)
 
 
 def _local_source(source: str, data_dir: Path) -> Path:

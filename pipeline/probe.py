@@ -56,7 +56,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from pipeline.common import atomic_path, log, write_json
 from pipeline.torch_setup import compute_device, quiet_progress, seed_everything
 from pipeline.distributed import process_batch, process_count
-from pipeline.paddy import DATA_DIR, read_train_table, smallest_class, train_csv, validation_mask
+from pipeline.paddy import WRITTEN_BY, member_data_dir, read_train_table, smallest_class, train_csv, validation_mask
 from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline.vision import (
     N_CLASSES,
@@ -569,9 +569,10 @@ def main(argv: list[str] | None = None) -> None:
         bs = process_batch(train.bs, processes)
         config = load_probe_config(params, bs)
         seed = seed_of(params)
-        if not train_csv(DATA_DIR).is_file():
-            raise ProbeError(f"{train_csv(DATA_DIR)}: not found; run `dvc repro paddy_data` first")
-        table = read_train_table(DATA_DIR)
+        data_dir = member_data_dir(member.images)
+        if not train_csv(data_dir).is_file():
+            raise ProbeError(f"{train_csv(data_dir)}: not found; run `dvc repro {WRITTEN_BY[data_dir]}` first")
+        table = read_train_table(data_dir)
         device = compute_device()
         started = time.perf_counter()
         # The probe measures in the precision train will use: fp16 and fp32 activations differ twofold.

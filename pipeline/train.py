@@ -35,7 +35,8 @@ from PIL import Image
 from pipeline.common import atomic_path, banner, log, read_json, write_json
 from pipeline.torch_setup import compute_device, seed_everything
 from pipeline.paddy import (
-    CLASSES, DATA_DIR, VARIETIES, ValidationConfig, read_train_table, test_image_dir, test_image_ids, validation_mask,
+    CLASSES, DATA_DIR, VARIETIES, WRITTEN_BY, ValidationConfig, member_data_dir, read_train_table, test_image_dir,
+    test_image_ids, validation_mask,
 )
 from pipeline.params import FieldError, ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline import distributed, vision
@@ -633,7 +634,7 @@ def run_stage(
     if distributed.is_rank0():
         live = Live(dir=str(checkpoints.live_dir), resume=True, dvcyaml=None, save_dvc_exp=False, report=None)
     seed_everything(cfg.seed + distributed.rank())
-    log(STAGE, f"{cfg.name}: {cfg.member.arch}, accum {accum} ({accum_source}), {len(table)} images")
+    log(STAGE, f"{cfg.name}: {cfg.member.arch}, accum {accum} ({accum_source}), {len(table)} images in {data_dir}")
     result = train_with_oom_fallback(cfg, table, accum, checkpoints, live)
     learn = result.learn
 
@@ -693,8 +694,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         cfg = load_stage_config(read_params(), args.member)
-        if not (DATA_DIR / "train.csv").is_file():
-            raise TrainError(f"{DATA_DIR}/train.csv: not found; run `dvc repro paddy_data` first")
+        data_dir = member_data_dir(cfg.member.images)
+        if not (data_dir / "train.csv").is_file():
+            raise TrainError(f"{data_dir}/train.csv: not found; run `dvc repro {WRITTEN_BY[data_dir]}` first")
         if cfg.validation.full and distributed.is_rank0():
             banner(STAGE, f"{cfg.name}: validation.full is true: training on ALL images, no held-out metrics")
         processes = distributed.process_count(cfg.devices)
@@ -704,7 +706,7 @@ def main(argv: list[str] | None = None) -> None:
             distributed.launch_with_oom_retries("pipeline.train", relaunch, processes, lambda m: log(STAGE, m))
             return
         with distributed.worker():
-            metrics = run_stage(cfg, oom_retries=args.oom_retries)
+            metrics = run_stage(cfg, data_dir, oom_retries=args.oom_retries)
     except (ParamsError, TrainError, FileNotFoundError) as err:  # FileNotFoundError: an input gone (its path named)
         raise SystemExit(f"{STAGE}: {err}") from None
     if metrics is not None:

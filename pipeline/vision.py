@@ -54,6 +54,7 @@ class MemberConfig:
 
     arch: str  # a timm model name: the registry is timm's, not ours
     pretrained: bool | str = False  # false | true (timm hub weights) | path to a local weights file
+    images: Literal["full", "small"] = "full"  # small: data/paddy_small, every image pre-resized (stage small_images)
     resize: Size = 480  # item transform size; a pair is (height, width), as fastai's Resize takes it
     method: Literal["squish", "pad", "crop"] = "squish"
     size: Size = 224  # batch transform (aug_transforms) size; a pair is (height, width)

@@ -1,0 +1,97 @@
+"""Stage `small_images`: every image of data/paddy resized once into data/paddy_small, for members with `images: small`.
+
+The seeds' "Road to the Top, part 2" found training on Kaggle CPU-bound (4 cores decoding 480x640 JPEGs) and resized
+every image once to 256 px with fastai's `resize_images`: this stage does the same (longest side
+`small_images.max_size`, aspect kept) and writes the competition's layout, tables included, so that a member reads
+data/paddy_small exactly as it reads data/paddy. Swapped in with one rename, as paddy_data does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from pipeline.common import atomic_path, file_sha256, log, read_json, write_json
+from pipeline.paddy import DATA_DIR, SMALL_DATA_DIR, sample_submission_csv, source_json, train_csv
+from pipeline.params import FieldError, ParamsError, load_section, read_params
+
+STAGE = "small_images"
+IMAGE_FOLDERS = ("train_images", "test_images")
+
+
+@dataclass(frozen=True)
+class SmallImagesConfig:
+    """params `small_images`."""
+
+    max_size: int  # the longest side, in pixels
+
+    def __post_init__(self):
+        if self.max_size < 16:
+            raise FieldError("max_size", f"is {self.max_size}; use at least 16 pixels, e.g. 256 as the seeds do")
+
+
+def load_config(params: Mapping[str, Any]) -> SmallImagesConfig:
+    return load_section(SmallImagesConfig, params, "small_images")
+
+
+class SmallImagesError(ValueError):
+    """Missing or incomplete input: the message is one line naming the file and the fix."""
+
+
+def resize_image_folders(source: Path, destination: Path, max_size: int, workers: int | None = None) -> None:
+    """fastai's resize_images on train_images/ and test_images/ (`workers` processes; None: up to 4, 0: none)."""
+    # fastai imports torch: imported here so that check_params, which loads this stage's config, stays light.
+    from fastai.vision.utils import resize_images
+
+    for folder in IMAGE_FOLDERS:
+        resize_images(Path(source) / folder, dest=Path(destination) / folder, max_size=max_size, recurse=True,
+                      max_workers=min(4, os.cpu_count() or 1) if workers is None else workers)
+
+
+def write_small_images(source: Path, destination: Path, max_size: int, workers: int | None = None) -> dict:
+    """Resize every image listed in `source`'s tables into `destination` (same layout); return its SOURCE record.
+
+    SOURCE.json is the source's, with the resized images' hash in place of the originals' (what train resumes on).
+    """
+    source, destination = Path(source), Path(destination)
+    train = pd.read_csv(train_csv(source), dtype=str)
+    listed = [Path("train_images") / label / image_id for label, image_id in zip(train["label"], train["image_id"])]
+    listed += [Path("test_images") / iid for iid in pd.read_csv(sample_submission_csv(source), dtype=str)["image_id"]]
+    with atomic_path(destination) as staging:
+        resize_image_folders(source, staging, max_size, workers)
+        manifest = hashlib.sha256()
+        for relative in listed:  # resize_images skips a file it cannot read without a word
+            if not (staging / relative).is_file():
+                raise SmallImagesError(
+                    f"{source / relative}: not resized (unreadable?); run `dvc repro --force --single-item paddy_data`"
+                )
+            manifest.update(f"{relative.as_posix()} {file_sha256(staging / relative)}\n".encode())
+        for table in (train_csv(source), sample_submission_csv(source)):
+            shutil.copy2(table, staging / table.name)
+        record = read_json(source_json(source))
+        record["checksums"] = record["checksums"] | {"images": manifest.hexdigest()}
+        record["resized"] = {"from": str(source), "max_size": max_size}
+        write_json(source_json(staging), record)
+    return record
+
+
+def main() -> None:
+    try:
+        config = load_config(read_params())
+        if not source_json(DATA_DIR).is_file():
+            raise SmallImagesError(f"{source_json(DATA_DIR)}: not found; run `dvc repro paddy_data` first")
+        record = write_small_images(DATA_DIR, SMALL_DATA_DIR, config.max_size)
+    except (ParamsError, SmallImagesError) as err:
+        raise SystemExit(f"{STAGE}: {err}") from None
+    log(STAGE, f"{SMALL_DATA_DIR}: {sum(record['counts'][s] for s in ('train', 'test'))} images, longest side "
+               f"{config.max_size} px")
+
+
+if __name__ == "__main__":
+    main()
