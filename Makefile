@@ -17,6 +17,7 @@ GPUS ?= $(shell nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null)
 JOBS ?= $(if $(strip $(GPUS)),$(words $(GPUS)),1)
 BASE_PYTHON ?= python3
 LOCK := requirements.lock
+OLDEST_LOCK := requirements-oldest.lock
 UV_VERSION := 0.13.8
 ifeq ($(origin PYTHON),command line)
 ENV_BIN := $(shell $(PYTHON) -c 'import os, sys, sysconfig; print(sysconfig.get_path("scripts") + ":" + os.path.dirname(sys.executable))')
@@ -70,11 +71,15 @@ install:
 	$(install_from_lock)
 endif
 
+# uv keeps every version already in a lock that still satisfies pyproject.toml (it reads the output file first):
+# delete a lock to re-resolve it from scratch. The oldest lock takes the lowest version of each direct dependency,
+# so it is exactly pyproject.toml's lower bounds (the stack CI tests as the oldest supported, e.g. Kaggle's).
+UV_COMPILE = $(PYTHON) -m uv pip compile pyproject.toml --extra dev --universal --generate-hashes --custom-compile-command "make lock"
 lock: $(if $(VENV),| $(PYTHON))
-	@echo ">> resolving pyproject.toml (with the dev extra) for every platform into $(LOCK), with uv $(UV_VERSION)"
+	@echo ">> resolving pyproject.toml (with the dev extra) for every platform into $(LOCK) and $(OLDEST_LOCK), with uv $(UV_VERSION)"
 	$(PYTHON) -m pip install --quiet uv==$(UV_VERSION)
-	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --universal --generate-hashes \
-		--custom-compile-command "make lock" -o $(LOCK)
+	$(UV_COMPILE) -o $(LOCK)
+	$(UV_COMPILE) --resolution lowest-direct -o $(OLDEST_LOCK)
 
 demo: install repro
 
