@@ -32,7 +32,8 @@ export PATH := $(ENV_BIN):$(PATH)
 .PHONY: help install lock demo repro train-parallel test bench rehearsal submit profile clean
 
 help:
-	@echo "make install   make .venv (unless PYTHON=... is given) and install $(LOCK) + the pipeline into it"
+	@echo "make install   make .venv and install $(LOCK) + the pipeline into it; with PYTHON=..., install into that"
+	@echo "               Python, keeping its packages that are in range (torch never replaced: docs/install.md)"
 	@echo "make demo      install, then run the whole DAG (dvc repro) on the active profile"
 	@echo "make repro     run the whole DAG (dvc repro); a second run with nothing changed runs nothing"
 	@echo "make train-parallel JOBS=2   like make repro, but train@<member> stages run JOBS at a time, one GPU each"
@@ -67,8 +68,11 @@ $(PYTHON):
 	@echo ">> creating the project's virtual environment $(VENV) with $(BASE_PYTHON)"
 	$(BASE_PYTHON) -m venv $(VENV)
 else
+# A host's own Python (Kaggle, Colab, conda): its packages inside pyproject.toml's ranges are kept (torch and its CUDA
+# libraries never replaced), the rest come from $(LOCK); one line per dependency says which (tools/host_install.py).
 install:
-	$(install_from_lock)
+	@echo ">> installing paddy-pipeline into $(PYTHON), keeping its packages that are inside pyproject.toml's ranges"
+	$(PYTHON) tools/host_install.py
 endif
 
 # uv keeps every version already in a lock that still satisfies pyproject.toml (it reads the output file first):
