@@ -21,7 +21,9 @@ FAMILIES = {
     "convnext": dict(arch="convnext_atto", size=32),
     "vit": dict(arch="vit_tiny_patch16_224", size=(32, 48)),
     "swin": dict(arch="swin_tiny_patch4_window7_224", size=(32, 64)),
-    "swinv2": dict(arch="swinv2_tiny_window8_256", size=32),
+    # swinv2 at 64, not 32: at 32 px its last stage is 1x1, a window of 1 token, whose relative-position table timm
+    # <= 1.0.30 normalises by (window - 1) = 0: NaN. 64 px leaves every stage a window of >= 2 (256 px: 8), as in use.
+    "swinv2": dict(arch="swinv2_tiny_window8_256", size=64),
     "resnet": dict(arch="resnet10t", size=(32, 48)),
 }
 

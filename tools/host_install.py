@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         constraints = Path(scratch) / "kept.txt"
         constraints.write_text("".join(f"{name}=={version}\n" for name, version in sorted(pinned.items())))
-        pip = [sys.executable, "-m", "pip", "install", "--constraint", str(constraints), *args.pip_arg]
+        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--constraint", str(constraints), *args.pip_arg]
         # One resolution: what is wanted, and the project itself (editable) whose ranges the kept packages meet.
         # Built by the installed setuptools when it is recent enough (no download), else in pip's isolated build.
         setuptools = installed_version("setuptools")
