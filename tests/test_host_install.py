@@ -2,7 +2,8 @@
 installed from the lock, and torch/torchvision outside their range are refused, not replaced.
 
 The scratch environments are venvs whose "installed" packages are bare dist-info folders (what pip and
-importlib.metadata read), so nothing of several GB is installed: pip's --dry-run --report says what it would do.
+importlib.metadata read), so nothing of several GB is installed: pip's --dry-run --report says what it would do
+(it reads the few packages it plans from the package index, as `make install` does).
 """
 
 from __future__ import annotations
