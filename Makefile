@@ -18,6 +18,7 @@ GPUS ?= $(shell nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null)
 JOBS ?= $(if $(strip $(GPUS)),$(words $(GPUS)),1)
 BASE_PYTHON ?= python3
 LOCK := requirements.lock
+OLDEST_LOCK := requirements-oldest.lock
 UV_VERSION := 0.13.8
 ifeq ($(origin PYTHON),command line)
 ENV_BIN := $(shell $(PYTHON) -c 'import os, sys, sysconfig; print(sysconfig.get_path("scripts") + ":" + os.path.dirname(sys.executable))')
@@ -29,14 +30,17 @@ endif
 export PATH := $(ENV_BIN):$(PATH)
 .DEFAULT_GOAL := help
 
-.PHONY: help install lock demo repro train-parallel test bench rehearsal submit profile clean
+.PHONY: help install lock demo repro train-parallel test test-oldest bench rehearsal submit profile clean
 
 help:
-	@echo "make install   make .venv (unless PYTHON=... is given) and install $(LOCK) + the pipeline into it"
+	@echo "make install   make .venv and install $(LOCK) + the pipeline into it; with PYTHON=..., install into that"
+	@echo "               Python, keeping its packages that are in range (torch never replaced: docs/install.md)"
 	@echo "make demo      install, then run the whole DAG (dvc repro) on the active profile"
 	@echo "make repro     run the whole DAG (dvc repro); a second run with nothing changed runs nothing"
 	@echo "make train-parallel JOBS=2   like make repro, but train@<member> stages run JOBS at a time, one GPU each"
-	@echo "make test      install, then run the test suite (CPU, a few minutes)"
+	@echo "make test      install, then run the test suite (CPU, a few minutes; ARGS=\"-k probe\" to select)"
+	@echo "make test-oldest   the oldest supported stack ($(OLDEST_LOCK): Kaggle's versions) in a venv of its own:"
+	@echo "               every stage end to end, probe, architecture families, train (OLDEST_VENV=$(OLDEST_VENV))"
 	@echo "make bench     benchmarks: training throughput, DataLoader vs step rate, collab vs collab_learner, demo DAG time, DDP 1 vs 2 processes"
 	@echo "make rehearsal the competition profile's DAG on generated 480x640 photos in a scratch workspace: run it"
 	@echo "               before spending GPU hours (ARGS=\"--members a,b --bs 16 --precision bf16 --keep\")"
@@ -67,15 +71,22 @@ $(PYTHON):
 	@echo ">> creating the project's virtual environment $(VENV) with $(BASE_PYTHON)"
 	$(BASE_PYTHON) -m venv $(VENV)
 else
+# A host's own Python (Kaggle, Colab, conda): its packages inside pyproject.toml's ranges are kept (torch and its CUDA
+# libraries never replaced), the rest come from $(LOCK); one line per dependency says which (tools/host_install.py).
 install:
-	$(install_from_lock)
+	@echo ">> installing paddy-pipeline into $(PYTHON), keeping its packages that are inside pyproject.toml's ranges"
+	$(PYTHON) tools/host_install.py
 endif
 
+# uv keeps every version already in a lock that still satisfies pyproject.toml (it reads the output file first):
+# delete a lock to re-resolve it from scratch. The oldest lock takes the lowest version of each direct dependency,
+# so it is exactly pyproject.toml's lower bounds (the stack CI tests as the oldest supported, e.g. Kaggle's).
+UV_COMPILE = $(PYTHON) -m uv pip compile pyproject.toml --extra dev --universal --generate-hashes --custom-compile-command "make lock"
 lock: $(if $(VENV),| $(PYTHON))
-	@echo ">> resolving pyproject.toml (with the dev extra) for every platform into $(LOCK), with uv $(UV_VERSION)"
+	@echo ">> resolving pyproject.toml (with the dev extra) for every platform into $(LOCK) and $(OLDEST_LOCK), with uv $(UV_VERSION)"
 	$(PYTHON) -m pip install --quiet uv==$(UV_VERSION)
-	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --universal --generate-hashes \
-		--custom-compile-command "make lock" -o $(LOCK)
+	$(UV_COMPILE) -o $(LOCK)
+	$(UV_COMPILE) --resolution lowest-direct -o $(OLDEST_LOCK)
 
 demo: install repro
 
@@ -100,7 +111,26 @@ train-parallel:
 
 test: install
 	@echo ">> running the test suite"
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest $(ARGS)
+
+# The oldest supported stack (pyproject.toml's lower bounds: Kaggle's versions), in a venv of its own outside the
+# repository, installed from $(OLDEST_LOCK) and then as a host's Python is (make install PYTHON=...). The tests run
+# there: every stage end to end once (the demo DAG), the probe, the architecture families, train, gradient
+# accumulation and the member's data/learner. Node ids, not -k: a renamed test fails loudly (pytest exit 4) rather
+# than being deselected.
+OLDEST_VENV ?= $(HOME)/.cache/paddy-pipeline/venv-oldest
+OLDEST_TESTS ?= tests/test_dag.py::test_the_demo_dag_runs_every_stage_of_dvc_yaml tests/test_probe.py \
+	tests/test_arch_families.py tests/test_train.py tests/test_grad_accum.py tests/test_vision.py
+test-oldest: $(OLDEST_VENV)/installed-from-lock
+	$(MAKE) install PYTHON=$(OLDEST_VENV)/bin/python
+	@echo ">> running the oldest stack's tests in $(OLDEST_VENV)"
+	PATH=$(OLDEST_VENV)/bin:$$PATH $(OLDEST_VENV)/bin/python -m pytest $(OLDEST_TESTS) $(ARGS)
+
+$(OLDEST_VENV)/installed-from-lock: $(OLDEST_LOCK)
+	@echo ">> creating $(OLDEST_VENV) with $(BASE_PYTHON) and installing $(OLDEST_LOCK) (hashes checked) into it"
+	$(BASE_PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --require-hashes -r $(OLDEST_LOCK)
+	touch $@
 
 bench:
 	@echo ">> benchmarks (results in bench/): see README 'Benchmarks'"

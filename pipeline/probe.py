@@ -8,14 +8,7 @@ GPU's memory). On CUDA the peak is torch.cuda's, with memory freed between runs 
 process list logged); on CPU it is the peak resident memory of a fresh child process per run, so the runs cannot
 leak into each other's numbers.
 
-Also checks that gradient accumulation is what the seeds say it is: one optimiser step over k small batches under
-fastai's GradientAccumulation against one step over the full batch. Without batch norm the weights agree to float
-precision; with it (fastai's head has BatchNorm1d) they do not, and the difference is reported. The check runs on
-the member's own head at its real input width and on a small body of the member's timm family (its own
-architecture, one narrow block per stage), in float64 on the CPU: a few MB whatever the member's size, never on the
-GPU being measured.
-
-Outputs: metrics/probe/<member>.json (peaks, seconds, the check: for people and `dvc metrics`),
+Outputs: metrics/probe/<member>.json (peaks, seconds: for people and `dvc metrics`),
 metrics/probe/<member>.accum.json (the decision: the accum train uses and its source, nothing measured, so a re-probe
 with the same outcome leaves it byte-identical and retrains nothing; the only probe file train reads),
 plots/probe/<member>.csv (peak vs accum) and plots/probe/<member>.png (the same with the budget line).
@@ -23,10 +16,8 @@ plots/probe/<member>.csv (peak vs accum) and plots/probe/<member>.png (the same 
 
 from __future__ import annotations
 
-import copy
 import functools
 import gc
-import itertools
 import math
 import multiprocessing
 import resource
@@ -39,27 +30,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import pandas as pd
-import timm
 import torch
-import torch.nn.functional as F
-from fastai.callback.training import GradientAccumulation
-from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
-from fastai.learner import Learner
-from fastai.optimizer import SGD
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
-from timm.layers import DropBlock2d, DropPath
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline.common import atomic_path, log, write_json
-from pipeline.torch_setup import compute_device, quiet_progress, seed_everything
+from pipeline.torch_setup import compute_device, seed_everything
 from pipeline.distributed import process_batch, process_count
 from pipeline.paddy import WRITTEN_BY, member_data_dir, read_train_table, smallest_class, train_csv, validation_mask
 from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline.vision import (
-    N_CLASSES,
     MemberConfig,
     accum_to_use,
     batch_size,
@@ -67,9 +47,7 @@ from pipeline.vision import (
     load_train_config,
     member_dataloaders,
     member_learner,
-    member_network,
     probe_decision_path,
-    timm_overlay,
 )
 
 STAGE = "probe"
@@ -78,27 +56,6 @@ PLOTS_DIR = Path("plots/probe")
 GIB = 1024**3
 PROBE_VALID_PCT = 0.2  # the seeds' valid_pct for the smallest-class run
 LR_WHEN_FIND = 1e-3  # memory does not depend on the learning rate, so the probe skips lr_find
-EQUIVALENCE_IMAGES = 8  # images in the one optimiser step of the gradient-accumulation check
-EQUIVALENCE_K = 2  # ... split into this many accumulated steps
-EQUIVALENCE_ATOL = 1e-9  # in float64; the sums' rounding is ~1e-16, a real difference is many orders larger
-
-# Whether accumulation equals the full batch depends on a network's kinds of layers (batch norm, dropout), not on its
-# depth or width. So the check's body is the member's own timm architecture shrunk by these constructor arguments of
-# its timm module (family): same blocks, norms and input size, one narrow block per stage, a few hundred thousand
-# parameters. The families of both profiles are listed; a body of another family is checked as it is when it has at
-# most SMALL_BODY_MAX_PARAMS parameters (80 MB per float64 copy), and otherwise left out of the check, which says so.
-SMALL_BODY_KWARGS: dict[str, dict[str, Any]] = {
-    "convnext": dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)),
-    "resnet": dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8),
-    "vision_transformer": dict(depth=1, embed_dim=32, num_heads=2),
-    "swin_transformer": dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1)),
-    "swin_transformer_v2": dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1)),
-}
-SMALL_BODY_MAX_PARAMS = 10_000_000
-DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-NORM_LAYERS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm,
-               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-
 Measure = Callable[[MemberConfig, pd.DataFrame, int, int, int, int], dict]
 
 
@@ -284,151 +241,6 @@ def free_cuda_memory() -> str:
     return processes
 
 
-# -- the gradient-accumulation check -----------------------------------------------------------------------------
-
-
-def grad_accum_equivalence(model_factory: Callable, inputs, targets, k: int, lr: float = 0.1) -> float:
-    """Largest |weight difference| between one optimiser step over `k` batches of len(inputs) // k items under
-    fastai's GradientAccumulation(len(inputs)) and one step over all of them; same initial weights, same order, SGD.
-
-    The model stays in training mode (batch norm uses batch statistics, as in a real run).
-    """
-    n_items = len(inputs)
-    if k < 1 or n_items % k:
-        raise ValueError(f"k={k} must be a positive divisor of the {n_items} items")
-    items = list(zip(inputs, targets))
-    initial = model_factory()
-
-    def float32_loss(output, target):
-        # fastai's Recorder smooths the loss in float32. The cast's gradient is exact (1, or 1/k under
-        # GradientAccumulation), so a float64 model still gets float64 gradients.
-        return F.cross_entropy(output, target).float()
-
-    def weights_after_one_step(step_bs: int, cbs: list):
-        loader = DataLoader(items, bs=step_bs, shuffle=False, drop_last=False, device=inputs.device)
-        no_validation = DataLoader([], bs=step_bs)  # a validation pass cannot change the weights: skip its cost
-        learn = Learner(DataLoaders(loader, no_validation), copy.deepcopy(initial), loss_func=float32_loss,
-                        opt_func=SGD, lr=lr, cbs=cbs)
-        quiet_progress(learn)
-        with learn.no_logging():
-            learn.fit(1, lr)
-        return [p.detach() for p in learn.model.parameters()]
-
-    full = weights_after_one_step(n_items, [])
-    accumulated = weights_after_one_step(n_items // k, [GradientAccumulation(n_items)])
-    return max(float((a - b).abs().max()) for a, b in zip(accumulated, full))
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(module, _BatchNorm) for module in model.modules())
-
-
-def norm_layers(model: nn.Module) -> list[str]:
-    """The kinds of normalisation layers in a model, by class name (the layers that decide the check's outcome)."""
-    return sorted({type(module).__name__ for module in model.modules() if isinstance(module, NORM_LAYERS)})
-
-
-def member_network_on_meta(member: MemberConfig) -> nn.Module:
-    """The member's network as member_learner builds it (vision.member_network) on the meta device.
-
-    Meta tensors have shapes but no memory: the real network's layers and the body's output shape for nothing,
-    whatever the member's size. The weights do not matter here, so no pretrained weights are loaded.
-    """
-    with torch.device("meta"):
-        return member_network(member, pretrained=False)
-
-
-def without_dropout(model: nn.Module) -> nn.Module:
-    """Dropout and stochastic depth draw different masks for k small batches than for one large one, a difference
-    that has nothing to do with accumulation: the check turns them off (swin's default drop_path_rate is 0.1)."""
-    for layer in model.modules():
-        if isinstance(layer, DROPOUT_LAYERS):
-            layer.p = 0.0
-        elif isinstance(layer, (DropPath, DropBlock2d)):
-            layer.drop_prob = 0.0
-    return model
-
-
-def materialized(module: nn.Module, seed: int) -> nn.Module:
-    """A real float64 copy on the CPU of a module on the meta device, initialised by its layers' reset_parameters.
-
-    Tensors that no layer resets are zeros, not uninitialised memory; float64 makes rounding negligible next to a
-    real difference.
-    """
-    model = copy.deepcopy(module).to_empty(device="cpu").double()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for tensor in itertools.chain(model.parameters(), model.buffers()):
-            tensor.zero_()
-        for layer in model.modules():
-            if hasattr(layer, "reset_parameters"):
-                layer.reset_parameters()
-    return without_dropout(model)
-
-
-def small_body(member: MemberConfig, body: nn.Module, seed: int) -> tuple[nn.Module | None, dict]:
-    """A small body of the member's family with the same normalisation layers, in float64, or None and why not.
-
-    `body` is the member's timm model (on meta). The small one keeps timm's own classifier (pooling + linear, no batch
-    norm), so that the check sees the body's layers and nothing of fastai's head.
-    """
-    family = type(body).__module__.rsplit(".", 1)[-1]
-    n_params = sum(parameter.numel() for parameter in body.parameters())
-    if family in SMALL_BODY_KWARGS:
-        kwargs = SMALL_BODY_KWARGS[family]
-    elif n_params <= SMALL_BODY_MAX_PARAMS:
-        kwargs = {}
-    else:
-        return None, {"family": family, "skipped": f"no small body known for timm family {family!r} and the body has "
-                      f"{n_params / 1e6:.0f}M parameters (> {SMALL_BODY_MAX_PARAMS / 1e6:.0f}M)"}
-    torch.manual_seed(seed)
-    small = timm.create_model(
-        member.arch, pretrained=False, num_classes=member.n_out, pretrained_cfg_overlay=timm_overlay(member), **kwargs
-    )
-    small = without_dropout(small)
-    about = {"family": family, "arch": member.arch, "shrunk_by": kwargs, "norm_layers": norm_layers(small)}
-    if norm_layers(small) != norm_layers(body):
-        return None, about | {"skipped": f"the small body's norm layers differ from the member's {norm_layers(body)}"}
-    return small.double(), about
-
-
-def member_grad_accum_check(member: MemberConfig, seed: int) -> dict:
-    """The equivalence check on the member's own head at its real input width and on a small body of its family.
-
-    Both in float64 on the CPU, on random inputs: the head gets features of the shape the member's body outputs
-    for images of the member's training size; the small body gets such images. `has_batchnorm` is the member's
-    whole real network's; `equivalent` is True when both parts are, False when either is not, else None (a part
-    was left out).
-    """
-    started = time.perf_counter()
-    height, width = member.size if isinstance(member.size, tuple) else (member.size, member.size)
-    network = member_network_on_meta(member)
-    body, head = network[0], network[1]
-    features = body(torch.empty(EQUIVALENCE_IMAGES, 3, height, width, device="meta"))
-    generator = torch.Generator().manual_seed(seed)
-    targets = torch.randint(0, N_CLASSES, (EQUIVALENCE_IMAGES,), generator=generator)
-    head_inputs = torch.randn(*features.shape, dtype=torch.float64, generator=generator)
-    head_diff = grad_accum_equivalence(lambda: materialized(head, seed), head_inputs, targets, EQUIVALENCE_K)
-    parts = {"head": {"input_shape": list(features.shape), "norm_layers": norm_layers(head),
-                      "max_abs_weight_diff": head_diff, "equivalent": head_diff <= EQUIVALENCE_ATOL}}
-    small, parts["body"] = small_body(member, body.model, seed)
-    if small is not None:
-        images = torch.randn(EQUIVALENCE_IMAGES, 3, height, width, dtype=torch.float64, generator=generator)
-        body_diff = grad_accum_equivalence(lambda: small, images, targets, EQUIVALENCE_K)
-        parts["body"] |= {"max_abs_weight_diff": body_diff, "equivalent": body_diff <= EQUIVALENCE_ATOL}
-    outcomes = [part.get("equivalent") for part in parts.values()]  # None: that part was not checked
-    return {
-        "method": "the member's head at its real input width + a small body of its timm family, float64 on the CPU",
-        "k": EQUIVALENCE_K,
-        "images": EQUIVALENCE_IMAGES,
-        "has_batchnorm": has_batchnorm(network),
-        "max_abs_weight_diff": max(part["max_abs_weight_diff"] for part in parts.values() if "equivalent" in part),
-        "equivalent": False if False in outcomes else None if None in outcomes else True,
-        **parts,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-
-
 # -- the whole probe of one member -------------------------------------------------------------------------------
 
 
@@ -578,16 +390,12 @@ def main(argv: list[str] | None = None) -> None:
         # The probe measures in the precision train will use: fp16 and fp32 activations differ twofold.
         measure = functools.partial(measure_cuda if device.type == "cuda" else measure_cpu, precision=train.precision)
         result = probe_member(name, member, table, config, bs, seed, measure)
-        check = member_grad_accum_check(member, seed)
-        log(STAGE, f"{name}: gradient accumulation vs full batch: equivalent={check['equivalent']}, max |weight "
-                   f"difference| {check['max_abs_weight_diff']:.2e} ({check['seconds']} s)")
         result = {
             "profile": profile,
             "device": device_name(device),
             "processes": processes,
             "memory": "torch.cuda peak reserved" if device.type == "cuda" else "peak RSS of a fresh child process",
             **result,
-            "grad_accum_check": check,
             "seconds": round(time.perf_counter() - started, 1),
         }
         write_outputs(result, METRICS_DIR / f"{name}.json", probe_decision_path(name), PLOTS_DIR / f"{name}.csv",

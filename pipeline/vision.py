@@ -331,12 +331,14 @@ def timm_overlay(member: MemberConfig) -> dict:
       their config) are built for it, as timm does from this entry (it becomes their `img_size`), and pretrained
       weights are resampled to it by timm's loader (position embeddings, relative position tables); other models
       ignore it.
-    - file: a local weights file, the offline mechanism Kaggle kernels without internet use.
+    - file: a local weights file (a PyTorch state dict), the offline mechanism Kaggle kernels without internet use;
+      custom_load=False, because the registry's weights of some models (vit's augreg: JAX .npz) set custom_load,
+      which timm <= 1.0.30 keeps for a file too and reads the .pth with its .npz loader (timm 1.0.31 resets it).
     """
     height, width = member.size if isinstance(member.size, tuple) else (member.size, member.size)
     overlay: dict[str, Any] = dict(input_size=(3, height, width))
     if isinstance(member.pretrained, str):
-        overlay["file"] = str(Path(member.pretrained).resolve())
+        overlay |= dict(file=str(Path(member.pretrained).resolve()), custom_load=False)
     return overlay
 
 

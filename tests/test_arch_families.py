@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from pipeline import probe, vision
+from pipeline import vision
 from pipeline.paddy import CLASSES, read_train_table
 from pipeline.vision import MemberConfig
 
@@ -21,7 +21,9 @@ FAMILIES = {
     "convnext": dict(arch="convnext_atto", size=32),
     "vit": dict(arch="vit_tiny_patch16_224", size=(32, 48)),
     "swin": dict(arch="swin_tiny_patch4_window7_224", size=(32, 64)),
-    "swinv2": dict(arch="swinv2_tiny_window8_256", size=32),
+    # swinv2 at 64, not 32: at 32 px its last stage is 1x1, a window of 1 token, whose relative-position table timm
+    # <= 1.0.30 normalises by (window - 1) = 0: NaN. 64 px leaves every stage a window of >= 2 (256 px: 8), as in use.
+    "swinv2": dict(arch="swinv2_tiny_window8_256", size=64),
     "resnet": dict(arch="resnet10t", size=(32, 48)),
 }
 
@@ -85,12 +87,3 @@ def test_a_fixed_size_model_pretrained_at_another_size_is_resampled_to_the_membe
     torch.testing.assert_close(vit.cls_token, native.cls_token)
     torch.testing.assert_close(vit.pos_embed[:, 0], native.pos_embed[:, 0])  # the class token's is kept as is
     torch.testing.assert_close(vit.blocks[0].attn.qkv.weight, native.blocks[0].attn.qkv.weight)
-
-
-@pytest.mark.parametrize("family", ["vit", "swin", "swinv2"])
-def test_the_probes_accumulation_check_runs_on_channels_last_and_fixed_size_families(family):
-    """The probe checks the member's own head on its body's output shape and a small body at the member's size."""
-    member = tiny_member(**FAMILIES[family])
-    check = probe.member_grad_accum_check(member, seed=0)
-    assert check["head"]["input_shape"][:2] == [probe.EQUIVALENCE_IMAGES, vision.member_network(member)[0].model.num_features]
-    assert "max_abs_weight_diff" in check["body"]
