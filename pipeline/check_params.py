@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from pipeline import collab, ensemble, movielens_data, paddy_data, probe, train, vision
-from pipeline.common import atomic_path, log
+from pipeline.common import atomic_path, log, stage_main
 from pipeline.params import PARAMS_FILE, ParamsError, read_params
 
 STAGE = "params"
@@ -58,11 +58,9 @@ def check_params(params: Mapping[str, Any]) -> None:
         )
 
 
+@stage_main(STAGE, ParamsError)
 def main() -> None:
-    try:
-        check_params(read_params())
-    except ParamsError as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    check_params(read_params())
     with atomic_path(OUTPUT) as tmp:
         tmp.write_text(VERDICT)
     log(STAGE, f"{PARAMS_FILE}: every section is valid")

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.model_selection import KFold
 
-from pipeline.common import atomic_path, log, write_json
+from pipeline.common import atomic_path, log, stage_main, write_json
 from pipeline.torch_setup import quiet_progress, seed_everything
 from pipeline.params import ParamsError, load_section, read_params
 
@@ -348,12 +348,10 @@ def write_reports(learn, trained: TrainedCollab, ratings, movies, min_ratings: i
         plot_training_curves(learn, staging / "training_curves.png")
 
 
+@stage_main(STAGE, ParamsError, CollabError)
 def main() -> None:
-    try:
-        config = load_config(read_params())
-        ratings, movies = read_movielens()
-    except (ParamsError, CollabError) as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    config = load_config(read_params())
+    ratings, movies = read_movielens()
     set_threads(config.threads)
     log(STAGE, f"{len(ratings)} ratings; DotProductBias n_factors={config.n_factors}, bs={config.bs}, "
         f"fit_one_cycle({config.epochs}, {config.lr}, wd={config.wd})")

@@ -7,16 +7,19 @@ submit) start in a moment and print nothing but their own lines; what training s
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -127,3 +130,62 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# -- a stage's main -------------------------------------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or the parent's death), raised where the stage is so that its clean-ups run as for a Ctrl-C."""
+
+
+def stage_main(stage: str, *errors: type[Exception]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a stage's main(): its own `errors` and an interrupt each end it with one line; a bug raises as itself.
+
+    - An exception of `errors` (one line naming the file and the fix): SystemExit("<stage>: <message>").
+    - Ctrl-C, SIGTERM, or the parent process gone: one line and exit 128 + the signal, after the `finally` blocks
+      have run (atomic_path removes its scratch copy; the previous output stays in place).
+    - On Linux the stage is told to stop (SIGTERM) when its parent dies: a `dvc repro` that is killed would
+      otherwise leave its stage running as an orphan, and the next `dvc repro` would start a second copy of it.
+    """
+
+    def decorate(main: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            with _interruptible():
+                try:
+                    return main(*args, **kwargs)
+                except errors as err:
+                    raise SystemExit(f"{stage}: {err}") from None
+                except KeyboardInterrupt as err:
+                    name = err.args[0] if isinstance(err, Interrupted) else "SIGINT"
+                    log(stage, f"interrupted ({name}); the previous outputs are kept, run the stage again to finish")
+                    raise SystemExit(128 + signal.Signals[name]) from None
+
+        return run
+
+    return decorate
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM raises Interrupted, and the parent's death sends SIGTERM, for the duration; then as before."""
+
+    def interrupt(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    parent = os.getppid()
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    try:
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            raise Interrupted("SIGTERM")
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if libc is not None:
+            libc.prctl(PR_SET_PDEATHSIG, 0)

@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline import kaggle_client
-from pipeline.common import atomic_path, banner, file_sha256, log, write_json
+from pipeline.common import atomic_path, banner, file_sha256, log, stage_main, write_json
 from pipeline.paddy import (
     CLASSES,
     DATA_DIR,
@@ -109,13 +109,11 @@ class BadFile:
 # -- the stage -------------------------------------------------------------------------------------------------------
 
 
+@stage_main(STAGE, ParamsError, DataError)
 def main() -> None:
-    try:
-        config = load_config(read_params())
-        record = prepare_data(config.data, config.seed, DATA_DIR, DOWNLOADS_DIR)
-        write_json(METRICS_FILE, data_metrics(record, config.profile))
-    except (ParamsError, DataError) as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    config = load_config(read_params())
+    record = prepare_data(config.data, config.seed, DATA_DIR, DOWNLOADS_DIR)
+    write_json(METRICS_FILE, data_metrics(record, config.profile))
     counts = record["counts"]
     log(STAGE, f"{DATA_DIR}: {counts['train']} train and {counts['test']} test images from {record['source']}")
 

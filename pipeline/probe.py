@@ -53,7 +53,7 @@ from timm.layers import DropBlock2d, DropPath
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pipeline.common import atomic_path, log, write_json
+from pipeline.common import atomic_path, log, stage_main, write_json
 from pipeline.torch_setup import compute_device, quiet_progress, seed_everything
 from pipeline.distributed import process_batch, process_count
 from pipeline.paddy import DATA_DIR, read_train_table, smallest_class, train_csv, validation_mask
@@ -554,46 +554,44 @@ def write_outputs(result: Mapping[str, Any], metrics_path: Path, decision_path: 
         write_budget_chart(result, tmp)
 
 
+@stage_main(STAGE, ParamsError, ProbeError)
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit(f"{STAGE}: usage: python -m pipeline.probe <member> (a name under train.members)")
     name = args[0]
-    try:
-        params = read_params()
-        profile = profile_of(params)
-        train = load_train_config(params)
-        member = train.member(name)
-        # Under DDP each GPU holds bs // processes of the batch: measure the memory one GPU needs.
-        processes = process_count(train.devices)
-        bs = process_batch(train.bs, processes)
-        config = load_probe_config(params, bs)
-        seed = seed_of(params)
-        if not train_csv(DATA_DIR).is_file():
-            raise ProbeError(f"{train_csv(DATA_DIR)}: not found; run `dvc repro paddy_data` first")
-        table = read_train_table(DATA_DIR)
-        device = compute_device()
-        started = time.perf_counter()
-        # The probe measures in the precision train will use: fp16 and fp32 activations differ twofold.
-        measure = functools.partial(measure_cuda if device.type == "cuda" else measure_cpu, precision=train.precision)
-        result = probe_member(name, member, table, config, bs, seed, measure)
-        check = member_grad_accum_check(member, seed)
-        log(STAGE, f"{name}: gradient accumulation vs full batch: equivalent={check['equivalent']}, max |weight "
-                   f"difference| {check['max_abs_weight_diff']:.2e} ({check['seconds']} s)")
-        result = {
-            "profile": profile,
-            "device": device_name(device),
-            "processes": processes,
-            "memory": "torch.cuda peak reserved" if device.type == "cuda" else "peak RSS of a fresh child process",
-            **result,
-            "grad_accum_check": check,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        write_outputs(result, METRICS_DIR / f"{name}.json", probe_decision_path(name), PLOTS_DIR / f"{name}.csv",
-                      PLOTS_DIR / f"{name}.png")
-        check_fits(result)
-    except (ParamsError, ProbeError) as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    params = read_params()
+    profile = profile_of(params)
+    train = load_train_config(params)
+    member = train.member(name)
+    # Under DDP each GPU holds bs // processes of the batch: measure the memory one GPU needs.
+    processes = process_count(train.devices)
+    bs = process_batch(train.bs, processes)
+    config = load_probe_config(params, bs)
+    seed = seed_of(params)
+    if not train_csv(DATA_DIR).is_file():
+        raise ProbeError(f"{train_csv(DATA_DIR)}: not found; run `dvc repro paddy_data` first")
+    table = read_train_table(DATA_DIR)
+    device = compute_device()
+    started = time.perf_counter()
+    # The probe measures in the precision train will use: fp16 and fp32 activations differ twofold.
+    measure = functools.partial(measure_cuda if device.type == "cuda" else measure_cpu, precision=train.precision)
+    result = probe_member(name, member, table, config, bs, seed, measure)
+    check = member_grad_accum_check(member, seed)
+    log(STAGE, f"{name}: gradient accumulation vs full batch: equivalent={check['equivalent']}, max |weight "
+               f"difference| {check['max_abs_weight_diff']:.2e} ({check['seconds']} s)")
+    result = {
+        "profile": profile,
+        "device": device_name(device),
+        "processes": processes,
+        "memory": "torch.cuda peak reserved" if device.type == "cuda" else "peak RSS of a fresh child process",
+        **result,
+        "grad_accum_check": check,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_outputs(result, METRICS_DIR / f"{name}.json", probe_decision_path(name), PLOTS_DIR / f"{name}.csv",
+                  PLOTS_DIR / f"{name}.png")
+    check_fits(result)
     log(STAGE, f"{name}: accum {result['accum']} (from {result['accum_source']}), budget {config.budget_gib} GiB")
 
 

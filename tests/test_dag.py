@@ -307,4 +307,4 @@ def test_after_dvc_pull_submit_gets_as_far_as_refusing_synthetic_data(pulled_clo
     result = run(pulled_clone.laptop, "python", "-m", "pipeline.submit", check=False)
     assert result.returncode != 0
     (line,) = result.stdout.strip().splitlines()  # one line, naming the file and the fix
-    assert line.startswith("submit: refused: data/paddy/SOURCE.json: the data is synthetic")
+    assert line.startswith("submit: data/paddy/SOURCE.json: the data is synthetic")

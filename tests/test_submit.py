@@ -5,6 +5,7 @@ import importlib.machinery
 import inspect
 import json
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -131,6 +132,26 @@ def test_stale_outputs_are_refused(project):
         submit_in(project, Uploads(), status=stale)
 
 
+def test_only_the_ensemble_and_its_upstream_must_be_up_to_date(tmp_path, monkeypatch):
+    """A never-built MovieLens branch does not block the upload; a stale member (upstream of ensemble) does."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "member.txt").write_text("weights\n")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n"
+        "  train: {cmd: cp member.txt preds.txt, deps: [member.txt], outs: [preds.txt]}\n"
+        "  ensemble: {cmd: cp preds.txt submission.txt, deps: [preds.txt], outs: [submission.txt]}\n"
+        "  collab: {cmd: cp ratings.txt collab.txt, deps: [ratings.txt], outs: [collab.txt]}\n"
+    )
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
+    subprocess.run(["dvc", "repro", "-q", "ensemble"], cwd=repo, check=True)
+    monkeypatch.chdir(repo)  # as `make submit` runs, from the project root
+    assert submit_module.dvc_status() == {}
+    (repo / "member.txt").write_text("retrained\n")
+    assert list(submit_module.dvc_status()) == ["train"]
+
+
 def test_the_same_file_twice_is_refused(project):
     uploads = Uploads()
     submit_in(project, uploads)
@@ -161,7 +182,7 @@ def test_main_turns_a_refusal_into_one_line_and_a_nonzero_exit(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         submit_module.main([])
-    assert str(exit_info.value).startswith("submit: refused: data/paddy/SOURCE.json: the data is synthetic")
+    assert str(exit_info.value).startswith("submit: data/paddy/SOURCE.json: the data is synthetic")
     assert "\n" not in str(exit_info.value)
 
 
@@ -322,7 +343,7 @@ def test_an_unreadable_submission_is_one_line_naming_it_and_the_fix(project, mon
     with pytest.raises(SystemExit) as stopped:
         submit_module.main([])
     message = str(stopped.value)
-    assert message.startswith("submit: refused: submissions/submission.csv: ")
+    assert message.startswith("submit: submissions/submission.csv: ")
     assert message.endswith("run `dvc repro ensemble` to write it again") and "\n" not in message
 
 
