@@ -25,6 +25,7 @@ from pipeline import kaggle_client
 from pipeline.common import atomic_path, banner, file_sha256, log, stage_main, write_json
 from pipeline.paddy import (
     CLASSES,
+    COMPETITION,
     DATA_DIR,
     SUBMISSION_COLUMNS,
     TRAIN_COLUMNS,
@@ -65,7 +66,6 @@ class SyntheticConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str  # kaggle | synthetic | a path to the competition zip or an extracted folder
-    competition: str
     skip_bad_images: bool
     synthetic: SyntheticConfig
 
@@ -145,8 +145,8 @@ def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: P
             return _verify_and_record(staging, origin, config.skip_bad_images, "synthetic data")
 
     if config.source == "kaggle":
-        archive = download_competition(config.competition, Path(downloads_dir))
-        origin = {"source": "kaggle", "competition": config.competition}
+        archive = download_competition(COMPETITION, Path(downloads_dir))
+        origin = {"source": "kaggle", "competition": COMPETITION}
     else:
         archive = _local_source(config.source, data_dir)
         origin = {"source": config.source}
@@ -237,8 +237,8 @@ def _kaggle_download(competition: str, directory: Path, quiet: bool) -> None:
         api.competition_download_files(competition, path=str(directory), quiet=quiet)
     except kaggle_client.KaggleError as err:
         raise DataError(f"{err}, or {OTHER_SOURCES}") from None
-    except Exception as err:
-        message = kaggle_client.failure_message(err, competition, "download", competition_key="data.competition")
+    except kaggle_client.CLIENT_ERRORS as err:
+        message = kaggle_client.failure_message(err, competition, "download")
         raise DataError(f"{message}; or {OTHER_SOURCES}") from None
 
 

@@ -143,7 +143,7 @@ def kaggle_upload(submission_file: Path, message: str, competition: str = COMPET
         response = api.competition_submit(str(submission_file), message, competition)
     except kaggle_client.KaggleError as err:
         raise SubmitRefused(f"kaggle: {err}") from None
-    except Exception as err:
+    except kaggle_client.CLIENT_ERRORS as err:
         raise SubmitRefused(f"kaggle: {kaggle_client.failure_message(err, competition, 'upload')}") from None
     if getattr(response, "message", None) == type(api).COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
         raise SubmitRefused(f"kaggle: {response.message}; nothing was recorded in {LOG_FILE}, try again")

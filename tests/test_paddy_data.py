@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import requests
 import yaml
 
 from pipeline import paddy_data
@@ -32,7 +33,7 @@ TINY = SyntheticConfig(train_per_class=8, n_test=20, image_size=(48, 64))
 
 
 def _config(source: str, skip_bad_images: bool = False) -> DataConfig:
-    return DataConfig(source=source, competition=COMPETITION, skip_bad_images=skip_bad_images, synthetic=TINY)
+    return DataConfig(source=source, skip_bad_images=skip_bad_images, synthetic=TINY)
 
 
 def _competition_zip(data_dir: Path, archive: Path, top: str = "") -> Path:
@@ -93,10 +94,13 @@ class FakeKaggleApi:
         shutil.copy(FakeKaggleApi.archive, Path(path) / f"{competition}.zip")
 
 
-class FakeHTTPError(Exception):
+class FakeHTTPError(requests.HTTPError):
+    """What the client's kagglesdk raises for an HTTP error status: requests' HTTPError, with the response."""
+
     def __init__(self, status: int):
-        super().__init__(f"{status} Client Error for url https://www.kaggle.com/api?key={SECRET}")
-        self.response = types.SimpleNamespace(status_code=status)
+        response = requests.Response()
+        response.status_code = status
+        super().__init__(f"{status} Client Error for url https://www.kaggle.com/api?key={SECRET}", response=response)
 
 
 @pytest.fixture
@@ -287,7 +291,7 @@ def test_credentials_are_found_where_the_kaggle_client_finds_them():
 
 @pytest.mark.parametrize(
     "status, hint",
-    [(401, "HTTP 401); create a new API token"), (403, f"competitions/{COMPETITION}/rules"), (404, "data.competition")],
+    [(401, "HTTP 401); create a new API token"), (403, f"competitions/{COMPETITION}/rules"), (404, "(HTTP 404)")],
 )
 def test_client_http_errors_become_one_line_without_secrets(tmp_path, fake_kaggle, status, hint):
     fake_kaggle.failure = FakeHTTPError(status)
@@ -296,6 +300,16 @@ def test_client_http_errors_become_one_line_without_secrets(tmp_path, fake_kaggl
     assert hint in str(caught.value)
     assert SECRET not in str(caught.value)
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_a_network_failure_is_one_line_and_a_bug_raises_as_itself(tmp_path, fake_kaggle):
+    fake_kaggle.failure = requests.ConnectionError(f"Max retries exceeded with url: /api?key={SECRET}")
+    with pytest.raises(DataError, match=r"^the Kaggle API failed \(ConnectionError\); check the network") as caught:
+        prepare_data(_config("kaggle"), 0, tmp_path / "paddy", tmp_path / "downloads")
+    assert SECRET not in str(caught.value)
+    fake_kaggle.failure = AttributeError("'NoneType' object has no attribute 'url'")
+    with pytest.raises(AttributeError):
+        prepare_data(_config("kaggle"), 0, tmp_path / "paddy", tmp_path / "downloads")
 
 
 def test_credentials_the_client_cannot_use_are_a_clear_error(tmp_path, fake_kaggle):
@@ -483,7 +497,6 @@ def test_main_writes_data_and_metrics_with_the_profile(tmp_path, monkeypatch):
         "seed": 3,
         "data": {
             "source": "synthetic",
-            "competition": COMPETITION,
             "skip_bad_images": False,
             "synthetic": {"train_per_class": 4, "n_test": 5, "image_size": [32, 40]},
         },

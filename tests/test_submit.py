@@ -253,6 +253,22 @@ def test_upload_calls_the_official_client_with_file_message_and_competition(fake
     assert bound["competition"] == COMPETITION == "paddy-disease-classification"
 
 
+@pytest.mark.parametrize(
+    "failure, refused",
+    [(requests.ConnectionError("Connection refused"), True), (OSError(28, "No space left on device"), True),
+     (TypeError("competition_submit() got an unexpected keyword argument"), False)],
+)
+def test_client_failures_are_one_line_and_a_bug_raises_as_itself(fake_kaggle, tmp_path, monkeypatch, failure, refused):
+    def fails(self, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(fake_kaggle, "competition_submit", fails)
+    with pytest.raises(SubmitRefused if refused else type(failure), match="" if refused else "unexpected") as caught:
+        kaggle_upload(tmp_path / "submission.csv", "message")
+    if refused:
+        assert str(caught.value).startswith("kaggle: the ") and "\n" not in str(caught.value)
+
+
 def test_missing_credentials_are_one_line_without_secrets(fake_kaggle, tmp_path, capsys):
     fake_kaggle.authenticated = False
     with pytest.raises(SubmitRefused) as refused:
