@@ -34,7 +34,6 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -54,10 +53,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline.common import atomic_path, log, stage_main, write_json
+from pipeline.members import ProbeConfig, load_probe_config
 from pipeline.torch_setup import compute_device, quiet_progress, seed_everything
 from pipeline.distributed import process_batch, process_count
 from pipeline.paddy import DATA_DIR, read_train_table, smallest_class, train_csv, validation_mask
-from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of
+from pipeline.params import ParamsError, profile_of, read_params, seed_of
 from pipeline.vision import (
     N_CLASSES,
     MemberConfig,
@@ -102,33 +102,8 @@ NORM_LAYERS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalRespo
 Measure = Callable[[MemberConfig, pd.DataFrame, int, int, int, int], dict]
 
 
-@dataclass(frozen=True)
-class ProbeConfig:
-    """The `probe` section of params.yaml."""
-
-    accums: list[int]  # candidate gradient-accumulation factors
-    budget_gib: float  # memory of the GPU the real run must fit (16 GiB: a Kaggle GPU)
-    epochs: int = 1
-
-    def __post_init__(self):
-        if not self.accums or any(accum < 1 for accum in self.accums):
-            raise ValueError(f"accums must be a non-empty list of positive integers, got {self.accums}")
-        if self.budget_gib <= 0:
-            raise ValueError(f"budget_gib must be positive, got {self.budget_gib}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-
-
 class ProbeError(RuntimeError):
     """The probe cannot run or its outcome is unusable: a one-line message naming the member and the fix."""
-
-
-def load_probe_config(params: Mapping[str, Any], bs: int) -> ProbeConfig:
-    config = load_section(ProbeConfig, params, "probe")
-    too_large = [accum for accum in config.accums if accum > bs]
-    if too_large:
-        raise ParamsError(f"params.yaml: key 'probe.accums' has {too_large[0]} > train.bs {bs}; use accums <= bs")
-    return config
 
 
 # -- the data: the smallest class --------------------------------------------------------------------------------
@@ -567,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     # Under DDP each GPU holds bs // processes of the batch: measure the memory one GPU needs.
     processes = process_count(train.devices)
     bs = process_batch(train.bs, processes)
-    config = load_probe_config(params, bs)
+    config = load_probe_config(params, train.bs, processes)
     seed = seed_of(params)
     if not train_csv(DATA_DIR).is_file():
         raise ProbeError(f"{train_csv(DATA_DIR)}: not found; run `dvc repro paddy_data` first")
