@@ -46,6 +46,7 @@ METRICS_FILE = Path("metrics/data.json")
 OTHER_SOURCES = "set data.source to synthetic or to a local copy of the competition zip"
 NO_CREDENTIALS = f"{kaggle_client.NO_CREDENTIALS}, or {OTHER_SOURCES}"
 LAYOUT = "train.csv, sample_submission.csv, train_images/<label>/, test_images/"
+MAX_LISTED = 20  # bad files logged one per line before the error
 
 
 @dataclass(frozen=True)
@@ -313,9 +314,10 @@ def verify_dataset(
 
     if bad and not (skip_bad_images and all(bad_file.skippable for bad_file in bad)):
         blocking = next((bad_file for bad_file in bad if not bad_file.skippable), bad[0]) if skip_bad_images else bad[0]
-        for bad_file in bad[:20]:
+        for bad_file in bad[:MAX_LISTED]:
             log(STAGE, bad_file.line())
-        more = f" (and {len(bad) - 1} more bad files, listed above)" if len(bad) > 1 else ""
+        shown = "all listed above" if len(bad) <= MAX_LISTED else f"the first {MAX_LISTED} listed above"
+        more = f" ({len(bad)} bad files, {shown})" if len(bad) > 1 else ""
         raise DataError(f"{where}: {blocking.line()}{more}")
     if bad:
         _skip(bad, train, data_dir)
@@ -449,6 +451,10 @@ def _read_image(path: Path) -> tuple[str, str | None]:
     content = path.read_bytes()
     try:
         with Image.open(io.BytesIO(content)) as image:
+            # PIL only warns between its limit and twice it: a 12000x12000 image would be decoded for every epoch.
+            if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                problem = f"{image.width}x{image.height} pixels, more than PIL's limit of {Image.MAX_IMAGE_PIXELS}"
+                return hashlib.sha256(content).hexdigest(), f"{problem} (the competition's are 480x640)"
             image.verify()
         # verify() misses truncated pixel data; only a full decode finds it.
         with Image.open(io.BytesIO(content)) as image:

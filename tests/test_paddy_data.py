@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import requests
 import yaml
+from PIL import Image
 
 from pipeline import paddy_data
 from pipeline.paddy import CLASSES, COMPETITION, SMALLEST_CLASS
@@ -365,6 +366,25 @@ def test_truncated_image_is_an_error_naming_it(tiny_paddy, tmp_path):
     message = _one_line_error(data_dir)
     assert f"train_images/{row.label}/{row.image_id}: not a readable image" in message
     assert "replace it from the competition zip" in message
+
+
+@pytest.mark.parametrize("max_listed, shown", [(3, "(8 bad files, the first 3 listed above)"), (20, "(8 bad files, all listed above)")])
+def test_a_missing_class_folder_lists_what_the_error_says_it_lists(tiny_paddy, tmp_path, monkeypatch, capsys, max_listed, shown):
+    data_dir = _copy(tiny_paddy, tmp_path)
+    shutil.rmtree(data_dir / "train_images" / "blast")
+    monkeypatch.setattr(paddy_data, "MAX_LISTED", max_listed)
+    assert _one_line_error(data_dir).endswith(shown)
+    listed = [line for line in capsys.readouterr().err.splitlines() if "listed in train.csv but missing" in line]
+    assert len(listed) == min(max_listed, 8)
+
+
+def test_an_image_over_pils_pixel_limit_is_a_bad_file_naming_it(tiny_paddy, tmp_path):
+    data_dir = _copy(tiny_paddy, tmp_path)
+    row = _first_row(data_dir)
+    Image.new("L", (12000, 12000)).save(data_dir / "train_images" / row.label / row.image_id, format="PNG")
+    message = _one_line_error(data_dir)
+    assert f"train_images/{row.label}/{row.image_id}: 12000x12000 pixels, more than PIL's limit of" in message
+    assert "skip_bad_images" in message
 
 
 def test_empty_class_is_an_error(tiny_paddy, tmp_path):
