@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import shutil
+import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from pipeline.synthetic import write_synthetic_dataset
 STAGE = "paddy_data"
 DOWNLOADS_DIR = Path("data/downloads")
 METRICS_FILE = Path("metrics/data.json")
+SOURCE_FINGERPRINT = Path("checks/paddy_source.json")
 # The way round Kaggle this stage offers, added to every Kaggle error.
 OTHER_SOURCES = "set data.source to synthetic or to a local copy of the competition zip"
 NO_CREDENTIALS = f"{kaggle_client.NO_CREDENTIALS}, or {OTHER_SOURCES}"
@@ -111,13 +113,34 @@ class BadFile:
 
 
 @stage_main(STAGE, ParamsError, DataError)
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     config = load_config(read_params())
+    if (sys.argv[1:] if argv is None else argv) == ["--fingerprint"]:  # the `paddy_source` stage
+        write_json(SOURCE_FINGERPRINT, source_fingerprint(config.data.source))
+        return
     record = prepare_data(config.data, config.seed, DATA_DIR, DOWNLOADS_DIR)
     write_json(METRICS_FILE, data_metrics(record, config.profile))
     counts = record["counts"]
     log(STAGE, f"{DATA_DIR}: {counts['train']} train and {counts['test']} test images from {record['source']}")
 
+
+
+def source_fingerprint(source: str) -> dict:
+    """A local source's files' paths, sizes and modification times, hashed: what DVC compares to see it change.
+
+    DVC cannot depend on a path that only some values of `data.source` name, so the `paddy_source` stage, which DVC
+    runs at every `dvc repro` (always_changed), writes this and paddy_data depends on it: an edit inside the source
+    folder or a new zip reruns paddy_data, and nothing else does. Kaggle and synthetic data are set by params alone.
+    """
+    path = Path(source).expanduser()
+    if source in ("kaggle", "synthetic") or not path.exists():
+        return {"source": source}
+    files = sorted(file for file in path.rglob("*") if file.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path).as_posix()} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return {"source": source, "files": len(files), "sha256": digest.hexdigest()}
 
 
 def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: Path) -> dict:

@@ -77,7 +77,8 @@ def run(repo: Path, *command: str, check: bool = True) -> subprocess.CompletedPr
 
 
 def stages_run(output: str) -> list[str]:
-    return RUNNING_STAGE.findall(output)
+    """The stages DVC ran, but paddy_source: it runs at every `dvc repro` (always_changed), by design."""
+    return [stage for stage in RUNNING_STAGE.findall(output) if stage != "paddy_source"]
 
 
 def scratch_clone(target: Path) -> None:
@@ -153,7 +154,7 @@ def demo_run(tmp_path_factory) -> DemoRun:
 
 def test_the_demo_dag_runs_every_stage_of_dvc_yaml(demo_run):
     stages = run(demo_run.repo, "dvc", "stage", "list", "--name-only").stdout.split()
-    assert sorted(demo_run.ran) == sorted(stages)
+    assert sorted(demo_run.ran) == sorted(stage for stage in stages if stage != "paddy_source")
 
 
 def test_a_second_repro_runs_nothing_and_changes_nothing(demo_run):

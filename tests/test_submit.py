@@ -152,6 +152,13 @@ def test_only_the_ensemble_and_its_upstream_must_be_up_to_date(tmp_path, monkeyp
     assert list(submit_module.dvc_status()) == ["train"]
 
 
+def test_a_stage_that_always_runs_is_not_stale(project):
+    """paddy_source (always_changed) is in every `dvc status`; it alone does not block an upload."""
+    uploads = Uploads()
+    submit_in(project, uploads, status={"paddy_source": ["always changed"]})
+    assert len(uploads.calls) == 1
+
+
 def test_the_same_file_twice_is_refused(project):
     uploads = Uploads()
     submit_in(project, uploads)
