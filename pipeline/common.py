@@ -138,54 +138,37 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM (or the parent's death), raised where the stage is so that its clean-ups run as for a Ctrl-C."""
+    """SIGTERM, raised where the stage is, so that its clean-ups run as they do for a Ctrl-C."""
 
 
-def stage_main(stage: str, *errors: type[Exception]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a stage's main(): its own `errors` and an interrupt each end it with one line; a bug raises as itself.
+def stage_main(stage: str, *errors: type[Exception]) -> Callable:
+    """Decorate a stage's main(): each of its `errors` (one line naming the file and the fix) and an interrupt (Ctrl-C,
+    SIGTERM) end it with one line, the interrupt after the `finally` blocks have run (atomic_path's clean-up); a bug
+    raises as itself. On Linux the stage also gets SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG): a killed
+    `dvc repro` would otherwise leave it running as an orphan, beside the copy that the next `dvc repro` starts."""
 
-    - An exception of `errors` (one line naming the file and the fix): SystemExit("<stage>: <message>").
-    - Ctrl-C, SIGTERM, or the parent process gone: one line and exit 128 + the signal, after the `finally` blocks
-      have run (atomic_path removes its scratch copy; the previous output stays in place).
-    - On Linux the stage is told to stop (SIGTERM) when its parent dies: a `dvc repro` that is killed would
-      otherwise leave its stage running as an orphan, and the next `dvc repro` would start a second copy of it.
-    """
-
-    def decorate(main: Callable[..., Any]) -> Callable[..., Any]:
+    def decorate(main: Callable) -> Callable:
         @functools.wraps(main)
         def run(*args, **kwargs):
-            with _interruptible():
-                try:
-                    return main(*args, **kwargs)
-                except errors as err:
-                    raise SystemExit(f"{stage}: {err}") from None
-                except KeyboardInterrupt as err:
-                    name = err.args[0] if isinstance(err, Interrupted) else "SIGINT"
-                    log(stage, f"interrupted ({name}); the previous outputs are kept, run the stage again to finish")
-                    raise SystemExit(128 + signal.Signals[name]) from None
+            previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+            prctl = ctypes.CDLL(None).prctl if sys.platform == "linux" else lambda *_: None
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            try:
+                return main(*args, **kwargs)
+            except errors as err:
+                raise SystemExit(f"{stage}: {err}") from None
+            except KeyboardInterrupt as err:
+                name = err.args[0] if isinstance(err, Interrupted) else "SIGINT"
+                log(stage, f"interrupted ({name}); the previous outputs are kept, run the stage again to finish")
+                raise SystemExit(128 + signal.Signals[name]) from None
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+                prctl(PR_SET_PDEATHSIG, 0)
 
         return run
 
     return decorate
 
 
-@contextmanager
-def _interruptible() -> Iterator[None]:
-    """SIGTERM raises Interrupted, and the parent's death sends SIGTERM, for the duration; then as before."""
-
-    def interrupt(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
-
-    parent = os.getppid()
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    libc = ctypes.CDLL(None) if sys.platform == "linux" else None
-    if libc is not None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    try:
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            raise Interrupted("SIGTERM")
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if libc is not None:
-            libc.prctl(PR_SET_PDEATHSIG, 0)
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
