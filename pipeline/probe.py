@@ -175,15 +175,19 @@ def peak_rss_in_child(fit: Callable[[], None], what: str) -> dict:
     context.set_forkserver_preload(["fastai.vision.all", "timm", "pipeline.probe"])
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_measure_in_child, args=(sender, fit))
-    child.start()
-    sender.close()
     try:
+        child.start()
+        sender.close()
         outcome = receiver.recv()
     except EOFError:
         child.join()
         if child.exitcode == -signal.SIGKILL:
             return {"peak_gib": None, "error": "the child process was killed (out of memory)"}
         raise ProbeError(f"the child process measuring {what} exited with code {child.exitcode}") from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (common.stage_main): the measurement stops with the probe
+        if child.pid is not None:
+            child.kill()
+        raise
     child.join()
     if "failure" in outcome:
         raise ProbeError(f"the fit at {what} failed in its child process:\n{outcome['failure']}")

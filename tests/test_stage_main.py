@@ -76,9 +76,42 @@ def test_a_stage_stops_when_the_dvc_repro_that_runs_it_is_killed(tmp_path):
     [stage] = psutil.Process(dvc.pid).children(recursive=True)
     dvc.send_signal(signal.SIGTERM)  # to dvc alone: it dies without passing the signal on
     dvc.wait()
-    assert psutil.wait_procs([stage], timeout=30)[1] == [], "the stage outlived its dvc repro"
+    try:
+        assert psutil.wait_procs([stage], timeout=30)[1] == [], "the stage outlived its dvc repro"
+    finally:
+        _kill_if_running([stage])
     time.sleep(0.5)  # psutil saw it go; its clean-up is done before it exits
     assert sorted(path.name for path in (project / "data").iterdir()) == ["paddy"]
+
+
+def test_a_probe_stopped_by_sigterm_stops_its_measuring_child_too(tmp_path):
+    fit = "open('measuring', 'w').close(); import time; time.sleep(300)"
+    measuring = (
+        "import functools; from pipeline import probe; from pipeline.common import stage_main\n"
+        f"stage_main('probe')(probe.peak_rss_in_child)(functools.partial(exec, {fit!r}), 'accum=1')\n"
+    )
+    stage = _start([sys.executable, "-c", measuring], tmp_path)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "measuring").exists():
+        assert time.monotonic() < deadline and stage.poll() is None, "the measuring child never started"
+        time.sleep(0.5)
+    descendants = psutil.Process(stage.pid).children(recursive=True)
+    stage.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = stage.communicate(timeout=30)
+        assert stage.returncode == 143 and "[probe] interrupted (SIGTERM)" in stderr
+        assert psutil.wait_procs(descendants, timeout=30)[1] == [], "the measuring child outlived the probe"
+    finally:
+        _kill_if_running([psutil.Process(stage.pid), *descendants] if stage.poll() is None else descendants)
+
+
+def _kill_if_running(processes: list[psutil.Process]) -> None:
+    """A failed test leaves no sleeping stage behind."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 class StageFault(ValueError):
