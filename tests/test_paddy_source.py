@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,7 @@ def _dvc_repro(repo: Path) -> list[str]:
     return RUNNING_STAGE.findall(result.stdout)
 
 
+@pytest.mark.slow
 def test_an_edit_inside_a_local_source_folder_reruns_paddy_data_and_nothing_else_does(tiny_paddy, tmp_path):
     source = Path(shutil.copytree(tiny_paddy, tmp_path / "my_copy"))
     repo = tmp_path / "repo"

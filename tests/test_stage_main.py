@@ -62,6 +62,7 @@ def test_an_interrupted_paddy_data_says_one_line_and_leaves_no_scratch_folder(tm
     assert (project / "data" / "paddy" / "SOURCE.json").read_text() == "{}\n"
 
 
+@pytest.mark.slow
 def test_a_stage_stops_when_the_dvc_repro_that_runs_it_is_killed(tmp_path):
     project = _project(tmp_path)
     (project / "slow_paddy_data.py").write_text(SLOW_PADDY_DATA)
@@ -84,6 +85,7 @@ def test_a_stage_stops_when_the_dvc_repro_that_runs_it_is_killed(tmp_path):
     assert sorted(path.name for path in (project / "data").iterdir()) == ["paddy"]
 
 
+@pytest.mark.slow
 def test_a_probe_stopped_by_sigterm_stops_its_measuring_child_too(tmp_path):
     fit = "open('measuring', 'w').close(); import time; time.sleep(300)"
     measuring = (
