@@ -1,8 +1,10 @@
 """Stage `params`: every key of params.yaml checked, by the loader of the stage that reads it, before any stage runs.
 
 A typo in `collab` or in `ensemble.weights` would otherwise surface only when that stage runs, possibly after hours
-of training. Each stage's own loader does the checking, so every rule lives once, with its stage; a top-level key
-that no stage reads (a misspelt section) is an error too. The output, checks/params.txt, holds the same text
+of training. Each stage's own loader does the checking, so every rule lives once; a top-level key that no stage
+reads (a misspelt section) is an error too. It imports no torch, so it takes a moment: the loaders of the stages
+that train are in pipeline/members.py and collab_config.py, and the names only timm and albumentations know (a
+member's arch and its albumentations transforms) are checked by every probe and train as it starts. The output, checks/params.txt, holds the same text
 whatever the params: DVC reruns this stage after any params edit, and paddy_data and movielens_data, which depend
 on it only so that they run after it, do not rerun because of it.
 """
@@ -12,9 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from pipeline import collab, ensemble, movielens_data, paddy_data, probe, small_images, train, vision
-from pipeline.common import atomic_path, log
-from pipeline.params import PARAMS_FILE, ParamsError, read_params
+from pipeline import collab_config, ensemble, members, movielens_data, paddy_data, small_images
+from pipeline.common import atomic_path, log, stage_main
+from pipeline.paddy import ValidationConfig
+from pipeline.params import PARAMS_FILE, ParamsError, load_section, read_params
 
 STAGE = "params"
 OUTPUT = Path("checks/params.txt")
@@ -44,13 +47,14 @@ def check_params(params: Mapping[str, Any]) -> None:
     recorder = ReadRecorder(params)
     paddy_data.load_config(recorder)
     small_images.load_config(recorder)
-    shared = vision.load_train_config(recorder)
-    probe.load_probe_config(recorder, shared.bs)
-    for name in shared.members:
-        train.load_stage_config(recorder, name)
+    shared = members.load_train_config(recorder)
+    # With `devices: auto` the process count is the GPU count, which only torch reads: the probe applies the same
+    # rule with it; here, the one process it is at least.
+    members.load_probe_config(recorder, shared.bs, shared.devices if isinstance(shared.devices, int) else 1)
+    load_section(ValidationConfig, recorder, "validation")  # what train@<member> reads besides `train`
     ensemble.load_config(recorder)
     movielens_data.load_config(recorder)
-    collab.load_config(recorder)
+    collab_config.load_collab_config(recorder)
     unread = [key for key in params if key not in recorder.read]
     if unread:
         raise ParamsError(
@@ -59,11 +63,9 @@ def check_params(params: Mapping[str, Any]) -> None:
         )
 
 
+@stage_main(STAGE, ParamsError)
 def main() -> None:
-    try:
-        check_params(read_params())
-    except ParamsError as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    check_params(read_params())
     with atomic_path(OUTPUT) as tmp:
         tmp.write_text(VERDICT)
     log(STAGE, f"{PARAMS_FILE}: every section is valid")

@@ -15,8 +15,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from typing import Any, Mapping
-
 import numpy as np
 import pandas as pd
 import torch
@@ -34,9 +32,10 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.model_selection import KFold
 
-from pipeline.common import atomic_path, log, write_json
+from pipeline.common import atomic_path, log, stage_main, write_json
+from pipeline.collab_config import CollabConfig, load_collab_config
 from pipeline.torch_setup import quiet_progress, seed_everything
-from pipeline.params import ParamsError, load_section, read_params
+from pipeline.params import ParamsError, read_params
 
 STAGE = "collab"
 DATA_DIR = Path("data/movielens")
@@ -50,35 +49,6 @@ WELL_KNOWN_TITLES = ("Star Wars (1977)", "Silence of the Lambs, The (1991)", "To
 
 class CollabError(ValueError):
     """Unusable input for the collab stage: the message is one line naming the file and the fix."""
-
-
-@dataclass(frozen=True)
-class CollabConfig:
-    n_factors: int = 50
-    y_range: tuple[float, float] = (0.0, 5.5)
-    epochs: int = 5
-    lr: float = 5e-3
-    wd: float = 0.1
-    bs: int = 64
-    valid_pct: float = 0.2
-    seed: int = 42
-    threads: int | None = None  # torch CPU threads; null leaves torch's default
-    report_min_ratings: int = 20  # movies rated less often are left out of the reports (their factors are noise)
-
-    def __post_init__(self):
-        low, high = self.y_range
-        if not low < high:
-            raise ValueError(f"y_range is {list(self.y_range)}; use [low, high] with low < high, e.g. [0.0, 5.5]")
-        if not 0 < self.valid_pct < 1:
-            raise ValueError(f"valid_pct is {self.valid_pct}; use a fraction between 0 and 1, e.g. 0.2")
-        for name in ("n_factors", "epochs", "bs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} is {getattr(self, name)}; use a positive integer")
-
-
-def load_config(params: Mapping[str, Any]) -> CollabConfig:
-    """Everything this stage reads from params.yaml: the `collab` section."""
-    return load_section(CollabConfig, params, "collab")
 
 
 class DotProductBias(Module):
@@ -348,12 +318,10 @@ def write_reports(learn, trained: TrainedCollab, ratings, movies, min_ratings: i
         plot_training_curves(learn, staging / "training_curves.png")
 
 
+@stage_main(STAGE, ParamsError, CollabError)
 def main() -> None:
-    try:
-        config = load_config(read_params())
-        ratings, movies = read_movielens()
-    except (ParamsError, CollabError) as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    config = load_collab_config(read_params())
+    ratings, movies = read_movielens()
     set_threads(config.threads)
     log(STAGE, f"{len(ratings)} ratings; DotProductBias n_factors={config.n_factors}, bs={config.bs}, "
         f"fit_one_cycle({config.epochs}, {config.lr}, wd={config.wd})")

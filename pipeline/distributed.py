@@ -43,6 +43,7 @@ from fastai.torch_core import num_distrib, rank_distrib, to_detach
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
+from pipeline.common import stage_main
 from pipeline.params import ParamsError, read_params
 from pipeline.vision import load_train_config
 
@@ -271,15 +272,13 @@ def devices_argument(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
+@stage_main("distributed", ParamsError)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print the processes and devices train@<member> would use here.")
     parser.add_argument("--devices", type=devices_argument, help="instead of params.yaml's train.devices: auto or N")
     args = parser.parse_args(argv)
-    try:
-        devices = load_train_config(read_params()).devices if args.devices is None else args.devices
-        print(f"train.devices={devices}: {describe(process_count(devices))}")
-    except ParamsError as err:
-        raise SystemExit(f"distributed: {err}") from None
+    devices = load_train_config(read_params()).devices if args.devices is None else args.devices
+    print(f"train.devices={devices}: {describe(process_count(devices))}")
 
 
 if __name__ == "__main__":

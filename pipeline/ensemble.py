@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from pipeline.common import atomic_path, log, read_csv, write_json
+from pipeline.common import atomic_path, log, read_csv, stage_main, write_json
 from pipeline.paddy import CLASSES, DATA_DIR, ValidationConfig, sample_submission_csv, train_csv, validation_rows
 from pipeline.params import ParamsError, load_section, profile_of, read_params
 from pipeline.submission import (
@@ -365,11 +365,9 @@ def _shown(value: float | None) -> str:
     return "n/a (validation.full)" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
+@stage_main(STAGE, ParamsError, MemberPredsError, SubmissionError)
 def main() -> None:
-    try:
-        metrics = run(read_params())
-    except (ParamsError, MemberPredsError, SubmissionError) as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    metrics = run(read_params())
     for name, member in metrics["members"].items():
         log(STAGE, f"{name}: weight {member['weight']:g}, valid accuracy {_shown(member['valid_accuracy'])}")
     log(STAGE, f"ensemble: valid accuracy {_shown(metrics['ensemble']['valid_accuracy'])}")

@@ -10,12 +10,20 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+import urllib3
+
 TOKEN_PAGE = "https://www.kaggle.com/settings/api"
 NO_CREDENTIALS = (
     f"no Kaggle credentials found; create an API token at {TOKEN_PAGE} and put it in ~/.kaggle/access_token "
     "or the KAGGLE_API_TOKEN variable (or kaggle.json in ~/.kaggle or $KAGGLE_CONFIG_DIR, or KAGGLE_USERNAME and "
     "KAGGLE_KEY)"
 )
+
+
+# What the official client raises when a call fails (kaggle 2.x, kagglesdk): requests' errors (OSErrors, HTTPError
+# among them, with the response), urllib3's that its download retries let through, and OSErrors of the files it
+# writes. Anything else is a bug, ours or the client's, and raises as itself.
+CLIENT_ERRORS = (OSError, urllib3.exceptions.HTTPError)
 
 
 class KaggleError(RuntimeError):
@@ -68,8 +76,8 @@ def authenticated_api():
     return api
 
 
-def failure_message(err: Exception, competition: str, action: str, competition_key: str = "the competition name") -> str:
-    """One line for a failed client call (`action`: 'download', 'upload'): HTTP status or exception type only.
+def failure_message(err: Exception, competition: str, action: str) -> str:
+    """One line for a failed client call (`action`: 'download', 'upload'): HTTP status, OS error or exception type.
 
     The client's exceptions can carry request headers or signed URLs, so nothing else of them is shown; callers
     raise with `from None` to drop the chain.
@@ -83,7 +91,10 @@ def failure_message(err: Exception, competition: str, action: str, competition_k
             f"https://www.kaggle.com/competitions/{competition}/rules with the account of your credentials"
         )
     if status == 404:
-        return f"Kaggle has no competition {competition!r} (HTTP 404); check {competition_key}"
+        return f"Kaggle has no competition {competition!r} (HTTP 404); check https://www.kaggle.com/competitions"
     if status is not None:
         return f"the Kaggle API failed (HTTP {status}) during the {action}; retry later"
+    if isinstance(err, OSError) and err.errno is not None:  # a local file, not the network (e.g. a full disk)
+        where = f" writing {err.filename}" if err.filename else ""
+        return f"the {action} failed{where}: {os.strerror(err.errno)}; fix that and retry"
     return f"the Kaggle API failed ({type(err).__name__}); check the network and retry the {action}"

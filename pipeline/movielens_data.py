@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from pipeline.common import atomic_path, banner, file_sha256, log, write_json
+from pipeline.common import atomic_path, banner, file_sha256, log, stage_main, write_json
 from pipeline.params import ParamsError, load_section, read_params
 
 STAGE = "movielens_data"
@@ -323,13 +323,11 @@ def write_dataset(data: MovieLens, target: Path = DATA_DIR) -> dict:
 
 
 
+@stage_main(STAGE, ParamsError, MovielensDataError)
 def main() -> None:
-    try:
-        config = load_config(read_params())
-        data = load(config)
-        source = write_dataset(data)
-    except (ParamsError, MovielensDataError) as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    config = load_config(read_params())
+    data = load(config)
+    source = write_dataset(data)
     banner(STAGE, f"MovieLens source: {data.source} ({source['n_ratings']} ratings, {source['n_users']} users, "
            f"{source['n_movies']} movies)")
     write_json(METRICS_FILE, {**source, "rating_mean": float(data.ratings["rating"].mean()),

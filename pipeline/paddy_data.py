@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import shutil
+import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,9 +24,10 @@ import pandas as pd
 from PIL import Image
 
 from pipeline import kaggle_client
-from pipeline.common import atomic_path, banner, file_sha256, log, write_json
+from pipeline.common import atomic_path, banner, file_sha256, log, stage_main, write_json
 from pipeline.paddy import (
     CLASSES,
+    COMPETITION,
     DATA_DIR,
     SUBMISSION_COLUMNS,
     TRAIN_COLUMNS,
@@ -43,10 +45,12 @@ STAGE = "paddy_data"
 DOWNLOADS_DIR = Path("data/downloads")
 KAGGLE_INPUT = Path("/kaggle/input")  # where a Kaggle notebook mounts its attached competitions and datasets
 METRICS_FILE = Path("metrics/data.json")
+SOURCE_FINGERPRINT = Path("checks/paddy_source.json")
 # The way round Kaggle this stage offers, added to every Kaggle error.
 OTHER_SOURCES = "set data.source to synthetic or to a local copy of the competition zip"
 NO_CREDENTIALS = f"{kaggle_client.NO_CREDENTIALS}, or {OTHER_SOURCES}"
 LAYOUT = "train.csv, sample_submission.csv, train_images/<label>/, test_images/"
+MAX_LISTED = 20  # bad files logged one per line before the error
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,6 @@ class SyntheticConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str  # kaggle | synthetic | a path to the competition zip or an extracted folder
-    competition: str
     skip_bad_images: bool
     synthetic: SyntheticConfig
 
@@ -111,16 +114,35 @@ class BadFile:
 # -- the stage -------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    try:
-        config = load_config(read_params())
-        record = prepare_data(config.data, config.seed, DATA_DIR, DOWNLOADS_DIR)
-        write_json(METRICS_FILE, data_metrics(record, config.profile))
-    except (ParamsError, DataError) as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+@stage_main(STAGE, ParamsError, DataError)
+def main(argv: list[str] | None = None) -> None:
+    config = load_config(read_params())
+    if (sys.argv[1:] if argv is None else argv) == ["--fingerprint"]:  # the `paddy_source` stage
+        write_json(SOURCE_FINGERPRINT, source_fingerprint(config.data.source))
+        return
+    record = prepare_data(config.data, config.seed, DATA_DIR, DOWNLOADS_DIR)
+    write_json(METRICS_FILE, data_metrics(record, config.profile))
     counts = record["counts"]
     log(STAGE, f"{DATA_DIR}: {counts['train']} train and {counts['test']} test images from {record['source']}")
 
+
+
+def source_fingerprint(source: str) -> dict:
+    """A local source's files' paths, sizes and modification times, hashed: what DVC compares to see it change.
+
+    DVC cannot depend on a path that only some values of `data.source` name, so the `paddy_source` stage, which DVC
+    runs at every `dvc repro` (always_changed), writes this and paddy_data depends on it: an edit inside the source
+    folder or a new zip reruns paddy_data, and nothing else does. Kaggle and synthetic data are set by params alone.
+    """
+    path = Path(source).expanduser()
+    if source in ("kaggle", "synthetic") or not path.exists():
+        return {"source": source}
+    files = sorted(file for file in path.rglob("*") if file.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path).as_posix()} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return {"source": source, "files": len(files), "sha256": digest.hexdigest()}
 
 
 def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: Path) -> dict:
@@ -148,16 +170,16 @@ def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: P
             )
             return _verify_and_record(staging, origin, config.skip_bad_images, "synthetic data")
 
-    mounted = kaggle_mount(config.competition) if config.source == "kaggle" else None
+    mounted = kaggle_mount(COMPETITION) if config.source == "kaggle" else None
     if mounted is not None:
         log(STAGE, f"data source: kaggle, the competition's files attached to this notebook at {mounted} (in place)")
-        origin = {"source": "kaggle", "competition": config.competition, "in_place": str(mounted)}
+        origin = {"source": "kaggle", "competition": COMPETITION, "in_place": str(mounted)}
         with atomic_path(data_dir) as staging:
             link_in_place(mounted, staging)
             return _verify_and_record(staging, origin, config.skip_bad_images, str(mounted))
     if config.source == "kaggle":
-        archive = download_competition(config.competition, Path(downloads_dir))
-        origin = {"source": "kaggle", "competition": config.competition}
+        archive = download_competition(COMPETITION, Path(downloads_dir))
+        origin = {"source": "kaggle", "competition": COMPETITION}
     else:
         archive = _local_source(config.source, data_dir)
         origin = {"source": config.source}
@@ -277,8 +299,8 @@ def _kaggle_download(competition: str, directory: Path, quiet: bool) -> None:
         api.competition_download_files(competition, path=str(directory), quiet=quiet)
     except kaggle_client.KaggleError as err:
         raise DataError(f"{err}, or {OTHER_SOURCES}") from None
-    except Exception as err:
-        message = kaggle_client.failure_message(err, competition, "download", competition_key="data.competition")
+    except kaggle_client.CLIENT_ERRORS as err:
+        message = kaggle_client.failure_message(err, competition, "download")
         raise DataError(f"{message}; or {OTHER_SOURCES}") from None
 
 
@@ -353,9 +375,10 @@ def verify_dataset(
 
     if bad and not (skip_bad_images and all(bad_file.skippable for bad_file in bad)):
         blocking = next((bad_file for bad_file in bad if not bad_file.skippable), bad[0]) if skip_bad_images else bad[0]
-        for bad_file in bad[:20]:
+        for bad_file in bad[:MAX_LISTED]:
             log(STAGE, bad_file.line())
-        more = f" (and {len(bad) - 1} more bad files, listed above)" if len(bad) > 1 else ""
+        shown = "all listed above" if len(bad) <= MAX_LISTED else f"the first {MAX_LISTED} listed above"
+        more = f" ({len(bad)} bad files, {shown})" if len(bad) > 1 else ""
         raise DataError(f"{where}: {blocking.line()}{more}")
     if bad:
         _skip(bad, train, data_dir)
@@ -489,6 +512,10 @@ def _read_image(path: Path) -> tuple[str, str | None]:
     content = path.read_bytes()
     try:
         with Image.open(io.BytesIO(content)) as image:
+            # PIL only warns between its limit and twice it: a 12000x12000 image would be decoded for every epoch.
+            if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                problem = f"{image.width}x{image.height} pixels, more than PIL's limit of {Image.MAX_IMAGE_PIXELS}"
+                return hashlib.sha256(content).hexdigest(), f"{problem} (the competition's are 480x640)"
             image.verify()
         # verify() misses truncated pixel data; only a full decode finds it.
         with Image.open(io.BytesIO(content)) as image:

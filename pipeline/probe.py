@@ -25,7 +25,6 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -34,11 +33,12 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from pipeline.common import atomic_path, log, write_json
+from pipeline.common import atomic_path, log, stage_main, write_json
+from pipeline.members import ProbeConfig, load_probe_config
 from pipeline.torch_setup import compute_device, seed_everything
 from pipeline.distributed import process_batch, process_count
 from pipeline.paddy import WRITTEN_BY, member_data_dir, read_train_table, smallest_class, train_csv, validation_mask
-from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of
+from pipeline.params import ParamsError, profile_of, read_params, seed_of
 from pipeline.vision import (
     MemberConfig,
     accum_to_use,
@@ -59,33 +59,8 @@ LR_WHEN_FIND = 1e-3  # memory does not depend on the learning rate, so the probe
 Measure = Callable[[MemberConfig, pd.DataFrame, int, int, int, int], dict]
 
 
-@dataclass(frozen=True)
-class ProbeConfig:
-    """The `probe` section of params.yaml."""
-
-    accums: list[int]  # candidate gradient-accumulation factors
-    budget_gib: float  # memory of the GPU the real run must fit (16 GiB: a Kaggle GPU)
-    epochs: int = 1
-
-    def __post_init__(self):
-        if not self.accums or any(accum < 1 for accum in self.accums):
-            raise ValueError(f"accums must be a non-empty list of positive integers, got {self.accums}")
-        if self.budget_gib <= 0:
-            raise ValueError(f"budget_gib must be positive, got {self.budget_gib}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-
-
 class ProbeError(RuntimeError):
     """The probe cannot run or its outcome is unusable: a one-line message naming the member and the fix."""
-
-
-def load_probe_config(params: Mapping[str, Any], bs: int) -> ProbeConfig:
-    config = load_section(ProbeConfig, params, "probe")
-    too_large = [accum for accum in config.accums if accum > bs]
-    if too_large:
-        raise ParamsError(f"params.yaml: key 'probe.accums' has {too_large[0]} > train.bs {bs}; use accums <= bs")
-    return config
 
 
 # -- the data: the smallest class --------------------------------------------------------------------------------
@@ -157,15 +132,19 @@ def peak_rss_in_child(fit: Callable[[], None], what: str) -> dict:
     context.set_forkserver_preload(["fastai.vision.all", "timm", "pipeline.probe"])
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_measure_in_child, args=(sender, fit))
-    child.start()
-    sender.close()
     try:
+        child.start()
+        sender.close()
         outcome = receiver.recv()
     except EOFError:
         child.join()
         if child.exitcode == -signal.SIGKILL:
             return {"peak_gib": None, "error": "the child process was killed (out of memory)"}
         raise ProbeError(f"the child process measuring {what} exited with code {child.exitcode}") from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (common.stage_main): the measurement stops with the probe
+        if child.pid is not None:
+            child.kill()
+        raise
     child.join()
     if "failure" in outcome:
         raise ProbeError(f"the fit at {what} failed in its child process:\n{outcome['failure']}")
@@ -366,43 +345,41 @@ def write_outputs(result: Mapping[str, Any], metrics_path: Path, decision_path: 
         write_budget_chart(result, tmp)
 
 
+@stage_main(STAGE, ParamsError, ProbeError)
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit(f"{STAGE}: usage: python -m pipeline.probe <member> (a name under train.members)")
     name = args[0]
-    try:
-        params = read_params()
-        profile = profile_of(params)
-        train = load_train_config(params)
-        member = train.member(name)
-        # Under DDP each GPU holds bs // processes of the batch: measure the memory one GPU needs.
-        processes = process_count(train.devices)
-        bs = process_batch(train.bs, processes)
-        config = load_probe_config(params, bs)
-        seed = seed_of(params)
-        data_dir = member_data_dir(member.images)
-        if not train_csv(data_dir).is_file():
-            raise ProbeError(f"{train_csv(data_dir)}: not found; run `dvc repro {WRITTEN_BY[data_dir]}` first")
-        table = read_train_table(data_dir)
-        device = compute_device()
-        started = time.perf_counter()
-        # The probe measures in the precision train will use: fp16 and fp32 activations differ twofold.
-        measure = functools.partial(measure_cuda if device.type == "cuda" else measure_cpu, precision=train.precision)
-        result = probe_member(name, member, table, config, bs, seed, measure)
-        result = {
-            "profile": profile,
-            "device": device_name(device),
-            "processes": processes,
-            "memory": "torch.cuda peak reserved" if device.type == "cuda" else "peak RSS of a fresh child process",
-            **result,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        write_outputs(result, METRICS_DIR / f"{name}.json", probe_decision_path(name), PLOTS_DIR / f"{name}.csv",
-                      PLOTS_DIR / f"{name}.png")
-        check_fits(result)
-    except (ParamsError, ProbeError) as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    params = read_params()
+    profile = profile_of(params)
+    train = load_train_config(params)
+    member = train.member(name)
+    # Under DDP each GPU holds bs // processes of the batch: measure the memory one GPU needs.
+    processes = process_count(train.devices)
+    bs = process_batch(train.bs, processes)
+    config = load_probe_config(params, train.bs, processes)
+    seed = seed_of(params)
+    data_dir = member_data_dir(member.images)
+    if not train_csv(data_dir).is_file():
+        raise ProbeError(f"{train_csv(data_dir)}: not found; run `dvc repro {WRITTEN_BY[data_dir]}` first")
+    table = read_train_table(data_dir)
+    device = compute_device()
+    started = time.perf_counter()
+    # The probe measures in the precision train will use: fp16 and fp32 activations differ twofold.
+    measure = functools.partial(measure_cuda if device.type == "cuda" else measure_cpu, precision=train.precision)
+    result = probe_member(name, member, table, config, bs, seed, measure)
+    result = {
+        "profile": profile,
+        "device": device_name(device),
+        "processes": processes,
+        "memory": "torch.cuda peak reserved" if device.type == "cuda" else "peak RSS of a fresh child process",
+        **result,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_outputs(result, METRICS_DIR / f"{name}.json", probe_decision_path(name), PLOTS_DIR / f"{name}.csv",
+                  PLOTS_DIR / f"{name}.png")
+    check_fits(result)
     log(STAGE, f"{name}: accum {result['accum']} (from {result['accum_source']}), budget {config.budget_gib} GiB")
 
 

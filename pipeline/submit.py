@@ -3,7 +3,8 @@
 An action, not a DVC stage. Before uploading it refuses (one line, non-zero exit):
 - data that is not the real competition's (data/paddy/SOURCE.json: synthetic, or not the real counts),
 - a submission that fails validation against data/paddy/sample_submission.csv,
-- a workspace whose outputs are stale relative to dvc.lock (`dvc status` not clean),
+- an ensemble whose outputs, or its upstream stages' (data, probes, members), are stale relative to dvc.lock
+  (`dvc status ensemble --with-deps` not clean; the MovieLens branch does not feed the submission),
 - a file already uploaded (its hash is in submissions/log.csv), unless `--force`.
 The message carries the git revision, the ensemble's validation accuracy and the profile; every upload is appended
 to submissions/log.csv.
@@ -22,7 +23,7 @@ from dvc.exceptions import DvcException
 from dvc.repo import Repo
 
 from pipeline import kaggle_client
-from pipeline.common import atomic_path, file_sha256, log, read_csv, read_json
+from pipeline.common import atomic_path, file_sha256, log, read_csv, read_json, stage_main
 from pipeline.paddy import CLASSES, COMPETITION, DATA_DIR, sample_submission_csv, source_json
 from pipeline.submission import SubmissionError, read_sample_submission, read_submission, validate_submission
 
@@ -30,6 +31,7 @@ STAGE = "submit"
 SUBMISSION_FILE = Path("submissions/submission.csv")
 LOG_FILE = Path("submissions/log.csv")
 METRICS_FILE = Path("metrics/ensemble.json")
+ENSEMBLE_STAGE = "ensemble"  # the stage that writes the submission
 LOG_COLUMNS = ("time", "sha256", "message")
 # The real competition's image counts: anything else is not what Kaggle scores.
 REAL_TRAIN_COUNT = 10_407
@@ -68,18 +70,22 @@ def check_submission(submission_file: Path, data_dir: Path = DATA_DIR) -> None:
 
 
 def dvc_status(repo_dir: Path = Path(".")) -> dict:
-    """`dvc status` as a dict: stage -> what changed; empty when the outputs match dvc.lock."""
+    """`dvc status ensemble --with-deps` as a dict: stage -> what changed; empty when the submission's outputs and
+    all they are built from match dvc.lock."""
     try:
         with Repo(str(repo_dir)) as repo:
-            return repo.status()
+            return repo.status(targets=[ENSEMBLE_STAGE], with_deps=True)
     except DvcException as err:
         raise SubmitRefused(f"dvc status failed ({err}); run `dvc status` to see why") from None
 
 
 def check_up_to_date(status: dict) -> None:
-    if status:
-        stale = ", ".join(sorted(status))
-        raise SubmitRefused(f"dvc.lock: outputs are stale ({stale}); run `dvc repro` (then commit) before submitting")
+    # An always_changed stage (paddy_source) is in every status; what it checks is covered by paddy_data's entry.
+    stale = ", ".join(sorted(stage for stage, changes in status.items() if changes != ["always changed"]))
+    if stale:
+        raise SubmitRefused(
+            f"dvc.lock: outputs are stale ({stale}); run `dvc repro {ENSEMBLE_STAGE}` (then commit) before submitting"
+        )
 
 
 def read_log(log_file: Path = LOG_FILE) -> pd.DataFrame:
@@ -138,7 +144,7 @@ def kaggle_upload(submission_file: Path, message: str, competition: str = COMPET
         response = api.competition_submit(str(submission_file), message, competition)
     except kaggle_client.KaggleError as err:
         raise SubmitRefused(f"kaggle: {err}") from None
-    except Exception as err:
+    except kaggle_client.CLIENT_ERRORS as err:
         raise SubmitRefused(f"kaggle: {kaggle_client.failure_message(err, competition, 'upload')}") from None
     if getattr(response, "message", None) == type(api).COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
         raise SubmitRefused(f"kaggle: {response.message}; nothing was recorded in {LOG_FILE}, try again")
@@ -168,14 +174,12 @@ def submit(
     return message
 
 
+@stage_main(STAGE, SubmitRefused, SubmissionError)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="upload even if this exact file was uploaded before")
     args = parser.parse_args(argv)
-    try:
-        message = submit(force=args.force)
-    except (SubmitRefused, SubmissionError) as err:
-        raise SystemExit(f"{STAGE}: refused: {err}") from None
+    message = submit(force=args.force)
     log(STAGE, f"uploaded {SUBMISSION_FILE} to {COMPETITION}: {message!r} (logged in {LOG_FILE})")
 
 

@@ -32,7 +32,7 @@ from fastai.torch_core import get_random_states, set_random_states
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline.common import atomic_path, banner, log, read_json, write_json
+from pipeline.common import atomic_path, banner, log, read_json, stage_main, write_json
 from pipeline.torch_setup import compute_device, seed_everything
 from pipeline.paddy import (
     CLASSES, DATA_DIR, VARIETIES, WRITTEN_BY, ValidationConfig, member_data_dir, read_train_table, test_image_dir,
@@ -686,29 +686,28 @@ def run_stage(
     return metrics
 
 
+# FileNotFoundError: an input gone (its path named)
+@stage_main(STAGE, ParamsError, TrainError, FileNotFoundError)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("member", help="a member name under train.members in params.yaml")
     # Set by the launcher when it restarts every rank after an out-of-memory error (pipeline.distributed).
     parser.add_argument("--oom-retries", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_stage_config(read_params(), args.member)
-        data_dir = member_data_dir(cfg.member.images)
-        if not (data_dir / "train.csv").is_file():
-            raise TrainError(f"{data_dir}/train.csv: not found; run `dvc repro {WRITTEN_BY[data_dir]}` first")
-        if cfg.validation.full and distributed.is_rank0():
-            banner(STAGE, f"{cfg.name}: validation.full is true: training on ALL images, no held-out metrics")
-        processes = distributed.process_count(cfg.devices)
-        if processes > 1 and not distributed.launched():
-            log(STAGE, f"{cfg.name}: starting {processes} processes (train.devices {cfg.devices})")
-            relaunch = [cfg.name]
-            distributed.launch_with_oom_retries("pipeline.train", relaunch, processes, lambda m: log(STAGE, m))
-            return
-        with distributed.worker():
-            metrics = run_stage(cfg, data_dir, oom_retries=args.oom_retries)
-    except (ParamsError, TrainError, FileNotFoundError) as err:  # FileNotFoundError: an input gone (its path named)
-        raise SystemExit(f"{STAGE}: {err}") from None
+    cfg = load_stage_config(read_params(), args.member)
+    data_dir = member_data_dir(cfg.member.images)
+    if not (data_dir / "train.csv").is_file():
+        raise TrainError(f"{data_dir}/train.csv: not found; run `dvc repro {WRITTEN_BY[data_dir]}` first")
+    if cfg.validation.full and distributed.is_rank0():
+        banner(STAGE, f"{cfg.name}: validation.full is true: training on ALL images, no held-out metrics")
+    processes = distributed.process_count(cfg.devices)
+    if processes > 1 and not distributed.launched():
+        log(STAGE, f"{cfg.name}: starting {processes} processes (train.devices {cfg.devices})")
+        relaunch = [cfg.name]
+        distributed.launch_with_oom_retries("pipeline.train", relaunch, processes, lambda m: log(STAGE, m))
+        return
+    with distributed.worker():
+        metrics = run_stage(cfg, data_dir, oom_retries=args.oom_retries)
     if metrics is not None:
         log(STAGE, f"{cfg.name}: valid error rate {metrics['valid_error_rate']}, {metrics['train_seconds']} s")
 

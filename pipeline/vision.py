@@ -1,4 +1,4 @@
-"""The ensemble member: its config, its DataLoaders and its fastai Learner on a timm architecture.
+"""The ensemble member: its DataLoaders and its fastai Learner on a timm architecture (its config: pipeline/members.py).
 
 Shared by `probe` (which trains each member briefly on the smallest class) and `train` (which trains it for real),
 so both measure and run exactly the same model, item transform, batch size and augmentation.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import os
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -39,62 +38,14 @@ from fastai.vision.learner import TimmBody, create_timm_model
 from timm.layers import Format, nhwc_to
 from torch import nn
 
+from pipeline import members
+from pipeline.members import MemberConfig, TrainConfig
 from pipeline.torch_setup import compute_device, quiet_progress
 from pipeline.paddy import CLASSES, VARIETIES
-from pipeline.params import PARAMS_FILE, ParamsError, from_mapping, known_values, section_of
+from pipeline.params import PARAMS_FILE, ParamsError
 
-Size = int | tuple[int, int]
 N_CLASSES = len(CLASSES)
 CPU_AUTO_WORKERS = 0  # `num_workers: auto` when training on CPU: see loader_workers and the README's Benchmarks
-
-
-@dataclass(frozen=True)
-class MemberConfig:
-    """One ensemble member (a `train.members.<name>` entry of params.yaml)."""
-
-    arch: str  # a timm model name: the registry is timm's, not ours
-    pretrained: bool | str = False  # false | true (timm hub weights) | path to a local weights file
-    images: Literal["full", "small"] = "full"  # small: data/paddy_small, every image pre-resized (stage small_images)
-    resize: Size = 480  # item transform size; a pair is (height, width), as fastai's Resize takes it
-    method: Literal["squish", "pad", "crop"] = "squish"
-    size: Size = 224  # batch transform (aug_transforms) size; a pair is (height, width)
-    targets: Literal["label", "label+variety"] = "label"
-    epochs: int = 12
-    lr: float | Literal["find"] = 0.01
-    schedule: Literal["fine_tune", "fit_one_cycle"] = "fine_tune"
-    accum: int | None = None  # None: the probe's choice
-    min_scale: float = 0.75
-    # Item-level augmentation with albumentations, applied to training items only: {TransformName: {kwargs}}.
-    albumentations: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # A smoke test's cap (make rehearsal): optimiser steps per training epoch, validation and TTA left whole; None:
-    # every batch. Not for real runs: the one-cycle schedule is cut short with it.
-    max_steps_per_epoch: int | None = None
-
-    def __post_init__(self):
-        if not timm.is_model(self.arch):
-            raise ValueError(f"arch {self.arch!r} is not a timm model; pick a name from timm.list_models()")
-        for name, value in (("resize", self.resize), ("size", self.size)):
-            sides = value if isinstance(value, tuple) else (value,)
-            if any(side < 8 for side in sides):
-                raise ValueError(f"{name} {value!r} is too small; use at least 8 pixels a side")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ValueError(f"max_steps_per_epoch must be null or a positive integer, got {self.max_steps_per_epoch}")
-        if self.accum is not None and self.accum < 1:
-            raise ValueError(f"accum must be null or a positive integer, got {self.accum}")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
-        if isinstance(self.lr, float) and not 0 < self.lr < 10:
-            raise ValueError(f"lr must be a positive number below 10 or 'find', got {self.lr}")
-        if isinstance(self.pretrained, str) and not Path(self.pretrained).is_file():
-            raise ValueError(f"pretrained weights file {self.pretrained!r} not found; fix the path or use true/false")
-        for name, kwargs in self.albumentations.items():
-            check_albumentations_transform(name, kwargs)
-
-    @property
-    def n_out(self) -> int:
-        return N_CLASSES + (len(VARIETIES) if self.targets == "label+variety" else 0)
 
 
 def check_albumentations_transform(name: str, kwargs: Mapping[str, Any]) -> None:
@@ -117,56 +68,19 @@ def check_albumentations_transform(name: str, kwargs: Mapping[str, Any]) -> None
         raise ValueError(f"albumentations.{name}: {reason}") from None
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """The `train` section: settings shared by all members, and the members themselves."""
-
-    bs: int
-    members: dict[str, MemberConfig]
-    member_defaults: dict[str, Any] = field(default_factory=dict)  # already merged into `members` by the loader
-    tta: bool = True
-    # auto: fp16 on CUDA (the seeds' to_fp16), fp32 on CPU; bf16 suits GPUs that have it (Ampere and later).
-    precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    num_workers: int | Literal["auto"] = "auto"  # DataLoader worker processes; auto: see loader_workers
-    # auto: one process per visible GPU (DDP when more than one), one on a CPU; a count > 1 on a CPU runs gloo.
-    devices: int | Literal["auto"] = "auto"
-
-    def __post_init__(self):
-        if self.bs < 1:
-            raise ValueError(f"bs must be a positive integer, got {self.bs}")
-        if self.num_workers != "auto" and self.num_workers < 0:
-            raise ValueError(f"num_workers must be 'auto' or a non-negative integer, got {self.num_workers}")
-        if self.devices != "auto" and self.devices < 1:
-            raise ValueError(f"devices must be auto or a positive count, got {self.devices}")
-        if not self.members:
-            raise ValueError("members is empty; define at least one ensemble member")
-
-    def member(self, name: str) -> MemberConfig:
-        if name not in self.members:
-            raise ParamsError(
-                f"params.yaml: no member {name!r} under train.members; use one of: {', '.join(self.members)}"
-            )
-        return self.members[name]
-
-
 def load_train_config(params: Mapping[str, Any]) -> TrainConfig:
-    """The `train` section, `train.member_defaults` merged into every member (a member's own keys win)."""
-    raw = section_of(params, "train")
-    if not isinstance(raw, Mapping) or not isinstance(raw.get("members"), Mapping):
-        return from_mapping(TrainConfig, raw, "train")  # its error names what is wrong
-    defaults = raw.get("member_defaults", {})
-    known_values(MemberConfig, defaults, "train.member_defaults")  # a bad default is named where it is written
-    members = {
-        name: {**defaults, **member} if isinstance(member, Mapping) else member for name, member in raw["members"].items()
-    }
-    config = from_mapping(TrainConfig, {**raw, "members": members}, "train")
+    """members.load_train_config, and what only timm and albumentations know: every member's arch is a timm model,
+    its albumentations transforms exist and take their arguments. Every probe and train loads all members with it
+    as it starts, so a typo in any member stops the first of them, before anything is trained."""
+    config = members.load_train_config(params)
     for name, member in config.members.items():
-        if member.accum is not None and member.accum > config.bs:
-            where = f"members.{name}" if "accum" in raw["members"][name] else "member_defaults"
-            raise ParamsError(
-                f"{PARAMS_FILE}: key 'train.{where}.accum' is {member.accum}, more than train.bs {config.bs}; "
-                "use an accum <= bs, or null for the probe's choice"
-            )
+        try:
+            if not timm.is_model(member.arch):
+                raise ValueError(f"arch {member.arch!r} is not a timm model; pick a name from timm.list_models()")
+            for transform, kwargs in member.albumentations.items():
+                check_albumentations_transform(transform, kwargs)
+        except ValueError as err:
+            raise ParamsError(f"{PARAMS_FILE}: key 'train.members.{name}': {err}") from None
     return config
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,26 @@ def edited(params, change):
 
 def test_the_committed_params_pass():
     check.check_params(read_params(ROOT / "params.yaml"))
+
+
+def test_the_params_check_imports_no_torch(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    check_and_list = "import sys; from pipeline import check_params; check_params.main(); print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", check_and_list], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "False\n"
+
+
+def test_probe_accums_are_checked_against_the_batch_of_one_of_the_processes(demo):
+    def two_processes(params):
+        params["train"].update(bs=32, devices=2)
+        params["probe"]["accums"] = [1, 2, 32]
+
+    with pytest.raises(ParamsError, match=r"'probe.accums' has 32, more than train.bs 32 // 2 process\(es\) = 16"):
+        check.check_params(edited(demo, two_processes))
 
 
 def test_a_typo_in_collab_is_named(demo):

@@ -62,7 +62,8 @@ def run(repo: Path, *command: str, check: bool = True) -> subprocess.CompletedPr
 
 
 def stages_run(output: str) -> list[str]:
-    return RUNNING_STAGE.findall(output)
+    """The stages DVC ran, but paddy_source: it runs at every `dvc repro` (always_changed), by design."""
+    return [stage for stage in RUNNING_STAGE.findall(output) if stage != "paddy_source"]
 
 
 def set_key(params: dict, dotted: str, value) -> None:
@@ -122,7 +123,7 @@ def demo_run(tmp_path_factory) -> DemoRun:
 
 def test_the_demo_dag_runs_every_stage_of_dvc_yaml(demo_run):
     stages = run(demo_run.repo, "dvc", "stage", "list", "--name-only").stdout.split()
-    assert sorted(demo_run.ran) == sorted(stages)
+    assert sorted(demo_run.ran) == sorted(stage for stage in stages if stage != "paddy_source")
 
 
 def test_a_second_repro_runs_nothing_and_changes_nothing(demo_run):
@@ -270,4 +271,4 @@ def test_after_dvc_pull_submit_gets_as_far_as_refusing_synthetic_data(pulled_clo
     result = run(pulled_clone.laptop, "python", "-m", "pipeline.submit", check=False)
     assert result.returncode != 0
     (line,) = result.stdout.strip().splitlines()  # one line, naming the file and the fix
-    assert line.startswith("submit: refused: data/paddy/SOURCE.json: the data is synthetic")
+    assert line.startswith("submit: data/paddy/SOURCE.json: the data is synthetic")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import requests
 import yaml
+from PIL import Image
 
 from pipeline import paddy_data
 from pipeline.paddy import CLASSES, COMPETITION, SMALLEST_CLASS
@@ -32,7 +34,7 @@ TINY = SyntheticConfig(train_per_class=8, n_test=20, image_size=(48, 64))
 
 
 def _config(source: str, skip_bad_images: bool = False) -> DataConfig:
-    return DataConfig(source=source, competition=COMPETITION, skip_bad_images=skip_bad_images, synthetic=TINY)
+    return DataConfig(source=source, skip_bad_images=skip_bad_images, synthetic=TINY)
 
 
 def _competition_zip(data_dir: Path, archive: Path, top: str = "") -> Path:
@@ -93,10 +95,13 @@ class FakeKaggleApi:
         shutil.copy(FakeKaggleApi.archive, Path(path) / f"{competition}.zip")
 
 
-class FakeHTTPError(Exception):
+class FakeHTTPError(requests.HTTPError):
+    """What the client's kagglesdk raises for an HTTP error status: requests' HTTPError, with the response."""
+
     def __init__(self, status: int):
-        super().__init__(f"{status} Client Error for url https://www.kaggle.com/api?key={SECRET}")
-        self.response = types.SimpleNamespace(status_code=status)
+        response = requests.Response()
+        response.status_code = status
+        super().__init__(f"{status} Client Error for url https://www.kaggle.com/api?key={SECRET}", response=response)
 
 
 @pytest.fixture
@@ -287,7 +292,7 @@ def test_credentials_are_found_where_the_kaggle_client_finds_them():
 
 @pytest.mark.parametrize(
     "status, hint",
-    [(401, "HTTP 401); create a new API token"), (403, f"competitions/{COMPETITION}/rules"), (404, "data.competition")],
+    [(401, "HTTP 401); create a new API token"), (403, f"competitions/{COMPETITION}/rules"), (404, "(HTTP 404)")],
 )
 def test_client_http_errors_become_one_line_without_secrets(tmp_path, fake_kaggle, status, hint):
     fake_kaggle.failure = FakeHTTPError(status)
@@ -296,6 +301,16 @@ def test_client_http_errors_become_one_line_without_secrets(tmp_path, fake_kaggl
     assert hint in str(caught.value)
     assert SECRET not in str(caught.value)
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_a_network_failure_is_one_line_and_a_bug_raises_as_itself(tmp_path, fake_kaggle):
+    fake_kaggle.failure = requests.ConnectionError(f"Max retries exceeded with url: /api?key={SECRET}")
+    with pytest.raises(DataError, match=r"^the Kaggle API failed \(ConnectionError\); check the network") as caught:
+        prepare_data(_config("kaggle"), 0, tmp_path / "paddy", tmp_path / "downloads")
+    assert SECRET not in str(caught.value)
+    fake_kaggle.failure = AttributeError("'NoneType' object has no attribute 'url'")
+    with pytest.raises(AttributeError):
+        prepare_data(_config("kaggle"), 0, tmp_path / "paddy", tmp_path / "downloads")
 
 
 def test_credentials_the_client_cannot_use_are_a_clear_error(tmp_path, fake_kaggle):
@@ -351,6 +366,25 @@ def test_truncated_image_is_an_error_naming_it(tiny_paddy, tmp_path):
     message = _one_line_error(data_dir)
     assert f"train_images/{row.label}/{row.image_id}: not a readable image" in message
     assert "replace it from the competition zip" in message
+
+
+@pytest.mark.parametrize("max_listed, shown", [(3, "(8 bad files, the first 3 listed above)"), (20, "(8 bad files, all listed above)")])
+def test_a_missing_class_folder_lists_what_the_error_says_it_lists(tiny_paddy, tmp_path, monkeypatch, capsys, max_listed, shown):
+    data_dir = _copy(tiny_paddy, tmp_path)
+    shutil.rmtree(data_dir / "train_images" / "blast")
+    monkeypatch.setattr(paddy_data, "MAX_LISTED", max_listed)
+    assert _one_line_error(data_dir).endswith(shown)
+    listed = [line for line in capsys.readouterr().err.splitlines() if "listed in train.csv but missing" in line]
+    assert len(listed) == min(max_listed, 8)
+
+
+def test_an_image_over_pils_pixel_limit_is_a_bad_file_naming_it(tiny_paddy, tmp_path):
+    data_dir = _copy(tiny_paddy, tmp_path)
+    row = _first_row(data_dir)
+    Image.new("L", (12000, 12000)).save(data_dir / "train_images" / row.label / row.image_id, format="PNG")
+    message = _one_line_error(data_dir)
+    assert f"train_images/{row.label}/{row.image_id}: 12000x12000 pixels, more than PIL's limit of" in message
+    assert "skip_bad_images" in message
 
 
 def test_empty_class_is_an_error(tiny_paddy, tmp_path):
@@ -483,7 +517,6 @@ def test_main_writes_data_and_metrics_with_the_profile(tmp_path, monkeypatch):
         "seed": 3,
         "data": {
             "source": "synthetic",
-            "competition": COMPETITION,
             "skip_bad_images": False,
             "synthetic": {"train_per_class": 4, "n_test": 5, "image_size": [32, 40]},
         },

@@ -6,6 +6,7 @@ from typing import Literal
 import pytest
 
 from pipeline.params import FieldError, ParamsError, from_mapping, known_values, load_section, profile_of, read_params
+from pipeline import vision
 from pipeline.vision import MemberConfig, load_train_config
 
 
@@ -125,8 +126,10 @@ def test_missing_section_named_with_where_to_find_it():
 
 
 def test_member_rejects_unknown_timm_arch():
+    """Checked by the loader every probe and train start with (the params stage imports no timm, so no torch)."""
+    params = {"train": {"bs": 8, "members": {"ok": {"arch": "resnet10t"}, "m": {"arch": "resnet_9000"}}}}
     with pytest.raises(ParamsError, match=r"'train.members.m': arch 'resnet_9000' is not a timm model"):
-        from_mapping(MemberConfig, {"arch": "resnet_9000"}, "train.members.m")
+        vision.load_train_config(params)
 
 
 def test_member_rejects_missing_local_weights_file(tmp_path):

@@ -143,12 +143,12 @@ def test_nothing_fits_but_an_explicit_accum_is_used_anyway():
 def test_accums_larger_than_the_batch_size_are_a_params_error():
     params = {"probe": {"accums": [1, 64], "budget_gib": 16, "epochs": 1}}
     with pytest.raises(ParamsError, match="probe.accums"):
-        probe.load_probe_config(params, bs=32)
+        probe.load_probe_config(params, bs=32, processes=1)
 
 
 def test_empty_accums_are_a_params_error():
     with pytest.raises(ParamsError, match="accums"):
-        probe.load_probe_config({"probe": {"accums": [], "budget_gib": 16}}, bs=32)
+        probe.load_probe_config({"probe": {"accums": [], "budget_gib": 16}}, bs=32, processes=1)
 
 
 # -- the decision train reads -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import importlib.machinery
 import inspect
 import json
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -131,6 +132,33 @@ def test_stale_outputs_are_refused(project):
         submit_in(project, Uploads(), status=stale)
 
 
+def test_only_the_ensemble_and_its_upstream_must_be_up_to_date(tmp_path, monkeypatch):
+    """A never-built MovieLens branch does not block the upload; a stale member (upstream of ensemble) does."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "member.txt").write_text("weights\n")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n"
+        "  train: {cmd: cp member.txt preds.txt, deps: [member.txt], outs: [preds.txt]}\n"
+        "  ensemble: {cmd: cp preds.txt submission.txt, deps: [preds.txt], outs: [submission.txt]}\n"
+        "  collab: {cmd: cp ratings.txt collab.txt, deps: [ratings.txt], outs: [collab.txt]}\n"
+    )
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
+    subprocess.run(["dvc", "repro", "-q", "ensemble"], cwd=repo, check=True)
+    monkeypatch.chdir(repo)  # as `make submit` runs, from the project root
+    assert submit_module.dvc_status() == {}
+    (repo / "member.txt").write_text("retrained\n")
+    assert list(submit_module.dvc_status()) == ["train"]
+
+
+def test_a_stage_that_always_runs_is_not_stale(project):
+    """paddy_source (always_changed) is in every `dvc status`; it alone does not block an upload."""
+    uploads = Uploads()
+    submit_in(project, uploads, status={"paddy_source": ["always changed"]})
+    assert len(uploads.calls) == 1
+
+
 def test_the_same_file_twice_is_refused(project):
     uploads = Uploads()
     submit_in(project, uploads)
@@ -161,7 +189,7 @@ def test_main_turns_a_refusal_into_one_line_and_a_nonzero_exit(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         submit_module.main([])
-    assert str(exit_info.value).startswith("submit: refused: data/paddy/SOURCE.json: the data is synthetic")
+    assert str(exit_info.value).startswith("submit: data/paddy/SOURCE.json: the data is synthetic")
     assert "\n" not in str(exit_info.value)
 
 
@@ -230,6 +258,22 @@ def test_upload_calls_the_official_client_with_file_message_and_competition(fake
     assert bound["file_name"] == str(submission_file)
     assert bound["message"] == "paddy-pipeline abc1234"
     assert bound["competition"] == COMPETITION == "paddy-disease-classification"
+
+
+@pytest.mark.parametrize(
+    "failure, refused",
+    [(requests.ConnectionError("Connection refused"), True), (OSError(28, "No space left on device"), True),
+     (TypeError("competition_submit() got an unexpected keyword argument"), False)],
+)
+def test_client_failures_are_one_line_and_a_bug_raises_as_itself(fake_kaggle, tmp_path, monkeypatch, failure, refused):
+    def fails(self, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(fake_kaggle, "competition_submit", fails)
+    with pytest.raises(SubmitRefused if refused else type(failure), match="" if refused else "unexpected") as caught:
+        kaggle_upload(tmp_path / "submission.csv", "message")
+    if refused:
+        assert str(caught.value).startswith("kaggle: the ") and "\n" not in str(caught.value)
 
 
 def test_missing_credentials_are_one_line_without_secrets(fake_kaggle, tmp_path, capsys):
@@ -322,7 +366,7 @@ def test_an_unreadable_submission_is_one_line_naming_it_and_the_fix(project, mon
     with pytest.raises(SystemExit) as stopped:
         submit_module.main([])
     message = str(stopped.value)
-    assert message.startswith("submit: refused: submissions/submission.csv: ")
+    assert message.startswith("submit: submissions/submission.csv: ")
     assert message.endswith("run `dvc repro ensemble` to write it again") and "\n" not in message
 
 

@@ -1,0 +1,38 @@
+"""The `collab` section: what the collab stage reads, apart from its fastai code, so that the params stage checks
+it without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pipeline.params import load_section
+
+
+@dataclass(frozen=True)
+class CollabConfig:
+    n_factors: int = 50
+    y_range: tuple[float, float] = (0.0, 5.5)
+    epochs: int = 5
+    lr: float = 5e-3
+    wd: float = 0.1
+    bs: int = 64
+    valid_pct: float = 0.2
+    seed: int = 42
+    threads: int | None = None  # torch CPU threads; null leaves torch's default
+    report_min_ratings: int = 20  # movies rated less often are left out of the reports (their factors are noise)
+
+    def __post_init__(self):
+        low, high = self.y_range
+        if not low < high:
+            raise ValueError(f"y_range is {list(self.y_range)}; use [low, high] with low < high, e.g. [0.0, 5.5]")
+        if not 0 < self.valid_pct < 1:
+            raise ValueError(f"valid_pct is {self.valid_pct}; use a fraction between 0 and 1, e.g. 0.2")
+        for name in ("n_factors", "epochs", "bs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} is {getattr(self, name)}; use a positive integer")
+
+
+def load_collab_config(params: Mapping[str, Any]) -> CollabConfig:
+    """Everything this stage reads from params.yaml: the `collab` section."""
+    return load_section(CollabConfig, params, "collab")
