@@ -18,7 +18,7 @@ from pipeline.paddy import COMPETITION
 from pipeline.paddy_data import DataConfig, DataError, SyntheticConfig, prepare_data
 
 TINY = SyntheticConfig(train_per_class=4, n_test=4, image_size=(32, 48))
-KAGGLE_CONFIG = DataConfig(source="kaggle", competition=COMPETITION, skip_bad_images=False, synthetic=TINY)
+KAGGLE_CONFIG = DataConfig(source="kaggle", skip_bad_images=False, synthetic=TINY)
 
 
 def read_only(folder: Path) -> None:
