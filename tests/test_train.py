@@ -259,10 +259,10 @@ def test_full_training_writes_header_only_validation_predictions(tiny_paddy, tmp
 def test_accum_comes_from_the_probe_unless_params_set_it(tmp_path):
     probe = tmp_path / "probe.json"
     probe.write_text('{"member": "tiny", "chosen_accum": 4, "accum": 4, "accum_source": "probe"}')
-    assert train.member_accum(MemberConfig(**TINY_MEMBER), probe) == (4, "probe")
-    assert train.member_accum(MemberConfig(**TINY_MEMBER, accum=2), probe) == (2, "params")
+    assert train.member_accum(MemberConfig(**TINY_MEMBER), probe, 16) == (4, "probe")
+    assert train.member_accum(MemberConfig(**TINY_MEMBER, accum=2), probe, 16) == (2, "params")
     with pytest.raises(train.TrainError, match="missing.json: not found; run `dvc repro probe`"):
-        train.member_accum(MemberConfig(**TINY_MEMBER), tmp_path / "missing.json")
+        train.member_accum(MemberConfig(**TINY_MEMBER), tmp_path / "missing.json", 16)
 
 
 def test_fine_tune_is_one_frozen_epoch_then_the_unfrozen_epochs_at_half_the_lr():
