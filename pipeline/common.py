@@ -91,6 +91,13 @@ def remove_stale_scratch(target: Path | str) -> list[Path]:
 class NoSpaceError(Exception):
     """A write that filled its disk (ENOSPC): one line naming the path, the space, and how to get old outputs back."""
 
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # the one line, also after fastai's callbacks prefixed args[0] with where they were
+        return self.message
+
 
 @contextmanager
 def no_space_error(path: Path | str) -> Iterator[None]:

@@ -153,7 +153,7 @@ def run_fingerprint(cfg: StageConfig, table: pd.DataFrame) -> dict[str, Any]:
     return dict(
         config=digest(json.dumps(config, sort_keys=True, default=str).encode()),
         images=images.hexdigest()[:16],
-        precision=vision.precision_for(cfg.precision, torch.cuda.is_available()),
+        precision=f"{cfg.precision} ({vision.precision_for(cfg.precision, torch.cuda.is_available())})",
         code={str(path): digest((PROJECT_ROOT / path).read_bytes()) for path in train_code_files()},
         libraries={name: importlib.import_module(name).__version__ for name in LIBRARIES},
     )
