@@ -111,14 +111,13 @@ def no_space_error(path: Path | str) -> Iterator[None]:
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
-        where = Path(path)
-        free = shutil.disk_usage(next(p for p in [where, *where.parents, Path(".")] if p.exists())).free
+        free = shutil.disk_usage(next(p for p in [*Path(path).parents, Path(".")] if p.exists())).free
         stage = os.environ.get("DVC_STAGE")
         restore = f"`dvc checkout {stage}` brings back the outputs DVC removed before the run" if stage else (
             "the previous outputs are unchanged"
         )
         raise NoSpaceError(
-            f"{where}: no space left on device ({free / 2**20:.1f} MiB free there); free some space and run again; "
+            f"{path}: no space left on device ({free / 2**20:.1f} MiB free there); free some space and run again; "
             + restore
         ) from None
 

@@ -150,37 +150,22 @@ def run_fingerprint(cfg: StageConfig, table: pd.DataFrame) -> dict[str, Any]:
     images = hashlib.sha256()
     for path in table["path"]:
         images.update(Path(path).read_bytes())
+    deps = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]["deps"]
     return dict(
-        config=digest(json.dumps(config, sort_keys=True, default=str).encode()),
+        config=hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
         images=images.hexdigest()[:16],
         precision=f"{cfg.precision} ({vision.precision_for(cfg.precision, torch.cuda.is_available())})",
-        code={str(path): digest((PROJECT_ROOT / path).read_bytes()) for path in train_code_files()},
-        libraries={name: importlib.import_module(name).__version__ for name in LIBRARIES},
+        **{f"code {dep}": hashlib.sha256((PROJECT_ROOT / dep).read_bytes()).hexdigest()[:16] for dep in sorted(deps)
+           if dep.endswith(".py")},
+        **{f"library {name}": importlib.import_module(name).__version__ for name in LIBRARIES},
     )
-
-
-def digest(content: bytes) -> str:
-    return hashlib.sha256(content).hexdigest()[:16]
-
-
-def train_code_files() -> list[Path]:
-    """The project modules dvc.yaml lists as the train stage's deps (the code whose change reruns it)."""
-    deps = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]["deps"]
-    return sorted(Path(dep) for dep in deps if dep.endswith(".py"))
 
 
 def fingerprint_changes(saved: Any, current: dict[str, Any]) -> list[str]:
     """The parts of `current` that `saved` (a checkpoint's fingerprint) does not match, named for a log line."""
     if not isinstance(saved, dict):
         return ["the checkpoint format"]
-    changed = []
-    for part, value in current.items():
-        if isinstance(value, dict) and isinstance(saved.get(part), dict):
-            changed += [f"{part} {name}" for name in value if saved[part].get(name) != value[name]]
-            changed += [f"{part} {name}" for name in saved[part] if name not in value]
-        elif saved.get(part) != value:
-            changed.append(part)
-    return changed
+    return sorted(part for part in saved.keys() | current.keys() if saved.get(part) != current.get(part))
 
 
 # -- the schedule: fine_tune's two phases made explicit, so that fit_one_cycle's start_epoch can resume either --------

@@ -394,9 +394,9 @@ def test_the_fingerprint_names_changed_images_precision_code_and_libraries(tiny_
     assert train.fingerprint_changes(saved, fingerprint(cfg, tiny_paddy)) == ["code pipeline/vision.py"]
     monkeypatch.undo()
 
-    older_torch = copy.deepcopy(saved)
-    older_torch["libraries"]["torch"] = "2.10.0"
-    assert train.fingerprint_changes(older_torch, saved) == ["libraries torch"]
+    older_torch = dict(saved)
+    older_torch["library torch"] = "2.10.0"
+    assert train.fingerprint_changes(older_torch, saved) == ["library torch"]
     assert train.fingerprint_changes("3f2a9c0d1e", saved) == ["the checkpoint format"]  # a string: before this one
 
 
