@@ -210,10 +210,18 @@ DAMAGED_FILE_ERRORS = (
 
 
 def save_torch(payload: Any, path: Path) -> None:
-    """torch.save through a Python file: to a path, torch reports a full disk as an opaque RuntimeError, through a
-    file as OSError ENOSPC (which common.no_space_error names)."""
+    """torch.save, with a full disk raised as its OSError ENOSPC (which common.no_space_error names).
+
+    torch's zip writer reports a failed write as an opaque RuntimeError ("unexpected pos"): through a Python file
+    the write's own OSError is raised first, and is the context of the RuntimeError of closing the archive.
+    """
     with open(path, "wb") as stream:
-        torch.save(payload, stream)
+        try:
+            torch.save(payload, stream)
+        except RuntimeError as err:
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
 
 
 class Checkpoints:
