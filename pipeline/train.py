@@ -2,8 +2,9 @@
 
 `python -m pipeline.train <member>` trains the member named under `train.members` of params.yaml on the shared
 validation split (or on everything when `validation.full` is true), then writes its weights, its TTA probabilities
-on the test and validation images, its metrics and its DVCLive plots. A killed run resumes from its last completed
-epoch; a CUDA out-of-memory error doubles the gradient accumulation and carries on.
+on the test and validation images, its metrics and its DVCLive plots, all together or none. A killed run resumes
+from its last completed epoch unless something that changes training changed (run_fingerprint), a damaged checkpoint
+restarts the member, a CUDA out-of-memory error doubles the gradient accumulation and carries on (docs/recovery.md).
 """
 
 from __future__ import annotations
