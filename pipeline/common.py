@@ -8,6 +8,7 @@ submit) start in a moment and print nothing but their own lines; what training s
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
 import json
@@ -27,6 +28,7 @@ import psutil
 
 # atomic_path's scratch folders: `.<target name>.<owner pid>.<random>.partial`, next to the target.
 SCRATCH_SUFFIX = ".partial"
+OLD_SUFFIX = ".old"  # inside a scratch folder: the previous directory, moved aside for the swap
 
 
 def log(stage: str, message: str) -> None:
@@ -44,30 +46,27 @@ def banner(stage: str, message: str) -> None:
 def atomic_path(target: Path | str) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces `target` in one rename, on error it is removed.
 
-    Works for files and directories: a killed writer leaves the previous `target` untouched, and its scratch folder
-    is removed by the next atomic_path on the same target (remove_stale_scratch).
+    Works for files and directories: a killed writer leaves the previous `target` in place (or, killed between the
+    two renames of a directory swap, in its scratch folder, from where the next atomic_path on the same target puts
+    it back: remove_stale_scratch). A full disk is a NoSpaceError naming `target`.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_scratch(target)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=SCRATCH_SUFFIX, dir=target.parent)
-    )
-    staging = tmp / target.name
-    try:
-        yield staging
-        if not staging.exists():
-            raise FileNotFoundError(f"{staging}: the writer produced nothing")
-        if target.is_dir() and not target.is_symlink():
-            # os.replace cannot replace a non-empty directory: move the old one aside first, so that at every
-            # instant either the old or the new complete directory is at `target`.
-            old = tmp / (target.name + ".old")
-            os.replace(target, old)
+    with no_space_error(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_scratch(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=SCRATCH_SUFFIX, dir=target.parent))
+        staging = tmp / target.name
+        try:
+            yield staging
+            if not staging.exists():
+                raise FileNotFoundError(f"{staging}: the writer produced nothing")
+            if target.is_dir() and not target.is_symlink():
+                # os.replace cannot replace a non-empty directory: move the old one aside into the scratch folder,
+                # where remove_stale_scratch finds it again if this process dies before the second rename.
+                os.replace(target, tmp / (target.name + OLD_SUFFIX))
             os.replace(staging, target)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_stale_scratch(target: Path | str) -> list[Path]:
@@ -75,7 +74,8 @@ def remove_stale_scratch(target: Path | str) -> list[Path]:
 
     A kill -9 skips atomic_path's clean-up and can leave a large folder (a half-extracted dataset) behind. The
     owner's pid is in the folder's name; a folder whose owner still runs is another writer's work in progress and
-    is left alone.
+    is left alone. An owner killed between the two renames of a directory swap left the only copy of `target` in
+    its scratch folder: it is put back first.
     """
     target = Path(target)
     owned = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[a-z0-9_]+{re.escape(SCRATCH_SUFFIX)}")
@@ -83,15 +83,57 @@ def remove_stale_scratch(target: Path | str) -> list[Path]:
     for sibling in target.parent.iterdir():
         owner = owned.fullmatch(sibling.name)
         if owner and sibling.is_dir() and not psutil.pid_exists(int(owner.group(1))):
+            moved_aside = sibling / (target.name + OLD_SUFFIX)
+            if moved_aside.is_dir() and not target.exists():
+                os.replace(moved_aside, target)
             shutil.rmtree(sibling, ignore_errors=True)
             stale.append(sibling)
     return stale
 
 
+class NoSpaceError(Exception):
+    """A write that filled its disk (ENOSPC): one line naming the path, the space, and how to get old outputs back."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # the one line, also after fastai's callbacks prefixed args[0] with where they were
+        return self.message
+
+
+@contextmanager
+def no_space_error(path: Path | str) -> Iterator[None]:
+    """Turn ENOSPC inside the block into a NoSpaceError naming `path` (what the block writes) and its free space.
+
+    Under `dvc repro` (DVC_STAGE is set) the stage's cached outputs were removed before it ran: say how to get them
+    back. torch.save to a path reports a full disk as an opaque RuntimeError: callers save through a Python file.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(next(p for p in [*Path(path).parents, Path(".")] if p.exists())).free
+        stage = os.environ.get("DVC_STAGE")
+        restore = f"`dvc checkout {stage}` brings back the outputs DVC removed before the run" if stage else (
+            "the previous outputs are unchanged"
+        )
+        raise NoSpaceError(
+            f"{path}: no space left on device ({free / 2**20:.1f} MiB free there); free some space and run again; "
+            + restore
+        ) from None
+
+
+def json_text(payload: Any) -> str:
+    """`payload` as the indented JSON that metrics files hold (tracked by git and diffed by DVC)."""
+    return json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n"
+
+
 def write_json(path: Path | str, payload: Any) -> None:
-    """Write `payload` as indented JSON, atomically (metrics files are tracked by git and diffed by DVC)."""
+    """Write `payload` as json_text, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+        tmp.write_text(json_text(payload))
 
 
 def file_sha256(path: Path | str) -> str:
@@ -142,7 +184,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 def stage_main(stage: str, *errors: type[Exception]) -> Callable:
-    """Decorate a stage's main(): each of its `errors` (one line naming the file and the fix) and an interrupt (Ctrl-C,
+    """Decorate a stage's main(): each of its `errors` and a full disk (NoSpaceError, from every atomic_path), each one
+    line naming the file and the fix, and an interrupt (Ctrl-C,
     SIGTERM) end it with one line, the interrupt after the `finally` blocks have run (atomic_path's clean-up); a bug
     raises as itself. On Linux the stage also gets SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG): a killed
     `dvc repro` would otherwise leave it running as an orphan, beside the copy that the next `dvc repro` starts."""
@@ -155,7 +198,7 @@ def stage_main(stage: str, *errors: type[Exception]) -> Callable:
             prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
             try:
                 return main(*args, **kwargs)
-            except errors as err:
+            except (NoSpaceError, *errors) as err:
                 raise SystemExit(f"{stage}: {err}") from None
             except KeyboardInterrupt as err:
                 name = err.args[0] if isinstance(err, Interrupted) else "SIGINT"

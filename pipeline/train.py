@@ -2,17 +2,21 @@
 
 `python -m pipeline.train <member>` trains the member named under `train.members` of params.yaml on the shared
 validation split (or on everything when `validation.full` is true), then writes its weights, its TTA probabilities
-on the test and validation images, its metrics and its DVCLive plots. A killed run resumes from its last completed
-epoch; a CUDA out-of-memory error doubles the gradient accumulation and carries on.
+on the test and validation images, its metrics and its DVCLive plots, all together or none. A killed run resumes
+from its last completed epoch unless something that changes training changed (run_fingerprint), a damaged checkpoint
+restarts the member, a CUDA out-of-memory error doubles the gradient accumulation and carries on (docs/recovery.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import hashlib
+import importlib
 import json
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,17 +26,19 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from dvclive import Live
 from dvclive.fastai import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 from fastai.callback.core import Callback, CancelTrainException
 from fastai.callback.fp16 import AMPMode, MixedPrecision
-from fastai.learner import load_model, save_model
-from fastai.torch_core import get_random_states, set_random_states
+from fastai.torch_core import get_model, get_random_states, set_random_states
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline.common import atomic_path, banner, log, read_json, stage_main, write_json
+from pipeline.common import (
+    atomic_path, banner, json_text, log, no_space_error, read_json, stage_main, write_json,
+)
 from pipeline.torch_setup import compute_device, seed_everything
 from pipeline.paddy import (
     CLASSES, DATA_DIR, VARIETIES, WRITTEN_BY, ValidationConfig, member_data_dir, read_train_table, test_image_dir,
@@ -43,6 +49,9 @@ from pipeline import distributed, vision
 from pipeline.vision import MemberConfig
 
 STAGE = "train"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where dvc.yaml and the code it lists are
+# What computes the training: a checkpoint made with another version of one of them is not resumed.
+LIBRARIES = ("torch", "torchvision", "timm", "fastai", "fastcore", "numpy", "PIL", "albumentations", "cv2")
 MODELS_DIR = Path("models")
 CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"  # not a DVC output: DVC would delete it before the rerun that needs it
 PREDS_DIR = Path("preds")
@@ -92,20 +101,29 @@ class TrainError(Exception):
     """A run that cannot start or go on: the message is one line naming the file and the fix."""
 
 
-def member_accum(member: MemberConfig, probe_json: Path) -> tuple[int, str]:
-    """The gradient accumulation to train with and its source: params' explicit accum, else the probe's choice."""
+def member_accum(member: MemberConfig, probe_json: Path, process_bs: int) -> tuple[int, str]:
+    """The gradient accumulation to train with and its source: params' explicit accum, else the probe's choice,
+    which must divide a process's batch `process_bs` into steps of at least one image."""
     if member.accum is not None:
         return vision.accum_to_use(member, {})
+    rerun = "run `dvc repro probe` again"
     if not probe_json.is_file():
         raise TrainError(f"{probe_json}: not found; run `dvc repro probe` or set the member's accum in params")
     try:
         decision = read_json(probe_json)
-    except json.JSONDecodeError:
-        raise TrainError(f"{probe_json}: not valid JSON; run `dvc repro probe` again") from None
+    except ValueError:  # JSONDecodeError, or UnicodeDecodeError for binary bytes
+        raise TrainError(f"{probe_json}: not valid JSON; {rerun}") from None
+    if not isinstance(decision, dict):
+        raise TrainError(f"{probe_json}: not a JSON object (member, accum, accum_source); {rerun}")
     try:
-        return vision.accum_to_use(member, decision)
+        accum, source = vision.accum_to_use(member, decision)
     except ValueError as err:  # the probe chose no accum: vision's message says what to do
         raise TrainError(f"{probe_json}: {err}") from None
+    except TypeError:
+        raise TrainError(f"{probe_json}: accum {decision['accum']!r} is not an integer; {rerun}") from None
+    if not 1 <= accum <= process_bs:
+        raise TrainError(f"{probe_json}: accum {accum} is not between 1 and the batch size {process_bs}; {rerun}")
+    return accum, source
 
 
 def split_table(data_dir: Path, validation: ValidationConfig) -> pd.DataFrame:
@@ -118,17 +136,40 @@ def split_table(data_dir: Path, validation: ValidationConfig) -> pd.DataFrame:
     return table
 
 
-def run_fingerprint(cfg: StageConfig, table: pd.DataFrame) -> str:
-    """What a checkpoint must match to be resumed: config, data and split (not accum: the effective batch is bs)."""
-    member = dataclasses.asdict(cfg.member) | {"accum": None}
-    payload = dict(
-        member=member,
+def run_fingerprint(cfg: StageConfig, table: pd.DataFrame) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: everything that changes what training computes, part by part so
+    that a mismatch can say which changed. Not accum: the effective batch is bs, and the OOM fallback resumes with
+    a doubled accum.
+
+    The images are hashed here rather than taken from SOURCE.json: a direct run may train on images that paddy_data
+    never recorded. The code is the train stage's own deps in dvc.yaml, the list DVC reruns the stage for.
+    """
+    config = dict(
+        member=dataclasses.asdict(cfg.member) | {"accum": None},
         bs=cfg.bs,
         seed=cfg.seed,
         validation=dataclasses.asdict(cfg.validation),
         rows=table[["image_id", "label", "variety", "is_valid"]].to_csv(index=False),
     )
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    images = hashlib.sha256()
+    for path in table["path"]:
+        images.update(Path(path).read_bytes())
+    deps = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]["deps"]
+    return dict(
+        config=hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
+        images=images.hexdigest()[:16],
+        precision=f"{cfg.precision} ({vision.precision_for(cfg.precision, torch.cuda.is_available())})",
+        **{f"code {dep}": hashlib.sha256((PROJECT_ROOT / dep).read_bytes()).hexdigest()[:16] for dep in sorted(deps)
+           if dep.endswith(".py")},
+        **{f"library {name}": importlib.import_module(name).__version__ for name in LIBRARIES},
+    )
+
+
+def fingerprint_changes(saved: Any, current: dict[str, Any]) -> list[str]:
+    """The parts of `current` that `saved` (a checkpoint's fingerprint) does not match, named for a log line."""
+    if not isinstance(saved, dict):
+        return ["the checkpoint format"]
+    return sorted(part for part in saved.keys() | current.keys() if saved.get(part) != current.get(part))
 
 
 # -- the schedule: fine_tune's two phases made explicit, so that fit_one_cycle's start_epoch can resume either --------
@@ -166,14 +207,37 @@ def resume_point(phases: list[Phase], completed_epochs: int) -> tuple[int, int]:
 # -- checkpoints: model, optimiser and every random state after each completed epoch ---------------------------------
 
 
+# What json, int() and torch.load raise on a missing, truncated, garbled or foreign file (torch: zip, unpickling).
+DAMAGED_FILE_ERRORS = (
+    FileNotFoundError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, EOFError, pickle.UnpicklingError
+)
+
+
+def save_torch(payload: Any, path: Path) -> None:
+    """torch.save, with a full disk raised as its OSError ENOSPC (which common.no_space_error names).
+
+    torch's zip writer reports a failed write as an opaque RuntimeError ("unexpected pos"): through a Python file
+    the write's own OSError is raised first, and is the context of the RuntimeError of closing the archive.
+    """
+    with open(path, "wb") as stream:
+        try:
+            torch.save(payload, stream)
+        except RuntimeError as err:
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
+
+
 class Checkpoints:
-    """A member's resumable progress: `state.json` names the last completed epoch, saved beside it.
+    """A member's resumable progress: `state.json` names the last completed epoch, whose `epoch_<n>.pth` beside it
+    holds all of it (model, optimiser, every rank's random states): one file, written whole before state.json
+    points at it.
 
     DVCLive writes into `live_dir` inside it, so that a resumed run carries on the killed run's history and the
     published plots (dvclive/train/<member>) are only replaced by a finished run's.
     """
 
-    def __init__(self, directory: Path, fingerprint: str):
+    def __init__(self, directory: Path, fingerprint: dict[str, Any]):
         self.directory, self.fingerprint = Path(directory), fingerprint
 
     @property
@@ -181,12 +245,31 @@ class Checkpoints:
         return self.directory / "dvclive"
 
     def state(self) -> dict | None:
-        """The saved progress, if it belongs to this run's fingerprint."""
+        """The saved progress if it is this run's and readable; else None, after a line saying why it is not used."""
         state_file = self.directory / "state.json"
         if not state_file.is_file():
             return None
-        state = read_json(state_file)
-        return state if state.get("fingerprint") == self.fingerprint else None
+        try:
+            state = read_json(state_file)
+            changed = fingerprint_changes(state["fingerprint"], self.fingerprint)
+            completed = int(state["completed_epochs"])
+        except DAMAGED_FILE_ERRORS as err:
+            return self.unreadable(state_file, err)
+        if changed:
+            log(STAGE, f"{self.directory}: a checkpoint of another run ({', '.join(changed)} changed); starting fresh")
+            return None
+        if completed:
+            try:
+                self.load(completed, "cpu")  # now, so that a damaged file is found before any training
+            except DAMAGED_FILE_ERRORS as err:
+                return self.unreadable(self.epoch_file(completed), err)
+        return state
+
+    def unreadable(self, damaged: Path, err: Exception) -> None:
+        log(STAGE, f"{damaged}: unreadable checkpoint ({type(err).__name__}: {str(err)[:80]}); training from the start")
+
+    def epoch_file(self, completed_epochs: int) -> Path:
+        return self.directory / f"epoch_{completed_epochs}.pth"
 
     def start(self, lr: float | None = None, lr_suggestion: float | None = None) -> dict:
         """A fresh run's progress (anything of another run is removed); lr None: not chosen yet (record_lr)."""
@@ -209,23 +292,28 @@ class Checkpoints:
         rank_states = distributed.gather_to_rank0(dict(get_random_states(), loader=loader.rng.getstate()))
         if rank_states is None:
             return
-        weights = self.directory / f"epoch_{completed_epochs}.pth"
-        with atomic_path(weights) as tmp:
-            save_model(tmp, learn.model, learn.opt, with_opt=True)
-        with atomic_path(self.directory / "random.pth") as tmp:
-            torch.save(dict(ranks=rank_states), tmp)
+        checkpoint = dict(model=get_model(learn.model).state_dict(), opt=learn.opt.state_dict(), ranks=rank_states)
+        with atomic_path(self.epoch_file(completed_epochs)) as tmp:
+            save_torch(checkpoint, tmp)
         state = read_json(self.directory / "state.json") | dict(completed_epochs=completed_epochs)
-        write_json(self.directory / "state.json", state)
+        write_json(self.directory / "state.json", state)  # the one rename that moves the checkpoint on
         for older in self.directory.glob("epoch_*.pth"):
-            if older != weights:
+            if older != self.epoch_file(completed_epochs):
                 older.unlink()
+
+    def load(self, completed_epochs: int, device) -> dict:
+        checkpoint = torch.load(self.epoch_file(completed_epochs), map_location=device, weights_only=False)
+        if not isinstance(checkpoint, dict) or {"model", "opt", "ranks"} - set(checkpoint):
+            raise KeyError("not a checkpoint of model, optimiser and random states")
+        return checkpoint
 
     def restore(self, learn, completed_epochs: int) -> None:
         if learn.opt is None:
             learn.create_opt()
-        load_model(self.directory / f"epoch_{completed_epochs}.pth", learn.model, learn.opt, device=learn.dls.device)
-        saved = torch.load(self.directory / "random.pth", weights_only=False)
-        ranks = saved.get("ranks", [saved])  # a checkpoint from before DDP holds one process's states
+        checkpoint = self.load(completed_epochs, learn.dls.device)
+        get_model(learn.model).load_state_dict(checkpoint["model"])
+        learn.opt.load_state_dict(checkpoint["opt"])
+        ranks = checkpoint["ranks"]
         if distributed.rank() < len(ranks):  # a rank the saved run did not have keeps its fresh seed
             states = ranks[distributed.rank()]
             learn.dls.train.rng.setstate(states.pop("loader"))
@@ -314,15 +402,6 @@ def rewind_live(live: Live, completed_epochs: int) -> None:
         if len(kept) < len(rows):
             with atomic_path(history) as tmp:
                 tmp.write_text(header + "".join(kept))
-
-
-def publish_live(live_dir: Path, published: Path) -> None:
-    """Replace the published DVCLive folder by the finished run's in one rename (a kill leaves the old one whole).
-
-    A copy, not a move: until the checkpoint is removed, a killed run's rerun resumes from it and needs its history.
-    """
-    with atomic_path(published) as tmp:
-        shutil.copytree(live_dir, tmp)
 
 
 # -- training ------------------------------------------------------------------------------------------------------
@@ -513,11 +592,29 @@ def prediction_frames(
     return test, valid
 
 
+def write_outputs(root: Path, cfg: StageConfig, learn, predictions: tuple, metrics: dict, live_dir: Path) -> None:
+    """The member's weights, predictions, metrics and plots, all replaced or none (a full disk, a failed write).
+
+    Each is written to a scratch sibling of its target (on its volume, so a full one fails here), and only once all
+    are complete do their renames swap them in, together. Each write names its own target when its disk is full.
+    """
+    writers = {
+        MODELS_DIR / f"{cfg.name}.pth": lambda path: write_weights(path, learn, cfg.member),
+        PREDS_DIR / cfg.name: lambda path: write_predictions(path, *predictions),
+        METRICS_DIR / f"{cfg.name}.json": lambda path: path.write_text(json_text(metrics)),
+        # A copy, not a move: until the checkpoint is removed, a killed run's rerun resumes from it and needs it.
+        LIVE_DIR / cfg.name: lambda path: shutil.copytree(live_dir, path),
+    }
+    with contextlib.ExitStack() as outputs:
+        for target, write in writers.items():
+            with no_space_error(root / target):
+                write(outputs.enter_context(atomic_path(root / target)))
+
+
 def write_predictions(preds_dir: Path, test: pd.DataFrame, valid: pd.DataFrame) -> None:
-    with atomic_path(preds_dir) as tmp:
-        tmp.mkdir()
-        test.to_csv(tmp / "test.csv", index=False)
-        valid.to_csv(tmp / "valid.csv", index=False)
+    preds_dir.mkdir()
+    test.to_csv(preds_dir / "test.csv", index=False)
+    valid.to_csv(preds_dir / "valid.csv", index=False)
 
 
 def write_weights(path: Path, learn, member: MemberConfig) -> None:
@@ -529,8 +626,7 @@ def write_weights(path: Path, learn, member: MemberConfig) -> None:
         classes=list(CLASSES),
         state_dict={k: v.detach().cpu() for k, v in learn.model.state_dict().items()},
     )
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
 
 
 def validation_summary(valid: pd.DataFrame) -> dict:
@@ -624,7 +720,9 @@ def run_stage(
     in place, and its rerun resumes from the checkpoint (after the last epoch too: it then only predicts again).
     """
     root = Path(root)
-    accum, accum_source = member_accum(cfg.member, root / vision.probe_decision_path(cfg.name))
+    accum, accum_source = member_accum(
+        cfg.member, root / vision.probe_decision_path(cfg.name), distributed.process_batch(cfg.bs)
+    )
     accum *= 2**oom_retries
     table = split_table(data_dir, cfg.validation)
     checkpoints = Checkpoints(root / CHECKPOINTS_DIR / cfg.name, run_fingerprint(cfg, table))
@@ -678,16 +776,13 @@ def run_stage(
         **result.peak_memory,
         most_confused=summary["most_confused"],
     )
-    write_weights(root / MODELS_DIR / f"{cfg.name}.pth", learn, cfg.member)
-    write_predictions(root / PREDS_DIR / cfg.name, test, valid)
-    write_json(root / METRICS_DIR / f"{cfg.name}.json", metrics)
-    publish_live(checkpoints.live_dir, root / LIVE_DIR / cfg.name)
+    write_outputs(root, cfg, learn, frames, metrics, checkpoints.live_dir)
     checkpoints.remove()
     return metrics
 
 
 # FileNotFoundError: an input gone (its path named)
-@stage_main(STAGE, ParamsError, TrainError, FileNotFoundError)
+@stage_main(STAGE, ParamsError, TrainError)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("member", help="a member name under train.members in params.yaml")
@@ -706,7 +801,8 @@ def main(argv: list[str] | None = None) -> None:
         relaunch = [cfg.name]
         distributed.launch_with_oom_retries("pipeline.train", relaunch, processes, lambda m: log(STAGE, m))
         return
-    with distributed.worker():
+    # Writes outside atomic_path (DVCLive's, lr_find's) go into the member's checkpoint folder.
+    with distributed.worker(), no_space_error(CHECKPOINTS_DIR / cfg.name):
         metrics = run_stage(cfg, data_dir, oom_retries=args.oom_retries)
     if metrics is not None:
         log(STAGE, f"{cfg.name}: valid error rate {metrics['valid_error_rate']}, {metrics['train_seconds']} s")

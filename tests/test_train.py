@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import errno
+import io
 import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -259,10 +262,10 @@ def test_full_training_writes_header_only_validation_predictions(tiny_paddy, tmp
 def test_accum_comes_from_the_probe_unless_params_set_it(tmp_path):
     probe = tmp_path / "probe.json"
     probe.write_text('{"member": "tiny", "chosen_accum": 4, "accum": 4, "accum_source": "probe"}')
-    assert train.member_accum(MemberConfig(**TINY_MEMBER), probe) == (4, "probe")
-    assert train.member_accum(MemberConfig(**TINY_MEMBER, accum=2), probe) == (2, "params")
+    assert train.member_accum(MemberConfig(**TINY_MEMBER), probe, 16) == (4, "probe")
+    assert train.member_accum(MemberConfig(**TINY_MEMBER, accum=2), probe, 16) == (2, "params")
     with pytest.raises(train.TrainError, match="missing.json: not found; run `dvc repro probe`"):
-        train.member_accum(MemberConfig(**TINY_MEMBER), tmp_path / "missing.json")
+        train.member_accum(MemberConfig(**TINY_MEMBER), tmp_path / "missing.json", 16)
 
 
 def test_fine_tune_is_one_frozen_epoch_then_the_unfrozen_epochs_at_half_the_lr():
@@ -363,3 +366,211 @@ def test_max_steps_per_epoch_caps_the_optimiser_steps_and_leaves_validation_whol
 def test_max_steps_per_epoch_must_be_positive():
     with pytest.raises(ValueError, match="max_steps_per_epoch"):
         MemberConfig(**TINY_MEMBER, max_steps_per_epoch=0)
+
+
+# -- faults: stale, damaged and partly written checkpoints, bad decision files, a full disk ------------------------
+
+
+def fingerprint(cfg, data_dir):
+    return train.run_fingerprint(cfg, train.split_table(data_dir, cfg.validation))
+
+
+def test_the_fingerprint_names_changed_images_precision_code_and_libraries(tiny_paddy, tmp_path, monkeypatch):
+    cfg = stage_config()
+    saved = fingerprint(cfg, tiny_paddy)
+    data = shutil.copytree(tiny_paddy, tmp_path / "paddy")
+    image = next((data / "train_images").rglob("*.jpg"))
+    image.write_bytes(image.read_bytes() + b"\0")  # new image bytes under the same train.csv
+    assert train.fingerprint_changes(saved, fingerprint(cfg, data)) == ["images"]
+    fp16 = train.StageConfig(**{**cfg.__dict__, "precision": "fp16"})
+    assert train.fingerprint_changes(saved, fingerprint(fp16, tiny_paddy)) == ["precision"]
+
+    project = tmp_path / "project"  # the code: the train stage's deps as dvc.yaml lists them
+    shutil.copytree(train.PROJECT_ROOT / "pipeline", project / "pipeline")
+    shutil.copy(train.PROJECT_ROOT / "dvc.yaml", project)
+    with open(project / "pipeline" / "vision.py", "a") as vision_py:
+        vision_py.write("# an edit\n")
+    (project / "pipeline" / "ensemble.py").write_text("# not a dep of train\n")
+    monkeypatch.setattr(train, "PROJECT_ROOT", project)
+    assert train.fingerprint_changes(saved, fingerprint(cfg, tiny_paddy)) == ["code pipeline/vision.py"]
+    monkeypatch.undo()
+
+    older_torch = dict(saved)
+    older_torch["library torch"] = "2.10.0"
+    assert train.fingerprint_changes(older_torch, saved) == ["library torch"]
+    assert train.fingerprint_changes("3f2a9c0d1e", saved) == ["the checkpoint format"]  # a string: before this one
+
+
+def test_a_run_killed_after_epoch_2_then_given_new_images_starts_fresh_and_equals_an_uninterrupted_run(
+    tiny_paddy, tmp_path, monkeypatch, capfd
+):
+    cfg = stage_config(epochs=3, tta=False)
+    new_images = shutil.copytree(tiny_paddy, tmp_path / "new_images")
+    images = sorted((new_images / "train_images").rglob("*.jpg"))
+    for a, b in zip(images[::2], images[1::2]):  # swap the bytes of pairs of images: same ids, labels and train.csv
+        a_bytes = a.read_bytes()
+        a.write_bytes(b.read_bytes())
+        b.write_bytes(a_bytes)
+    uninterrupted = train.run_stage(cfg, data_dir=new_images, root=tmp_path / "uninterrupted")
+    save = train.Checkpoints.save
+
+    def save_then_die(self, learn, completed_epochs):
+        save(self, learn, completed_epochs)
+        if completed_epochs == 2:
+            raise Killed("killed after epoch 2")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train.Checkpoints, "save", save_then_die)
+        with pytest.raises(Killed):
+            train.run_stage(cfg, data_dir=tiny_paddy, root=tmp_path / "killed")
+    capfd.readouterr()
+    rerun = train.run_stage(cfg, data_dir=new_images, root=tmp_path / "killed")
+
+    assert "a checkpoint of another run (images changed); starting fresh" in capfd.readouterr().err
+    assert rerun["resumed_from_epoch"] == 0
+    expected = torch.load(tmp_path / "uninterrupted" / "models" / "tiny.pth", weights_only=False)["state_dict"]
+    actual = torch.load(tmp_path / "killed" / "models" / "tiny.pth", weights_only=False)["state_dict"]
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert rerun["valid_error_rate"] == uninterrupted["valid_error_rate"]
+
+
+def test_a_kill_after_the_epoch_file_but_before_state_json_moves_on_resumes_the_previous_epoch_whole(
+    trained, tiny_paddy, tmp_path, monkeypatch
+):
+    cfg, metrics, root = trained
+    write_json = train.write_json
+
+    def killed_before_state_moves_on(path, payload):
+        if path.name == "state.json" and payload.get("completed_epochs") == 2:
+            raise Killed("killed between the checkpoint's files")
+        write_json(path, payload)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train, "write_json", killed_before_state_moves_on)
+        with pytest.raises(Killed):
+            train.run_stage(cfg, data_dir=tiny_paddy, root=tmp_path)
+    resumed = train.run_stage(cfg, data_dir=tiny_paddy, root=tmp_path)
+
+    assert resumed["resumed_from_epoch"] == 1
+    expected = torch.load(root / "models" / f"{cfg.name}.pth", weights_only=False)["state_dict"]
+    actual = torch.load(tmp_path / "models" / f"{cfg.name}.pth", weights_only=False)["state_dict"]
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def damaged_checkpoint(directory, cfg, data_dir, damage: str):
+    """A checkpoint of `cfg` after epoch 1 in `directory`, then damaged: truncated epoch file or garbled state."""
+    checkpoints = train.Checkpoints(directory, fingerprint(cfg, data_dir))
+    checkpoints.start(lr=0.01)
+    state = train.read_json(directory / "state.json") | dict(completed_epochs=1)
+    (directory / "state.json").write_text(train.json_text(state))
+    train.save_torch(dict(model={}, opt={}, ranks=[{"a": torch.zeros(1000)}]), checkpoints.epoch_file(1))
+    if damage == "truncated epoch file":
+        checkpoints.epoch_file(1).write_bytes(checkpoints.epoch_file(1).read_bytes()[:500])
+        return checkpoints, checkpoints.epoch_file(1)
+    (directory / "state.json").write_bytes({"garbage": b"\x80\x03garbage", "a list": b"[1, 2]"}[damage])
+    return checkpoints, directory / "state.json"
+
+
+@pytest.mark.parametrize("damage", ["truncated epoch file", "garbage", "a list"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_then_not_resumed(damage, tiny_paddy, tmp_path, capfd):
+    checkpoints, damaged = damaged_checkpoint(tmp_path / "tiny", stage_config(), tiny_paddy, damage)
+    assert checkpoints.state() is None
+    [line] = capfd.readouterr().err.splitlines()
+    assert line.startswith(f"[train] {damaged}: unreadable checkpoint (") and line.endswith("training from the start")
+
+
+def test_a_member_whose_checkpoint_file_is_truncated_trains_from_the_start(tiny_paddy, tmp_path):
+    cfg = stage_config(epochs=1, tta=False)
+    damaged_checkpoint(tmp_path / "models" / "checkpoints" / "tiny", cfg, tiny_paddy, "truncated epoch file")
+    metrics = train.run_stage(cfg, data_dir=tiny_paddy, root=tmp_path)
+    assert metrics["resumed_from_epoch"] == 0 and (tmp_path / "models" / "tiny.pth").is_file()
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"\x89PNG\r\n\x1a\n\0\0", "not valid JSON"),
+        (b"[4]", "not a JSON object (member, accum, accum_source)"),
+        (b'{"member": "tiny", "accum": 0, "accum_source": "probe"}', "accum 0 is not between 1 and the batch size 16"),
+        (b'{"member": "tiny", "accum": 64, "accum_source": "probe"}', "accum 64 is not between 1 and the batch size 16"),
+    ],
+)
+def test_a_bad_decision_file_is_one_line_naming_it_and_the_fix(content, problem, project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["members"]["tiny"]["accum"] = None
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    decision = project / vision.probe_decision_path("tiny")
+    decision.parent.mkdir(parents=True)
+    decision.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["tiny"])
+    assert str(exit_info.value) == f"train: {decision.relative_to(project)}: {problem}; run `dvc repro probe` again"
+
+
+def test_a_missing_file_deep_inside_a_library_is_raised_as_itself(project, monkeypatch):
+    def run_stage_missing_a_library_file(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "timm/pretrained_cfg.json")
+
+    monkeypatch.setattr(train, "run_stage", run_stage_missing_a_library_file)
+    with pytest.raises(FileNotFoundError):
+        train.main(["tiny"])
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a volume with 1000 bytes free: the next write after them fails as the OS fails it."""
+
+    written = 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if self.written + len(data) > 1000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written += len(data)
+        return len(data)
+
+
+def test_torch_save_on_a_full_disk_raises_the_writes_enospc_not_torchs_unexpected_pos(monkeypatch):
+    monkeypatch.setattr(train, "open", lambda path, mode: FullDisk(), raising=False)
+    with pytest.raises(OSError) as err:
+        train.save_torch({"weights": torch.zeros(100_000)}, Path("models/tiny.pth"))
+    assert err.value.errno == errno.ENOSPC
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_at_a_checkpoint_under_dvc_is_one_line_with_the_path_and_how_to_restore(project, monkeypatch):
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setenv("DVC_STAGE", "train@tiny")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["tiny"])
+    message = str(exit_info.value)
+    assert message.startswith("train: models/checkpoints/tiny/epoch_1.pth: no space left on device (")
+    assert message.endswith("`dvc checkout train@tiny` brings back the outputs DVC removed before the run")
+    assert "\n" not in message and not list((project / "models" / "checkpoints" / "tiny").glob("*.partial"))
+
+
+@pytest.mark.parametrize("full", ["models/tiny.pth", "preds/tiny", "metrics/train/tiny.json"])
+def test_a_full_disk_while_writing_a_members_outputs_leaves_the_previous_ones_all_in_place(
+    full, tmp_path, monkeypatch
+):
+    cfg = stage_config()
+    previous = {"models/tiny.pth": b"old weights", "preds/tiny/test.csv": b"old", "metrics/train/tiny.json": b"{}"}
+    for name, content in previous.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    live_dir = tmp_path / "models" / "checkpoints" / "tiny" / "dvclive"
+    live_dir.mkdir(parents=True)
+    writes = {"models/tiny.pth": (torch, "save"), "preds/tiny": (pd.DataFrame, "to_csv")}
+    monkeypatch.setattr(*writes.get(full, (Path, "write_text")), disk_full)  # the metrics: the last text written
+    frames = (pd.DataFrame({"image_id": ["a"]}), pd.DataFrame({"image_id": ["a"]}))
+    learn = type("Learner", (), {"model": torch.nn.Linear(2, 2)})()
+
+    with pytest.raises(train.NoSpaceError, match=f"^{tmp_path / full}: no space left on device"):
+        train.write_outputs(tmp_path, cfg, learn, frames, {"valid_accuracy": 1}, live_dir)
+
+    assert {name: (tmp_path / name).read_bytes() for name in previous} == previous
+    assert not (tmp_path / "dvclive").exists() and not list(tmp_path.rglob("*.partial"))
