@@ -185,9 +185,8 @@ class Interrupted(KeyboardInterrupt):
 
 def stage_main(stage: str, *errors: type[Exception]) -> Callable:
     """Decorate a stage's main(): each of its `errors` and a full disk (NoSpaceError, from every atomic_path), each one
-    line naming the file and the fix, and an interrupt (Ctrl-C,
-    SIGTERM) end it with one line, the interrupt after the `finally` blocks have run (atomic_path's clean-up); a bug
-    raises as itself. On Linux the stage also gets SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG): a killed
+    line naming the file and the fix, and an interrupt (Ctrl-C, SIGTERM) end it with one line, the interrupt after the
+    `finally` blocks have run (atomic_path's clean-up); a bug raises as itself. On Linux the stage also gets SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG): a killed
     `dvc repro` would otherwise leave it running as an orphan, beside the copy that the next `dvc repro` starts."""
 
     def decorate(main: Callable) -> Callable:
