@@ -72,10 +72,10 @@ $(PYTHON):
 	$(BASE_PYTHON) -m venv $(VENV)
 else
 # A host's own Python (Kaggle, Colab, conda): its packages inside pyproject.toml's ranges are kept (torch and its CUDA
-# libraries never replaced), the rest come from $(LOCK); one line per dependency says which (tools/host_install.py).
+# libraries never replaced), the rest come from $(LOCK); one line per dependency says which (pipeline/host_install.py).
 install:
 	@echo ">> installing paddy-pipeline into $(PYTHON), keeping its packages that are inside pyproject.toml's ranges"
-	$(PYTHON) tools/host_install.py
+	$(PYTHON) pipeline/host_install.py
 endif
 
 # uv keeps every version already in a lock that still satisfies pyproject.toml (it reads the output file first):

@@ -1,4 +1,4 @@
-"""`make install PYTHON=...` (tools/host_install.py): a host's stack is kept, what is missing or out of range is
+"""`make install PYTHON=...` (pipeline/host_install.py): a host's stack is kept, what is missing or out of range is
 installed from the lock, and torch/torchvision outside their range are refused, not replaced.
 
 The scratch environments are venvs whose "installed" packages are bare dist-info folders (what pip and
@@ -20,8 +20,7 @@ import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import host_install  # noqa: E402  (a script, not a package: it runs before any dependency is installed)
+from pipeline import host_install  # noqa: E402  (run as a script by make install, before any dependency exists)
 
 
 def requirements() -> list[Requirement]:
@@ -70,7 +69,7 @@ def fake_environment(root: Path, installed: dict[str, str], requires: dict[str, 
 
 
 def run_host_install(python: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(python), str(ROOT / "tools" / "host_install.py"), *args],
+    return subprocess.run([str(python), str(ROOT / "pipeline" / "host_install.py"), *args],
                           capture_output=True, text=True, timeout=300)
 
 

@@ -1,8 +1,8 @@
 """`make install PYTHON=...`: install paddy-pipeline into an existing Python (Kaggle, Colab, conda) without replacing
 its stack.
 
-Run by the host's interpreter itself (`python tools/host_install.py`), before any dependency exists: so the standard
-library only, plus pip's vendored `packaging` (the same rules pip applies) and tomllib (pip's vendored tomli on 3.10).
+Run by the host's interpreter itself as a script (`python pipeline/host_install.py`), before any dependency exists:
+so the standard library only, plus pip's vendored `packaging` (the same rules pip applies) and tomllib (pip's vendored tomli on 3.10).
 For each dependency of pyproject.toml (with the dev extra: pytest), against what is installed:
 - inside its range: kept, and pinned in a constraints file so that pip cannot move it while resolving the rest;
 - missing: installed at requirements.lock's version;
