@@ -263,6 +263,14 @@ class Checkpoints:
                 self.load(completed, "cpu")  # now, so that a damaged file is found before any training
             except DAMAGED_FILE_ERRORS as err:
                 return self.unreadable(self.epoch_file(completed), err)
+            # DVCLive rewrites its params.yaml in place (not atomically) when each fit starts: a kill there leaves it
+            # empty, and Live(resume=True) then fails on every rerun. Its history belongs to the checkpoint.
+            live_params = self.live_dir / "params.yaml"
+            try:
+                if live_params.is_file() and not isinstance(yaml.safe_load(live_params.read_text()), dict):
+                    raise ValueError("not a mapping of params")
+            except (ValueError, yaml.YAMLError) as err:
+                return self.unreadable(live_params, err)
         return state
 
     def unreadable(self, damaged: Path, err: Exception) -> None:

@@ -458,7 +458,8 @@ def test_a_kill_after_the_epoch_file_but_before_state_json_moves_on_resumes_the_
 
 
 def damaged_checkpoint(directory, cfg, data_dir, damage: str):
-    """A checkpoint of `cfg` after epoch 1 in `directory`, then damaged: truncated epoch file or garbled state."""
+    """A checkpoint of `cfg` after epoch 1 in `directory`, then damaged: truncated epoch file, garbled state or an
+    emptied DVCLive params.yaml."""
     checkpoints = train.Checkpoints(directory, fingerprint(cfg, data_dir))
     checkpoints.start(lr=0.01)
     state = train.read_json(directory / "state.json") | dict(completed_epochs=1)
@@ -467,11 +468,15 @@ def damaged_checkpoint(directory, cfg, data_dir, damage: str):
     if damage == "truncated epoch file":
         checkpoints.epoch_file(1).write_bytes(checkpoints.epoch_file(1).read_bytes()[:500])
         return checkpoints, checkpoints.epoch_file(1)
+    if damage == "empty DVCLive params":  # DVCLive rewrites it in place as the second fit of fine_tune starts
+        checkpoints.live_dir.mkdir(parents=True)
+        (checkpoints.live_dir / "params.yaml").write_text("")
+        return checkpoints, checkpoints.live_dir / "params.yaml"
     (directory / "state.json").write_bytes({"garbage": b"\x80\x03garbage", "a list": b"[1, 2]"}[damage])
     return checkpoints, directory / "state.json"
 
 
-@pytest.mark.parametrize("damage", ["truncated epoch file", "garbage", "a list"])
+@pytest.mark.parametrize("damage", ["truncated epoch file", "garbage", "a list", "empty DVCLive params"])
 def test_a_damaged_checkpoint_is_one_line_naming_the_file_then_not_resumed(damage, tiny_paddy, tmp_path, capfd):
     checkpoints, damaged = damaged_checkpoint(tmp_path / "tiny", stage_config(), tiny_paddy, damage)
     assert checkpoints.state() is None
