@@ -65,8 +65,8 @@ def run_cell(cell: dict, kaggle: Path, cwd: Path, env: dict) -> tuple[Path, str]
     return cwd, output
 
 
-def shell_cells_of_a_session(kaggle: Path, env: dict, before_training=lambda repo: None) -> tuple[Path, str]:
-    """Every shell cell in order (the install cell left out), `before_training` run just before the train cell."""
+def shell_cells_of_a_session(kaggle: Path, env: dict) -> tuple[Path, str]:
+    """Every shell cell in order (the install cell left out)."""
     cwd, output = kaggle / "working", ""
     for cell in cells():
         text = source(cell, kaggle)
@@ -74,8 +74,6 @@ def shell_cells_of_a_session(kaggle: Path, env: dict, before_training=lambda rep
             continue
         if "kaggle.sh install" in text:
             continue
-        if "kaggle.sh train" in text:
-            before_training(cwd)
         cwd, cell_output = run_cell(cell, kaggle, cwd, env)
         output += cell_output
     return cwd, output
@@ -92,13 +90,20 @@ def fork_of_this_tree(fork: Path, env: dict) -> None:
         subprocess.run(command, cwd=fork, env=env, check=True)
 
 
-def tiny_params(repo: Path) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+def tiny_demo_profile(fork: Path, env: dict) -> None:
+    """The fork's demo profile trains the tiny members (a user's fork may edit its profiles), params.yaml rendered
+    from it and committed: the notebook's `make profile` then writes the same file in every session."""
+    profile = yaml.safe_load((fork / "pipeline" / "profiles" / "demo.yaml").read_text())
     for section, values in TINY_PARAMS.items():
-        params[section] |= values
-    params["train"] |= {"bs": 8, "members": TINY_MEMBERS}
-    params["ensemble"]["weights"] = {name: 1 for name in TINY_MEMBERS}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        profile[section] = profile.get(section, {}) | values
+    profile["train"] = profile["train"] | {"bs": 8, "members": TINY_MEMBERS}
+    profile["ensemble"] = profile.get("ensemble", {}) | {"weights": {name: 1 for name in TINY_MEMBERS}}
+    (fork / "pipeline" / "profiles" / "demo.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    rendered = subprocess.run([sys.executable, "-m", "pipeline.profile", "demo", "--print"], cwd=fork,
+                              env=env | {"PYTHONPATH": str(fork)}, capture_output=True, text=True, check=True)
+    (fork / "params.yaml").write_text(rendered.stdout)
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "tiny demo profile"]):
+        subprocess.run(command, cwd=fork, env=env, check=True)
 
 
 @pytest.fixture
@@ -129,6 +134,7 @@ def fake_kaggle(tmp_path) -> tuple[Path, dict]:
         "PREVIOUS": "",
     }
     fork_of_this_tree(tmp_path / "fork", env)
+    tiny_demo_profile(tmp_path / "fork", env)
     yield kaggle, env
     for path in [mounted, *mounted.rglob("*")]:
         path.chmod(path.stat().st_mode | stat.S_IWUSR)
@@ -143,7 +149,7 @@ def test_the_notebook_trains_in_place_resumes_in_a_new_session_and_submits_witho
     fake_kaggle, tmp_path
 ):
     kaggle, env = fake_kaggle
-    repo, output = shell_cells_of_a_session(kaggle, env, before_training=tiny_params)
+    repo, output = shell_cells_of_a_session(kaggle, env)
     ran = RUNNING_STAGE.findall(output)
     assert {"paddy_data", "small_images", "train@full_size", "train@pre_resized", "ensemble"} <= set(ran)
     assert "in place" in output and "images in data/paddy_small" in output

@@ -20,6 +20,7 @@ from fastai.learner import Learner
 
 from pipeline import train, vision
 from pipeline import paddy
+from pipeline.common import NoSpaceError
 from pipeline.paddy import CLASSES, validation_mask
 from pipeline.vision import MemberConfig
 
@@ -574,7 +575,7 @@ def test_a_full_disk_while_writing_a_members_outputs_leaves_the_previous_ones_al
     frames = (pd.DataFrame({"image_id": ["a"]}), pd.DataFrame({"image_id": ["a"]}))
     learn = type("Learner", (), {"model": torch.nn.Linear(2, 2)})()
 
-    with pytest.raises(train.NoSpaceError, match=f"^{tmp_path / full}: no space left on device"):
+    with pytest.raises(NoSpaceError, match=f"^{tmp_path / full}: no space left on device"):
         train.write_outputs(tmp_path, cfg, learn, frames, {"valid_accuracy": 1}, live_dir)
 
     assert {name: (tmp_path / name).read_bytes() for name in previous} == previous
