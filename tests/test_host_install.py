@@ -83,10 +83,10 @@ def test_an_out_of_range_torch_is_refused_in_one_line_and_nothing_is_installed(t
 
 
 def test_kaggles_stack_is_kept_and_a_small_package_below_its_range_is_brought_to_the_locks_version(tmp_path):
-    """Kaggle-like: every dependency at its lower bound, except timm below it and omegaconf missing; torch's
-    CUDA libraries are installed requirements of torch. pip must plan timm and omegaconf, and nothing of the rest."""
+    """Kaggle-like: every dependency at its lower bound, except timm below it and psutil missing; torch's
+    CUDA libraries are installed requirements of torch. pip must plan timm and psutil, and nothing of the rest."""
     installed = oldest_versions() | {"timm": "1.0.14", "nvidia-cublas-cu12": "12.8.4.1"}
-    del installed["omegaconf"], installed["setuptools"]  # setuptools: pip builds the project in isolation
+    del installed["psutil"], installed["setuptools"]  # setuptools: pip builds the project in isolation
     # an upgrade of the CUDA library would be allowed by torch's metadata: the constraints must stop it
     python = fake_environment(tmp_path / "env", installed, {"torch": ["nvidia-cublas-cu12>=12"]})
     report = tmp_path / "plan.json"
@@ -95,14 +95,14 @@ def test_kaggles_stack_is_kept_and_a_small_package_below_its_range_is_brought_to
 
     locked = host_install.locked_versions(ROOT / "requirements.lock")
     planned = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in json.loads(report.read_text())["install"]}
-    assert planned["timm"] == locked["timm"] and planned["omegaconf"] == locked["omegaconf"]
+    assert planned["timm"] == locked["timm"] and planned["psutil"] == locked["psutil"]
     kept = set(installed) - {"timm"}
     assert not kept & set(planned), f"pip would replace {kept & set(planned)}"
     lines = outcome.stdout.splitlines()
     assert "kept       torch 2.10.0 (range >=2.10.0,<3)" in lines
     assert "kept       fastcore 1.14.5 (range >=1.14.5,<3)" in lines
     assert f"would be upgraded   timm 1.0.14 -> {locked['timm']} (range >=1.0.19,<2)" in lines
-    assert f"would be installed  omegaconf {locked['omegaconf']}" in lines
+    assert f"would be installed  psutil {locked['psutil']}" in lines
 
 
 def test_an_upgrade_that_needs_a_kept_package_replaced_fails_instead_of_replacing_it(tmp_path):
