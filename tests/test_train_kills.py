@@ -44,6 +44,8 @@ def project_params() -> dict:
 
 def make_project(directory: Path, tiny_paddy: Path) -> Path:
     shutil.copytree(tiny_paddy, directory / "data" / "paddy")
+    # every train@<member> depends on the pre-resized images too (dvc.yaml cannot tell which members read them)
+    shutil.copytree(tiny_paddy, directory / "data" / "paddy_small")
     (directory / "params.yaml").write_text(yaml.safe_dump(project_params(), sort_keys=False))
     return directory
 
