@@ -115,7 +115,9 @@ def fake_kaggle(tmp_path) -> tuple[Path, dict]:
         path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     (kaggle / "working").mkdir()
     (tmp_path / "fork").mkdir()
-    env = {name: value for name, value in os.environ.items() if not name.startswith("KAGGLE_")}
+    # Nor make's variables: `make test ARGS=...` exports them, and the cells' own `make profile` would take its ARGS.
+    makes = ("ARGS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("KAGGLE_") and name not in makes}
     env |= {
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "PYTHONPATH": str(kaggle / "working" / "paddy-pipeline"),  # what the install cell's editable install does
