@@ -4,8 +4,8 @@ A typo in `collab` or in `ensemble.weights` would otherwise surface only when th
 of training. Each stage's own loader does the checking, so every rule lives once; a top-level key that no stage
 reads (a misspelt section) is an error too. It imports no torch, so it takes a moment: the loaders of the stages
 that train are in pipeline/members.py and collab_config.py, and the names only timm and albumentations know (a
-member's arch and its albumentations transforms) are checked by every probe and train as it starts. The output, checks/params.txt, holds the same text
-whatever the params: DVC reruns this stage after any params edit, and paddy_data and movielens_data, which depend
+member's arch and its albumentations transforms) are checked by every probe and train as it starts. The output,
+checks/params.txt, holds the same text whatever the params: DVC reruns this stage after any params edit, and paddy_data and movielens_data, which depend
 on it only so that they run after it, do not rerun because of it.
 """
 

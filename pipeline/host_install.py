@@ -2,7 +2,8 @@
 its stack.
 
 Run by the host's interpreter itself as a script (`python pipeline/host_install.py`), before any dependency exists:
-so the standard library only, plus pip's vendored `packaging` (the same rules pip applies) and tomllib (pip's vendored tomli on 3.10).
+so the standard library only, plus pip's vendored `packaging` (the same rules pip applies) and tomllib (pip's
+vendored tomli on 3.10).
 For each dependency of pyproject.toml (with the dev extra: pytest), against what is installed:
 - inside its range: kept, and pinned in a constraints file so that pip cannot move it while resolving the rest;
 - missing: installed at requirements.lock's version;

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from pipeline.common import atomic_path, file_sha256, log, read_json, write_json
+from pipeline.common import atomic_path, file_sha256, log, read_json, stage_main, write_json
 from pipeline.paddy import DATA_DIR, SMALL_DATA_DIR, sample_submission_csv, source_json, train_csv
 from pipeline.params import FieldError, ParamsError, load_section, read_params
 
@@ -81,14 +81,12 @@ def write_small_images(source: Path, destination: Path, max_size: int, workers: 
     return record
 
 
+@stage_main(STAGE, ParamsError, SmallImagesError)
 def main() -> None:
-    try:
-        config = load_config(read_params())
-        if not source_json(DATA_DIR).is_file():
-            raise SmallImagesError(f"{source_json(DATA_DIR)}: not found; run `dvc repro paddy_data` first")
-        record = write_small_images(DATA_DIR, SMALL_DATA_DIR, config.max_size)
-    except (ParamsError, SmallImagesError) as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
+    config = load_config(read_params())
+    if not source_json(DATA_DIR).is_file():
+        raise SmallImagesError(f"{source_json(DATA_DIR)}: not found; run `dvc repro paddy_data` first")
+    record = write_small_images(DATA_DIR, SMALL_DATA_DIR, config.max_size)
     log(STAGE, f"{SMALL_DATA_DIR}: {sum(record['counts'][s] for s in ('train', 'test'))} images, longest side "
                f"{config.max_size} px")
 
