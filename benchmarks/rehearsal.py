@@ -336,7 +336,7 @@ def rehearse(args: argparse.Namespace) -> bool:
     try:
         make_workspace(REPO_ROOT, workdir, params)
         upstream_error = None
-        for stage in ("params", "paddy_data"):
+        for stage in ("params", "paddy_source", "paddy_data", "small_images"):  # the members' upstream, in DAG order
             result = run_stage(workdir, stage, logs / f"{stage}.log")
             stages[stage] = {"seconds": result.seconds, "error": result.error}
             if result.error:
