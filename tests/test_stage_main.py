@@ -74,7 +74,7 @@ def test_a_stage_stops_when_the_dvc_repro_that_runs_it_is_killed(tmp_path):
     dvc = _start(["dvc", "repro"], project)
     while dvc.stdout.readline() != "writing\n":
         pass
-    [stage] = psutil.Process(dvc.pid).children(recursive=True)
+    [stage] = _running_script(psutil.Process(dvc.pid), "slow_paddy_data.py")
     dvc.send_signal(signal.SIGTERM)  # to dvc alone: it dies without passing the signal on
     dvc.wait()
     try:
@@ -105,6 +105,19 @@ def test_a_probe_stopped_by_sigterm_stops_its_measuring_child_too(tmp_path):
         assert psutil.wait_procs(descendants, timeout=30)[1] == [], "the measuring child outlived the probe"
     finally:
         _kill_if_running([psutil.Process(stage.pid), *descendants] if stage.poll() is None else descendants)
+
+
+def _running_script(parent: psutil.Process, script: str) -> list[psutil.Process]:
+    """The descendants of `parent` that run `script` with Python. dvc has other children at times (the shell it runs the
+    command with, its updater daemon), so the stage is picked by its command line, not by being the only child."""
+    found = []
+    for child in parent.children(recursive=True):
+        try:
+            if child.cmdline()[-1:] == [script]:
+                found.append(child)
+        except psutil.Error:  # a short-lived child that exited meanwhile
+            pass
+    return found
 
 
 def _kill_if_running(processes: list[psutil.Process]) -> None:
