@@ -69,8 +69,6 @@ class DotProductBias(Module):
         return sigmoid_range(res, *self.y_range)
 
 
-# ---------------------------------------------------------------- data
-
 
 def read_movielens(data_dir: Path = DATA_DIR) -> tuple[pd.DataFrame, pd.DataFrame]:
     """ratings (user, movie, rating) and movies (movie, title) as movielens_data wrote them."""
@@ -106,8 +104,6 @@ def collab_dataloaders(ratings: pd.DataFrame, splits, bs: int, seed: int):
     )
     return tabular.dataloaders(bs=bs)
 
-
-# ---------------------------------------------------------------- training
 
 
 def make_learner(dls, config: CollabConfig, cbs=()):
@@ -158,8 +154,6 @@ def cross_validated_rmse(ratings: pd.DataFrame, config: CollabConfig, folds: int
     per_fold = [train_and_evaluate(ratings, split, config)[1]["rmse"] for split in kfold_splits(len(ratings), folds, config.seed)]
     return {"folds": folds, "rmse_per_fold": per_fold, "rmse_mean": float(np.mean(per_fold)), "rmse_std": float(np.std(per_fold))}
 
-
-# ---------------------------------------------------------------- the trained model as plain data
 
 
 @dataclass(frozen=True)
@@ -238,8 +232,6 @@ def _rows(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     known = ids[found] == wanted
     return np.where(known, found + 1, 0), known
 
-
-# ---------------------------------------------------------------- interpretation
 
 
 def movie_table(trained: TrainedCollab, ratings: pd.DataFrame, movies: pd.DataFrame) -> pd.DataFrame:

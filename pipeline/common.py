@@ -1,8 +1,6 @@
-"""Helpers every stage shares: logging, atomic writes, JSON and CSV reading.
+"""Helpers every stage shares: logging, atomic writes, JSON and CSV reading, the stage's main().
 
-Nothing here knows about a particular stage; stages never import each other, only this module, `params` and the
-dataset helpers (`paddy`). It imports no torch or fastai, so that the light stages (params, paddy_data, ensemble,
-submit) start in a moment and print nothing but their own lines; what training stages share is in `torch_setup`.
+No torch or fastai here, so that the light stages start in a moment; what training stages share is in `torch_setup`.
 """
 
 from __future__ import annotations
@@ -44,11 +42,10 @@ def banner(stage: str, message: str) -> None:
 
 @contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success it replaces `target` in one rename, on error it is removed.
+    """Yield a temporary sibling path (file or directory) that replaces `target` in one rename on success.
 
-    Works for files and directories: a killed writer leaves the previous `target` in place (or, killed between the
-    two renames of a directory swap, in its scratch folder, from where the next atomic_path on the same target puts
-    it back: remove_stale_scratch). A full disk is a NoSpaceError naming `target`.
+    A killed writer leaves the previous `target` in place (or, between a directory swap's two renames, in its
+    scratch folder, from where remove_stale_scratch puts it back). A full disk is a NoSpaceError naming `target`.
     """
     target = Path(target)
     with no_space_error(target):
@@ -70,12 +67,9 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
 
 
 def remove_stale_scratch(target: Path | str) -> list[Path]:
-    """Remove the scratch folders of `target` whose owner process is gone (killed mid-write); return them.
+    """Remove the scratch folders of `target` that a killed writer left (its pid, in the name, is gone); return them.
 
-    A kill -9 skips atomic_path's clean-up and can leave a large folder (a half-extracted dataset) behind. The
-    owner's pid is in the folder's name; a folder whose owner still runs is another writer's work in progress and
-    is left alone. An owner killed between the two renames of a directory swap left the only copy of `target` in
-    its scratch folder: it is put back first.
+    A running owner's folder is left alone; one killed mid-swap held the only copy of `target`: it is put back first.
     """
     target = Path(target)
     owned = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[a-z0-9_]+{re.escape(SCRATCH_SUFFIX)}")
@@ -98,16 +92,15 @@ class NoSpaceError(Exception):
         super().__init__(message)
         self.message = message
 
-    def __str__(self) -> str:  # the one line, also after fastai's callbacks prefixed args[0] with where they were
+    def __str__(self) -> str:  # the one line, even after fastai's callbacks prefixed args[0]
         return self.message
 
 
 @contextmanager
 def no_space_error(path: Path | str) -> Iterator[None]:
-    """Turn ENOSPC inside the block into a NoSpaceError naming `path` (what the block writes) and its free space.
+    """Turn ENOSPC inside the block into a NoSpaceError naming `path` and its free space.
 
-    Under `dvc repro` (DVC_STAGE is set) the stage's cached outputs were removed before it ran: say how to get them
-    back. torch.save to a path reports a full disk as an opaque RuntimeError: callers save through a Python file.
+    Under `dvc repro` (DVC_STAGE is set) DVC removed the stage's cached outputs before it ran: say how to get them back.
     """
     try:
         yield
@@ -117,21 +110,17 @@ def no_space_error(path: Path | str) -> Iterator[None]:
         free = shutil.disk_usage(next(p for p in [*Path(path).parents, Path(".")] if p.exists())).free
         stage = os.environ.get("DVC_STAGE")
         restore = f"`dvc checkout {stage}` brings back the outputs DVC removed before the run" if stage else (
-            "the previous outputs are unchanged"
-        )
-        raise NoSpaceError(
-            f"{path}: no space left on device ({free / 2**20:.1f} MiB free there); free some space and run again; "
-            + restore
-        ) from None
+            "the previous outputs are unchanged")
+        raise NoSpaceError(f"{path}: no space left on device ({free / 2**20:.1f} MiB free there); free some space "
+                           f"and run again; {restore}") from None
 
 
 def json_text(payload: Any) -> str:
-    """`payload` as the indented JSON that metrics files hold (tracked by git and diffed by DVC)."""
-    return json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n"
+    """`payload` as the indented JSON that metrics files hold (numpy scalars and arrays, Paths included)."""
+    return json.dumps(payload, indent=2, default=_json_default) + "\n"
 
 
 def write_json(path: Path | str, payload: Any) -> None:
-    """Write `payload` as json_text, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json_text(payload))
 
@@ -163,18 +152,12 @@ def read_json(path: Path | str) -> Any:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
+    if isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
-
-# -- a stage's main -------------------------------------------------------------------------------------------------
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -184,10 +167,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 def stage_main(stage: str, *errors: type[Exception]) -> Callable:
-    """Decorate a stage's main(): each of its `errors` and a full disk (NoSpaceError, from every atomic_path), each one
-    line naming the file and the fix, and an interrupt (Ctrl-C, SIGTERM) end it with one line, the interrupt after the
-    `finally` blocks have run (atomic_path's clean-up); a bug raises as itself. On Linux the stage also gets SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG): a killed
-    `dvc repro` would otherwise leave it running as an orphan, beside the copy that the next `dvc repro` starts."""
+    """Decorate a stage's main(): its `errors` and a full disk end it with their one line, an interrupt (Ctrl-C,
+    SIGTERM) with one line after the `finally` blocks ran; a bug raises as itself. On Linux the stage gets SIGTERM
+    when its parent dies (PR_SET_PDEATHSIG): a killed `dvc repro` would otherwise leave it running as an orphan."""
 
     def decorate(main: Callable) -> Callable:
         @functools.wraps(main)

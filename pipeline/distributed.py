@@ -57,8 +57,6 @@ class RestartWithDoubledAccum(Exception):
     """Raised in a launched process that ran out of memory: every rank must restart, with accum doubled."""
 
 
-# -- how many processes ------------------------------------------------------------------------------------------
-
 
 def process_count(devices: int | str, visible_gpus: int | None = None) -> int:
     """Processes to train with: `auto` is one per visible GPU (one on a CPU); a count is that many (gloo on CPU)."""
@@ -102,8 +100,6 @@ def is_rank0() -> bool:
     return rank_distrib() == 0
 
 
-# -- the launcher (parent side) ------------------------------------------------------------------------------------
-
 
 def launch(module: str, args: list[str], processes: int) -> set[int]:
     """Run `python -m module *args` in `processes` local processes with torch.distributed.run; the failed ranks'
@@ -141,8 +137,6 @@ def launch_with_oom_retries(
         retries += 1
         log(f"a rank ran out of memory; restarting all {processes} processes with accum doubled (retry {retries})")
 
-
-# -- inside a launched process -------------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -256,8 +250,6 @@ def gather_rows(local: np.ndarray) -> np.ndarray | None:
     blocks = gather_to_rank0(local)
     return None if blocks is None else np.concatenate(blocks)
 
-
-# -- `python -m pipeline.distributed`: what train@<member> would start here ----------------------------------------
 
 
 def describe(processes: int) -> str:

@@ -78,8 +78,6 @@ class MovieLens:
     source: str  # what was read, for SOURCE.json and the banner
 
 
-# ---------------------------------------------------------------- readers (each returns raw, unvalidated tables)
-
 
 def read_grouplens_zip(path: Path, fix: str = LOCAL_LAYOUTS) -> MovieLens:
     """ml-100k.zip as GroupLens publishes it: ml-100k/u.data and ml-100k/u.item; `fix` ends the error if unreadable."""
@@ -185,8 +183,6 @@ def _require_columns(table: pd.DataFrame, columns, where) -> None:
         )
 
 
-# ---------------------------------------------------------------- validation
-
 
 def validate(data: MovieLens, where: str, expected_counts: dict | None = None) -> MovieLens:
     """Typed, checked tables: integer ids, ratings in 1..5, a title for every rated movie; else MovielensDataError.
@@ -252,8 +248,6 @@ def counts(data: MovieLens) -> dict:
         "n_movies": int(data.ratings["movie"].nunique()),
     }
 
-
-# ---------------------------------------------------------------- fetching (network; never called by tests)
 
 
 def fetch_grouplens(downloads: Path, timeout_s: float) -> Path:

@@ -17,30 +17,10 @@ SMALL_DATA_DIR = Path("data/paddy_small")  # the same layout, every image pre-re
 WRITTEN_BY = {DATA_DIR: "paddy_data", SMALL_DATA_DIR: "small_images"}  # the stage that writes each data folder
 
 # The competition's 10 labels (folder names under train_images/) and 10 rice varieties, in sorted order.
-CLASSES = (
-    "bacterial_leaf_blight",
-    "bacterial_leaf_streak",
-    "bacterial_panicle_blight",
-    "blast",
-    "brown_spot",
-    "dead_heart",
-    "downy_mildew",
-    "hispa",
-    "normal",
-    "tungro",
-)
-VARIETIES = (
-    "ADT45",
-    "AndraPonni",
-    "AtchayaPonni",
-    "IR20",
-    "KarnatakaPonni",
-    "Onthanel",
-    "Ponni",
-    "RR",
-    "Surya",
-    "Zonal",
-)
+CLASSES = ("bacterial_leaf_blight", "bacterial_leaf_streak", "bacterial_panicle_blight", "blast", "brown_spot",
+           "dead_heart", "downy_mildew", "hispa", "normal", "tungro")
+VARIETIES = ("ADT45", "AndraPonni", "AtchayaPonni", "IR20", "KarnatakaPonni", "Onthanel", "Ponni", "RR", "Surya",
+             "Zonal")
 SMALLEST_CLASS = "bacterial_panicle_blight"  # 337 images in the real training set (synthetic data copies this)
 TRAIN_COLUMNS = ("image_id", "label", "variety", "age")
 SUBMISSION_COLUMNS = ("image_id", "label")
@@ -58,10 +38,6 @@ def source_json(data_dir: Path = DATA_DIR) -> Path:
     return Path(data_dir) / "SOURCE.json"
 
 
-def train_image_path(data_dir: Path, label: str, image_id: str) -> Path:
-    return Path(data_dir) / "train_images" / label / image_id
-
-
 def test_image_dir(data_dir: Path = DATA_DIR) -> Path:
     return Path(data_dir) / "test_images"
 
@@ -74,7 +50,7 @@ def member_data_dir(images: str) -> Path:
 def read_train_table(data_dir: Path = DATA_DIR) -> pd.DataFrame:
     """train.csv with a `path` column pointing at each image (the stage that wrote it has verified it)."""
     table = pd.read_csv(train_csv(data_dir), dtype={"image_id": str, "label": str, "variety": str})
-    table["path"] = [train_image_path(data_dir, lbl, iid) for lbl, iid in zip(table["label"], table["image_id"])]
+    table["path"] = [Path(data_dir) / "train_images" / lbl / iid for lbl, iid in zip(table["label"], table["image_id"])]
     return table
 
 
@@ -84,15 +60,11 @@ def test_image_ids(data_dir: Path = DATA_DIR) -> list[str]:
 
 
 def validation_mask(labels: pd.Series | np.ndarray, valid_pct: float, seed: int) -> np.ndarray:
-    """Boolean mask of the rows held out for validation: seeded and stratified by label.
-
-    Every member and the ensemble use this one split, so their validation accuracies are comparable.
-    """
+    """Rows held out for validation, seeded and stratified: one split for every member and the ensemble."""
     labels = np.asarray(labels)
     if not 0 < valid_pct < 1:
         raise ValueError(f"valid_pct must be between 0 and 1, got {valid_pct}")
-    indices = np.arange(len(labels))
-    _, valid_idx = train_test_split(indices, test_size=valid_pct, random_state=seed, stratify=labels)
+    _, valid_idx = train_test_split(np.arange(len(labels)), test_size=valid_pct, random_state=seed, stratify=labels)
     mask = np.zeros(len(labels), dtype=bool)
     mask[valid_idx] = True
     return mask
@@ -120,10 +92,7 @@ def validation_rows(data_dir: Path, validation: ValidationConfig) -> pd.DataFram
 
 
 def smallest_class(labels: pd.Series) -> tuple[str, int]:
-    """The label with the fewest rows and its count; a tie goes to the first in alphabetical (CLASSES) order.
-
-    Computed from the data actually loaded: a local copy or a cleaned table may differ from the real competition's.
-    """
+    """The label with the fewest rows (of the data loaded, not the competition's) and its count; ties: alphabetical."""
     counts = labels.value_counts()
     label = min(counts.index, key=lambda name: (counts[name], name))
     return str(label), int(counts[label])

@@ -1,10 +1,8 @@
-"""Stage `paddy_data`: put the Paddy Doctor data in data/paddy/, verified, in the competition's own layout.
+"""Stage `paddy_data`: the Paddy Doctor data in data/paddy/, verified, in the competition's own layout.
 
-Sources (`data.source`): `kaggle` (in a Kaggle notebook with the competition attached, its files in place; else the
-official client, the zip cached in data/downloads/), a local zip or folder in the competition layout, or
-`synthetic` (generated from `seed`; the default, announced loudly). The new data is built and verified in a
-temporary folder next to data/paddy and swapped in with one rename, so a killed download, extraction or a failed
-check leaves the previous complete data in place.
+`data.source`: `kaggle` (an attached competition in a Kaggle notebook, in place; else the official client, the zip
+cached in data/downloads/), a local zip or folder, or `synthetic` (from `seed`, announced loudly). Built and verified
+beside data/paddy and swapped in with one rename: a killed run or a failed check leaves the previous data in place.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ import shutil
 import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any, Mapping
 
@@ -81,8 +79,6 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class StageConfig:
-    """Everything this stage reads from params.yaml."""
-
     profile: str  # recorded in the metrics
     seed: int  # of the synthetic data
     data: DataConfig
@@ -98,7 +94,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class BadFile:
-    """One file (or train.csv row) that fails a check; `skippable` ones may be left out with skip_bad_images."""
+    """A file or train.csv row that fails a check; `skippable` ones may be left out with skip_bad_images."""
 
     file: str  # relative to the data folder
     problem: str
@@ -110,8 +106,6 @@ class BadFile:
     def line(self) -> str:
         return f"{self.file}: {self.problem}; {self.fix}"
 
-
-# -- the stage -------------------------------------------------------------------------------------------------------
 
 
 @stage_main(STAGE, ParamsError, DataError)
@@ -126,14 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     log(STAGE, f"{DATA_DIR}: {counts['train']} train and {counts['test']} test images from {record['source']}")
 
 
-
 def source_fingerprint(source: str) -> dict:
-    """A local source's files' paths, sizes and modification times, hashed: what DVC compares to see it change.
-
-    DVC cannot depend on a path that only some values of `data.source` name, so the `paddy_source` stage, which DVC
-    runs at every `dvc repro` (always_changed), writes this and paddy_data depends on it: an edit inside the source
-    folder or a new zip reruns paddy_data, and nothing else does. Kaggle and synthetic data are set by params alone.
-    """
+    """A local source's paths, sizes and mtimes, hashed: the `paddy_source` stage (always_changed) writes it so that
+    paddy_data, which depends on it, reruns when the source changes (DVC cannot depend on a path set by a param)."""
     path = Path(source).expanduser()
     if source in ("kaggle", "synthetic") or not path.exists():
         return {"source": source}
@@ -149,25 +138,11 @@ def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: P
     """Fetch or generate the data, verify it, write SOURCE.json, swap it into `data_dir`; return the SOURCE record."""
     data_dir = Path(data_dir)
     if config.source == "synthetic":
-        synthetic = config.synthetic
+        synthetic = asdict(config.synthetic)
         banner(STAGE, f"SYNTHETIC paddy data (seed {seed}), NOT the competition's: set data.source: kaggle for it")
-        origin = {
-            "source": "synthetic",
-            "synthetic": {
-                "seed": seed,
-                "train_per_class": synthetic.train_per_class,
-                "n_test": synthetic.n_test,
-                "image_size": list(synthetic.image_size),
-            },
-        }
+        origin = {"source": "synthetic", "synthetic": {"seed": seed, **synthetic, "image_size": list(synthetic["image_size"])}}
         with atomic_path(data_dir) as staging:
-            write_synthetic_dataset(
-                staging,
-                train_per_class=synthetic.train_per_class,
-                n_test=synthetic.n_test,
-                image_size=synthetic.image_size,
-                seed=seed,
-            )
+            write_synthetic_dataset(staging, **synthetic, seed=seed)
             return _verify_and_record(staging, origin, config.skip_bad_images, "synthetic data")
 
     mounted = kaggle_mount(COMPETITION) if config.source == "kaggle" else None
@@ -194,11 +169,9 @@ def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: P
 
 
 def kaggle_mount(competition: str) -> Path | None:
-    """The competition's read-only folder when this runs in a Kaggle notebook that has it attached, else None.
+    """The competition's folder in a Kaggle notebook that has it attached (KAGGLE_KERNEL_RUN_TYPE is set), else None.
 
-    Kaggle mounts an attached competition at /kaggle/input/<competition> and sets KAGGLE_KERNEL_RUN_TYPE in its
-    notebooks; $PADDY_KAGGLE_INPUT stands in for /kaggle/input in tests.
-    """
+    $PADDY_KAGGLE_INPUT stands in for /kaggle/input in tests."""
     if "KAGGLE_KERNEL_RUN_TYPE" not in os.environ:
         return None
     mounted = Path(os.environ.get("PADDY_KAGGLE_INPUT", KAGGLE_INPUT)) / competition
@@ -209,10 +182,9 @@ def kaggle_mount(competition: str) -> Path | None:
 
 
 def link_in_place(mounted: Path, staging: Path) -> None:
-    """The competition layout at `staging` without copying the images: their folders are links into `mounted`.
+    """The layout at `staging` with the image folders linked into `mounted`, not copied.
 
-    DVC does not follow a link to a folder inside an output (DVC 3), so data/paddy's cache holds the tables and
-    SOURCE.json alone; SOURCE.json carries every image's hash, so a change of images still changes data/paddy.
+    DVC 3 does not follow the links, so data/paddy's cache holds the tables and SOURCE.json (every image's hash) alone.
     """
     staging.mkdir()
     for entry in mounted.iterdir():
@@ -225,10 +197,8 @@ def link_in_place(mounted: Path, staging: Path) -> None:
 def _local_source(source: str, data_dir: Path) -> Path:
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataError(
-            f"data.source {source!r}: no such file or folder; use kaggle, synthetic, or the path of the competition "
-            "zip or of its extracted folder"
-        )
+        raise DataError(f"data.source {source!r}: no such file or folder; use kaggle, synthetic, or the path of the "
+                        "competition zip or of its extracted folder")
     if path.resolve() == data_dir.resolve() or data_dir.resolve() in path.resolve().parents:
         raise DataError(f"data.source {source!r} is inside {data_dir}, this stage's output; copy it elsewhere first")
     if path.is_file() and not zipfile.is_zipfile(path):
@@ -242,34 +212,20 @@ def _verify_and_record(staging: Path, origin: dict, skip_bad_images: bool, where
     n_test = len(pd.read_csv(sample_submission_csv(staging)))
     per_class = {label: int((train["label"] == label).sum()) for label in CLASSES}
     smallest, smallest_count = smallest_class(train["label"])
-    record = {
-        **origin,
-        "counts": {"train": len(train), "test": n_test, "per_class": per_class},
-        "smallest_class": {"label": smallest, "count": smallest_count},
-        "checksums": {
-            "train.csv": file_sha256(train_csv(staging)),
-            "sample_submission.csv": file_sha256(sample_submission_csv(staging)),
-            "images": images_sha256,
-        },
-        "skipped": [{"file": bad.file, "problem": bad.problem} for bad in skipped],
-    }
+    tables = {path.name: file_sha256(path) for path in (train_csv(staging), sample_submission_csv(staging))}
+    record = {**origin, "counts": {"train": len(train), "test": n_test, "per_class": per_class},
+              "smallest_class": {"label": smallest, "count": smallest_count},
+              "checksums": {**tables, "images": images_sha256},
+              "skipped": [{"file": bad.file, "problem": bad.problem} for bad in skipped]}
     write_json(source_json(staging), record)
     return record
 
 
 def data_metrics(record: dict, profile: str) -> dict:
     """metrics/data.json: the profile, where the data came from, its counts and what was skipped."""
-    return {
-        "profile": profile,
-        "source": record["source"],
-        "counts": record["counts"],
-        "smallest_class": record["smallest_class"],
-        "n_skipped": len(record["skipped"]),
-        "skipped": record["skipped"],
-    }
+    return {"profile": profile, **{key: record[key] for key in ("source", "counts", "smallest_class")},
+            "n_skipped": len(record["skipped"]), "skipped": record["skipped"]}
 
-
-# -- Kaggle ----------------------------------------------------------------------------------------------------------
 
 
 def download_competition(competition: str, downloads_dir: Path, quiet: bool = True) -> Path:
@@ -282,8 +238,7 @@ def download_competition(competition: str, downloads_dir: Path, quiet: bool = Tr
     if where is None:
         raise DataError(NO_CREDENTIALS)
     log(STAGE, f"downloading the {competition} files with the Kaggle API (credentials from {where})")
-    # The client writes into atomic_path's scratch folder (removed by the next run if this one is killed); only a
-    # complete zip becomes the cached file.
+    # Into atomic_path's scratch folder (a killed run's is removed by the next): only a complete zip is cached.
     with atomic_path(archive) as staged:
         _kaggle_download(competition, staged.parent, quiet)
         zips = sorted(staged.parent.glob("*.zip"))
@@ -304,8 +259,6 @@ def _kaggle_download(competition: str, directory: Path, quiet: bool) -> None:
         raise DataError(f"{message}; or {OTHER_SOURCES}") from None
 
 
-# -- extraction --------------------------------------------------------------------------------------------------
-
 
 def extract_competition(archive: Path, destination: Path) -> None:
     """Extract the competition zip so that its train.csv lands at `destination`/train.csv."""
@@ -320,15 +273,12 @@ def extract_competition(archive: Path, destination: Path) -> None:
 
 
 def _refuse_escaping_entries(bundle: zipfile.ZipFile, archive: Path) -> None:
-    """Refuse entries with an absolute path or a `..` (zip-slip): zipfile would strip those parts silently and put
-    the file somewhere inside the data folder, which the competition's zip never asks for."""
+    """Refuse entries with an absolute path or a `..` (zip-slip), which zipfile would silently strip."""
     for name in bundle.namelist():
         path = PureWindowsPath(name)  # reads both / and \\ as separators, and sees drives (C:) and roots
         if path.anchor or ".." in path.parts:
-            raise DataError(
-                f"{archive}: entry {name!r} points outside the folder it is extracted to (zip-slip); nothing was "
-                "extracted: this is not the competition's zip, use the original from Kaggle"
-            )
+            raise DataError(f"{archive}: entry {name!r} points outside the folder it is extracted to (zip-slip); "
+                            "nothing was extracted: this is not the competition's zip, use the original from Kaggle")
 
 
 def _layout_root(folder: Path, origin: Path) -> Path:
@@ -341,18 +291,12 @@ def _layout_root(folder: Path, origin: Path) -> Path:
     raise DataError(f"{origin}: no train.csv at its top level; expected the competition layout ({LAYOUT})")
 
 
-# -- verification --------------------------------------------------------------------------------------------------
 
-
-def verify_dataset(
-    data_dir: Path, skip_bad_images: bool = False, origin: str | None = None
-) -> tuple[list[BadFile], str]:
+def verify_dataset(data_dir: Path, skip_bad_images: bool = False, origin: str | None = None) -> tuple[list[BadFile], str]:
     """Check `data_dir` against the competition layout; return (the files skipped, a sha256 of all images).
 
-    Errors name files as `origin`: `file` (the zip, folder or generator the data came from; default `data_dir`).
-
-    A bad file is a one-line DataError unless `skip_bad_images` and the problem is skippable (training files only:
-    the submission needs every test image); skipped rows leave train.csv, skipped files leave the folder.
+    Errors read `origin: file` (default `data_dir`). A bad file is a one-line DataError unless `skip_bad_images` and
+    it is skippable (training files only: the submission needs every test image); skipped ones leave the data.
     """
     data_dir = Path(data_dir)
     where = origin or str(data_dir)
@@ -361,8 +305,10 @@ def verify_dataset(
     for folder in ("train_images", "test_images"):
         if not (data_dir / folder).is_dir():
             raise DataError(f"{where}: {folder}/ is missing; the data is incomplete, expected {LAYOUT}")
-    _check_unique(train, f"{where}: train.csv")
-    _check_unique(submission, f"{where}: sample_submission.csv")
+    for table, name in ((train, "train.csv"), (submission, "sample_submission.csv")):
+        repeated = table["image_id"][table["image_id"].duplicated()]
+        if len(repeated):
+            raise DataError(f"{where}: {name}: image_id {repeated.iloc[0]!r} appears more than once; keep one row per image")
 
     bad = _bad_rows(train, data_dir) + _stray_train_images(train, data_dir) + _test_mismatches(submission, data_dir)
     unusable = {bad_file.drop_row for bad_file in bad if bad_file.drop_row}
@@ -385,10 +331,8 @@ def verify_dataset(
         train = _read_table(train_csv(data_dir), TRAIN_COLUMNS, where)
     empty = [label for label in CLASSES if not (train["label"] == label).any()]
     if empty:
-        raise DataError(
-            f"{where}: train.csv has no images of class {empty[0]!r}; the data is incomplete, download it again "
-            "(data.source: kaggle) or restore that class in the local copy"
-        )
+        raise DataError(f"{where}: train.csv has no images of class {empty[0]!r}; the data is incomplete, download it "
+                        "again (data.source: kaggle) or restore that class in the local copy")
     return bad, images_sha256
 
 
@@ -399,23 +343,14 @@ def _read_table(path: Path, columns: tuple[str, ...], where: str) -> pd.DataFram
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(
-            f"{name}: not a readable CSV ({type(err).__name__}); restore it from the competition zip"
-        ) from None
+        raise DataError(f"{name}: not a readable CSV ({type(err).__name__}); restore it from the competition zip") from None
     missing = [column for column in columns if column not in table.columns]
     if missing:
-        raise DataError(
-            f"{name}: missing column {missing[0]!r} (has {', '.join(table.columns)}); it must have {', '.join(columns)}"
-        )
+        raise DataError(f"{name}: missing column {missing[0]!r} (has {', '.join(table.columns)}); it must have "
+                        f"{', '.join(columns)}")
     if table.empty:
         raise DataError(f"{name}: no rows; restore it from the competition zip")
     return table
-
-
-def _check_unique(table: pd.DataFrame, name: str) -> None:
-    repeated = table["image_id"][table["image_id"].duplicated()]
-    if len(repeated):
-        raise DataError(f"{name}: image_id {repeated.iloc[0]!r} appears more than once; keep one row per image")
 
 
 def _bad_rows(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
@@ -425,14 +360,9 @@ def _bad_rows(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
         if problem:
             bad.append(BadFile(f"train.csv line {line} ({row.image_id})", problem, _FIX_ROW, drop_row=row.image_id))
         elif not (data_dir / "train_images" / row.label / row.image_id).is_file():
-            bad.append(
-                BadFile(
-                    f"train_images/{row.label}/{row.image_id}",
-                    "listed in train.csv but missing",
-                    "restore the image from the competition zip, or remove its row from train.csv" + _OR_SKIP,
-                    drop_row=row.image_id,
-                )
-            )
+            bad.append(BadFile(f"train_images/{row.label}/{row.image_id}", "listed in train.csv but missing",
+                               "restore the image from the competition zip, or remove its row from train.csv" + _OR_SKIP,
+                               drop_row=row.image_id))
     return bad
 
 
@@ -460,13 +390,8 @@ def _stray_train_images(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
         label = path.parent.name if path.parent.parent == data_dir / "train_images" else None
         if label in CLASSES and (label, path.name) in listed:
             continue
-        if label in CLASSES:
-            problem = "is not listed in train.csv"
-        else:
-            problem = "is not in a folder named after one of the 10 classes"
-        bad.append(
-            BadFile(str(relative), problem, "add its row to train.csv or remove the file" + _OR_SKIP, delete_file=True)
-        )
+        problem = "is not listed in train.csv" if label in CLASSES else "is not in a folder named after one of the 10 classes"
+        bad.append(BadFile(str(relative), problem, "add its row to train.csv or remove the file" + _OR_SKIP, delete_file=True))
     return bad
 
 
@@ -492,37 +417,30 @@ def _read_images(data_dir: Path, images: list[Path]) -> tuple[list[BadFile], str
         if problem is None:
             continue
         is_train = relative.parts[0] == "train_images"
-        fix = (
-            "replace it from the competition zip" + (_OR_SKIP if is_train else " (every test image must be predicted)")
-        )
-        bad.append(
-            BadFile(
-                relative.as_posix(),
-                problem,
-                fix,
-                skippable=is_train,
-                drop_row=relative.name if is_train else None,
-                delete_file=True,
-            )
-        )
+        fix = "replace it from the competition zip" + (_OR_SKIP if is_train else " (every test image must be predicted)")
+        bad.append(BadFile(relative.as_posix(), problem, fix, skippable=is_train,
+                           drop_row=relative.name if is_train else None, delete_file=True))
     return bad, manifest.hexdigest()
 
 
 def _read_image(path: Path) -> tuple[str, str | None]:
     content = path.read_bytes()
+    return hashlib.sha256(content).hexdigest(), _image_problem(content)
+
+
+def _image_problem(content: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(content)) as image:
             # PIL only warns between its limit and twice it: a 12000x12000 image would be decoded for every epoch.
             if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-                problem = f"{image.width}x{image.height} pixels, more than PIL's limit of {Image.MAX_IMAGE_PIXELS}"
-                return hashlib.sha256(content).hexdigest(), f"{problem} (the competition's are 480x640)"
+                return (f"{image.width}x{image.height} pixels, more than PIL's limit of {Image.MAX_IMAGE_PIXELS} "
+                        "(the competition's are 480x640)")
             image.verify()
-        # verify() misses truncated pixel data; only a full decode finds it.
-        with Image.open(io.BytesIO(content)) as image:
+        with Image.open(io.BytesIO(content)) as image:  # verify() misses truncated pixel data; a full decode finds it
             image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return hashlib.sha256(content).hexdigest(), f"not a readable image ({type(err).__name__}: {str(err)[:80]})"
-    return hashlib.sha256(content).hexdigest(), None
+        return f"not a readable image ({type(err).__name__}: {str(err)[:80]})"
+    return None
 
 
 def _skip(bad: list[BadFile], train: pd.DataFrame, data_dir: Path) -> None:

@@ -63,8 +63,6 @@ class ProbeError(RuntimeError):
     """The probe cannot run or its outcome is unusable: a one-line message naming the member and the fix."""
 
 
-# -- the data: the smallest class --------------------------------------------------------------------------------
-
 
 def smallest_class_table(table: pd.DataFrame, bs: int, seed: int) -> pd.DataFrame:
     """The smallest class's rows with an `is_valid` column, the training rows repeated to at least 2 * bs.
@@ -92,8 +90,6 @@ def candidate_accums(accums: list[int], explicit_accum: int | None) -> list[int]
     """The accums to measure: the candidates, plus a member's explicit accum so its peak is known too."""
     return sorted(set(accums) | ({explicit_accum} if explicit_accum is not None else set()))
 
-
-# -- one measurement ---------------------------------------------------------------------------------------------
 
 
 def probe_fit(
@@ -219,8 +215,6 @@ def free_cuda_memory() -> str:
     torch.cuda.empty_cache()
     return processes
 
-
-# -- the whole probe of one member -------------------------------------------------------------------------------
 
 
 def probe_member(

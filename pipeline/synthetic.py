@@ -1,10 +1,8 @@
-"""A synthetic Paddy Doctor dataset in the competition's own layout, for machines with no credentials or network.
+"""A synthetic Paddy Doctor dataset in the competition's layout, for machines with no credentials or network.
 
-Each class has its own visible cue (lesion colour, shape or pattern, after the real diseases) drawn at a random
-place on a green leaf background with noise, so a small random-init model can learn it at 64 px but not trivially.
-Varieties tint and thin the leaf blades and correlate with the label; age correlates with the label too, so the
-seeds' multi-target model has something to learn. Everything is drawn from one seed: the same seed writes
-byte-identical files.
+Each class has its own cue (lesion colour, shape or pattern, after the real disease) on a noisy leaf background:
+learnable at 64 px by a small random-init model, not trivially. Variety (leaf tint, blades) and age correlate with
+the label, for the seeds' multi-target model. One seed, byte-identical files.
 """
 
 from __future__ import annotations
@@ -35,10 +33,7 @@ Painter = Callable[[Image.Image, np.random.Generator], Image.Image]
 def write_synthetic_dataset(
     data_dir: Path | str, *, train_per_class: int, n_test: int, image_size: tuple[int, int], seed: int
 ) -> None:
-    """Write train.csv, train_images/<label>/, test_images/ and sample_submission.csv under `data_dir`.
-
-    Every class gets `train_per_class` images except SMALLEST_CLASS, which gets half; `image_size` is (w, h).
-    """
+    """The competition layout under `data_dir`: `train_per_class` images per class (SMALLEST_CLASS half); (w, h)."""
     data_dir = Path(data_dir)
     rng = np.random.default_rng(seed)
     train = _train_table(train_per_class, rng)
@@ -63,19 +58,12 @@ def write_synthetic_dataset(
 
 
 def _train_table(train_per_class: int, rng: np.random.Generator) -> pd.DataFrame:
-    labels = [
-        label for label in CLASSES for _ in range(train_per_class // 2 if label == SMALLEST_CLASS else train_per_class)
-    ]
-    # Ids are shuffled across classes so that an id never gives its label away.
-    ids = FIRST_TRAIN_ID + rng.permutation(len(labels))
-    table = pd.DataFrame(
-        {
-            "image_id": [f"{i}.jpg" for i in ids],
-            "label": labels,
-            "variety": [_variety_for(label, rng) for label in labels],
-            "age": [_age_for(label, rng) for label in labels],
-        }
-    )
+    labels = [label for label in CLASSES
+              for _ in range(train_per_class // 2 if label == SMALLEST_CLASS else train_per_class)]
+    ids = FIRST_TRAIN_ID + rng.permutation(len(labels))  # shuffled across classes: an id never gives its label away
+    table = pd.DataFrame({"image_id": [f"{i}.jpg" for i in ids], "label": labels,
+                          "variety": [_variety_for(label, rng) for label in labels],
+                          "age": [_age_for(label, rng) for label in labels]})
     return table.sort_values(["label", "image_id"], ignore_index=True)
 
 
@@ -105,9 +93,7 @@ def draw_image(label: str, variety: str, image_size: tuple[int, int], rng: np.ra
     if rng.random() < LANDSCAPE_FRACTION:
         width, height = height, width
     image = _leaf_background(variety, (width, height), rng)
-    image = PAINTERS[label](image, rng)
-    image = _distractors(image, rng)
-    return _camera_noise(image, rng)
+    return _camera_noise(_distractors(PAINTERS[label](image, rng), rng), rng)
 
 
 def _variety_look(variety: str) -> tuple[Rgb, int]:
@@ -137,8 +123,7 @@ def _leaf_background(variety: str, size: tuple[int, int], rng: np.random.Generat
 
 def _paint_leaf_blight(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Bacterial leaf blight: a long straw-yellow band with a wavy edge, running from a leaf tip."""
-    width, height = image.size
-    draw = ImageDraw.Draw(image)
+    (width, height), draw = image.size, ImageDraw.Draw(image)
     x = rng.uniform(0.15, 0.85) * width
     band = rng.uniform(0.2, 0.3) * width
     length = rng.uniform(0.45, 0.8) * height
@@ -151,8 +136,7 @@ def _paint_leaf_blight(image: Image.Image, rng: np.random.Generator) -> Image.Im
 
 def _paint_leaf_streak(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Bacterial leaf streak: many narrow, parallel orange-brown streaks."""
-    width, height = image.size
-    draw = ImageDraw.Draw(image)
+    (width, height), draw = image.size, ImageDraw.Draw(image)
     lean = rng.uniform(-0.15, 0.15) * width
     centre = rng.uniform(0.25, 0.75) * width
     for _ in range(rng.integers(8, 14)):
@@ -166,8 +150,7 @@ def _paint_leaf_streak(image: Image.Image, rng: np.random.Generator) -> Image.Im
 
 def _paint_panicle_blight(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Bacterial panicle blight: a drooping panicle of pale tan grains, some darkened."""
-    width, height = image.size
-    draw = ImageDraw.Draw(image)
+    (width, height), draw = image.size, ImageDraw.Draw(image)
     x0, y0 = rng.uniform(0.2, 0.8) * width, rng.uniform(0.1, 0.4) * height
     droop = rng.choice((-1, 1)) * rng.uniform(0.15, 0.3) * width
     stem = [(x0 + droop * t**2, y0 + 0.5 * height * t) for t in np.linspace(0, 1, 12)]
@@ -183,23 +166,19 @@ def _paint_panicle_blight(image: Image.Image, rng: np.random.Generator) -> Image
 
 def _paint_blast(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Blast: a few spindle-shaped lesions with grey-white centres and brown borders."""
-    width, height = image.size
-    draw = ImageDraw.Draw(image)
+    (width, height), draw = image.size, ImageDraw.Draw(image)
     for _ in range(rng.integers(3, 6)):
         x, y = rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height
         long, wide = rng.uniform(0.1, 0.16) * height, rng.uniform(0.05, 0.08) * width
         draw.polygon([(x, y - long), (x + wide, y), (x, y + long), (x - wide, y)], _jitter((80, 40, 20), rng, 10))
-        draw.polygon(
-            [(x, y - long * 0.6), (x + wide * 0.5, y), (x, y + long * 0.6), (x - wide * 0.5, y)],
-            _jitter((190, 190, 200), rng, 10),
-        )
+        draw.polygon([(x, y - long * 0.6), (x + wide * 0.5, y), (x, y + long * 0.6), (x - wide * 0.5, y)],
+                     _jitter((190, 190, 200), rng, 10))
     return image
 
 
 def _paint_brown_spot(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Brown spot: many small round dark-brown spots with yellow halos."""
-    width, height = image.size
-    draw = ImageDraw.Draw(image)
+    (width, height), draw = image.size, ImageDraw.Draw(image)
     radius = max(2.5, width / 30)
     for _ in range(rng.integers(10, 22)):
         x, y = rng.uniform(0, width), rng.uniform(0, height)
@@ -211,17 +190,14 @@ def _paint_brown_spot(image: Image.Image, rng: np.random.Generator) -> Image.Ima
 
 def _paint_dead_heart(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Dead heart: the central tillers dried to beige-brown among green ones."""
-    width, height = image.size
-    draw = ImageDraw.Draw(image)
+    (width, height), draw = image.size, ImageDraw.Draw(image)
     centre = rng.uniform(0.3, 0.7) * width
     for _ in range(rng.integers(4, 7)):
         x = centre + rng.normal(0, 0.1 * width)
         half = rng.uniform(0.04, 0.07) * width
         lean = rng.normal(0, 0.1 * width)
-        draw.polygon(
-            [(x - half, height), (x + half, height), (x + lean, rng.uniform(0, 0.3) * height)],
-            _jitter((165, 100, 70), rng, 15),
-        )
+        draw.polygon([(x - half, height), (x + half, height), (x + lean, rng.uniform(0, 0.3) * height)],
+                     _jitter((165, 100, 70), rng, 15))
     return image
 
 
@@ -239,8 +215,7 @@ def _paint_downy_mildew(image: Image.Image, rng: np.random.Generator) -> Image.I
 
 def _paint_hispa(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Hispa: short whitish scraping marks in all directions, and a few dark beetles."""
-    width, height = image.size
-    draw = ImageDraw.Draw(image)
+    (width, height), draw = image.size, ImageDraw.Draw(image)
     mark = max(4.0, width / 18)
     for _ in range(rng.integers(14, 26)):
         x, y, angle = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0, np.pi)
@@ -254,8 +229,7 @@ def _paint_hispa(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def _paint_normal(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Normal: a healthy leaf, sometimes with glints of light that are not lesions."""
-    width, height = image.size
-    draw = ImageDraw.Draw(image)
+    (width, height), draw = image.size, ImageDraw.Draw(image)
     for _ in range(rng.integers(0, 4)):
         x, y = rng.uniform(0, width), rng.uniform(0, height)
         draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], _jitter((170, 200, 150), rng, 15))
@@ -272,29 +246,14 @@ def _paint_tungro(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.composite(tint, image, mask)
 
 
-PAINTERS: dict[str, Painter] = dict(
-    zip(
-        CLASSES,
-        (
-            _paint_leaf_blight,
-            _paint_leaf_streak,
-            _paint_panicle_blight,
-            _paint_blast,
-            _paint_brown_spot,
-            _paint_dead_heart,
-            _paint_downy_mildew,
-            _paint_hispa,
-            _paint_normal,
-            _paint_tungro,
-        ),
-    )
-)
+PAINTERS: dict[str, Painter] = dict(zip(CLASSES, (
+    _paint_leaf_blight, _paint_leaf_streak, _paint_panicle_blight, _paint_blast, _paint_brown_spot, _paint_dead_heart,
+    _paint_downy_mildew, _paint_hispa, _paint_normal, _paint_tungro)))
 
 
 def _distractors(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Shadows and specks that every class can have, so that 'anything drawn' is not itself a cue."""
-    width, height = image.size
-    draw = ImageDraw.Draw(image)
+    (width, height), draw = image.size, ImageDraw.Draw(image)
     for _ in range(rng.integers(0, 3)):
         x, y = rng.uniform(0, width), rng.uniform(0, height)
         r = rng.uniform(0.05, 0.15) * width
@@ -312,5 +271,3 @@ def _camera_noise(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 def _jitter(colour: Rgb, rng: np.random.Generator, spread: int, offset: int = 0) -> Rgb:
     return tuple(int(np.clip(c + offset + rng.integers(-spread, spread + 1), 0, 255)) for c in colour)
 
-
-__all__ = ["AGES", "PAINTERS", "draw_image", "write_synthetic_dataset"]
