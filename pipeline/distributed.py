@@ -1,26 +1,12 @@
 """One member on several devices: DistributedDataParallel through accelerate and fastai's `distrib_ctx`.
 
-`python -m pipeline.train <member>` stays the stage's one command. When `train.devices` asks for more than one
-process, its main relaunches itself through torch's own launcher (`torch.distributed.run`, what `accelerate launch
---multi_gpu` runs too), one process per device; inside each, accelerate's PartialState joins the process group
-(nccl on CUDA, gloo on CPU) and fastai's `distrib_ctx` wraps the model in DistributedDataParallel (batch norm
-synchronised on GPUs). One process (a CPU, one GPU) takes none of these paths.
-
-How `bs`, `accum` and the processes combine (P processes):
-    per-process step batch = bs // (accum * P)        each process loads this many images per forward pass
-    GradientAccumulation(bs // P), counted per process: each process steps after accum passes, bs // P images;
-    DDP averages the P processes' gradients, so every optimiser step sees bs images, as the seeds'
-    `GradientAccumulation(bs)` promises. Exact when bs is a multiple of accum * P; otherwise rounded down, as the
-    seeds' own `bs // accum` is.
-The probe measures memory at that per-process step batch: the memory one GPU needs.
-
-An out-of-memory error on one rank cannot be agreed on with a collective inside the run: the other ranks are
-already blocked in DDP's gradient all-reduce (or SyncBatchNorm's), a collective the failed rank can never join.
-So the rank exits with OOM_EXIT_CODE, torch's launcher stops every other rank at once (its own failure handling),
-and our launcher starts them all again with accum doubled; they resume from the last epoch's checkpoint.
-
-Multi-node runs use accelerate's own launcher on every node (README, "Several GPUs"); a process it starts is
-already launched, so main trains in it directly.
+When `train.devices` asks for more than one process, `python -m pipeline.train <member>` relaunches itself through
+torch's launcher (`torch.distributed.run`, as `accelerate launch --multi_gpu`), one process per device (nccl on
+CUDA, gloo on CPU). With P processes each loads bs // (accum * P) images per pass and steps after accum passes;
+DDP averages the P gradients, so every optimiser step sees bs images, as the seeds' GradientAccumulation(bs).
+An out-of-memory rank cannot tell the others (they are blocked in DDP's all-reduce): it exits with OOM_EXIT_CODE,
+torch's launcher stops the rest, and ours restarts them all with accum doubled, from the last checkpoint.
+Multi-node runs use accelerate's launcher on every node; a process it starts trains directly.
 """
 
 from __future__ import annotations
@@ -66,20 +52,16 @@ def process_count(devices: int | str, visible_gpus: int | None = None) -> int:
     if devices < 1:
         raise ParamsError(f"params.yaml: train.devices is {devices}; use auto or a positive count")
     if gpus and devices > gpus:
-        raise ParamsError(
-            f"params.yaml: train.devices is {devices} but {gpus} GPU(s) are visible; lower it or use auto"
-        )
+        raise ParamsError(f"params.yaml: train.devices is {devices} but {gpus} GPU(s) are visible; lower it or use auto")
     return devices
 
 
 def process_batch(bs: int, processes: int | None = None) -> int:
-    """The batch one process accounts for, bs // processes (its step batch is that // accum); processes defaults to
-    this run's."""
+    """The batch one process accounts for, bs // processes (default: this run's); its step batch is that // accum."""
     processes = world_size() if processes is None else processes
     if bs < processes:
-        raise ParamsError(
-            f"params.yaml: train.bs {bs} is smaller than the {processes} processes; raise bs or lower train.devices"
-        )
+        raise ParamsError(f"params.yaml: train.bs {bs} is smaller than the {processes} processes; raise bs or lower "
+                          "train.devices")
     return bs // processes
 
 
@@ -102,11 +84,10 @@ def is_rank0() -> bool:
 
 
 def launch(module: str, args: list[str], processes: int) -> set[int]:
-    """Run `python -m module *args` in `processes` local processes with torch.distributed.run; the failed ranks'
-    exit codes (empty when all succeeded).
+    """Run `python -m module *args` in `processes` local processes; the failed ranks' exit codes (empty: success).
 
-    In-process rather than a `torchrun` subprocess, so that the failed ranks' exit codes (an OOM's among them) reach
-    us; `--standalone` rendezvous on a free local port, so parallel stages on one machine do not collide.
+    torch.distributed.run in-process, not a `torchrun` subprocess, so that the exit codes (an OOM's) reach us;
+    `--standalone` picks a free local port, so parallel stages do not collide.
     """
     # torchrun would set 1 thread and warn; CPU processes share the cores instead (GPU ones need few).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
@@ -120,13 +101,9 @@ def launch(module: str, args: list[str], processes: int) -> set[int]:
     return set()
 
 
-def launch_with_oom_retries(
-    module: str, args: list[str], processes: int, log: Callable[[str], None]
-) -> int:
+def launch_with_oom_retries(module: str, args: list[str], processes: int, log: Callable[[str], None]) -> int:
     """`launch`, again with `--oom-retries k+1` each time a rank exits with OOM_EXIT_CODE; the retries it took.
-
-    A rank that cannot double accum any further fails with an ordinary error, which ends the loop.
-    """
+    A rank that cannot double accum any further fails with an ordinary error, which ends the loop."""
     retries = 0
     while True:
         failed = launch(module, [*args, "--oom-retries", str(retries)], processes)
@@ -141,9 +118,8 @@ def launch_with_oom_retries(
 
 @contextmanager
 def worker() -> Iterator[None]:
-    """In a launched process: join the process group through accelerate (nccl and this rank's GPU on CUDA; gloo on
-    CPU, which accelerate only chooses when told `cpu=True`), leave it at the end, and exit with OOM_EXIT_CODE when
-    every rank must restart. In a single process: nothing."""
+    """In a launched process: join the process group through accelerate (gloo on CPU only when told `cpu=True`),
+    leave it at the end, exit with OOM_EXIT_CODE when every rank must restart. In a single process: nothing."""
     if not launched():
         yield
         return
@@ -159,11 +135,8 @@ def worker() -> Iterator[None]:
 
 
 class DistributedDL(fastai_distributed.DistributedDL):
-    """fastai's DistributedDL, broadcasting the shuffled order on this rank's device.
-
-    fastai's moves it to CUDA ("nccl only works with cuda tensors"), which fails on a CPU machine; gloo takes CPU
-    tensors, nccl this rank's GPU: the device the model was prepared on, as given by DistributedTrainer.
-    """
+    """fastai's DistributedDL, broadcasting the shuffled order on this rank's device (fastai's always uses CUDA,
+    which fails under gloo on a CPU machine)."""
 
     def _broadcast(self, t, rank):
         t = torch.tensor(t, dtype=torch.long, device=self.device)
@@ -182,12 +155,10 @@ class DistributedTrainer(fastai_distributed.DistributedTrainer):
 
 @contextmanager
 def distrib_ctx(learn) -> Iterator[Any]:
-    """fastai's `Learner.distrib_ctx`, with the DistributedTrainer above; in a single process it changes nothing.
+    """fastai's `Learner.distrib_ctx` with the DistributedTrainer above; nothing in a single process.
 
-    Batch norm is synchronised on GPUs (statistics over the whole step batch, as in one process). DDP refuses
-    SyncBatchNorm on CPU modules, so a gloo run normalises each process's batch on its own.
-    DDP is told to expect unused parameters: fastai's body runs timm's forward_features, so a timm head's own
-    layers (convnext's head norm, for one) get no gradient, and DDP would otherwise stop at the second step.
+    SyncBatchNorm on GPUs only (DDP refuses it on CPU modules). find_unused_parameters: fastai's body runs timm's
+    forward_features, so a timm head's own layers (convnext's head norm) get no gradient.
     """
     cpu = not torch.cuda.is_available()
     settings = dict(sync_bn=not cpu, cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -203,8 +174,7 @@ def distrib_ctx(learn) -> Iterator[Any]:
 
 
 class RankLocalDL(TfmdDL):
-    """A TfmdDL whose predictions stay on this rank: fastai gathers them from every rank whenever WORLD_SIZE > 1,
-    which only works when all ranks predict the same number of batches together (a DistributedDL)."""
+    """A TfmdDL whose predictions stay on this rank (fastai gathers them from all ranks when WORLD_SIZE > 1)."""
 
     def to_detach(self, b, cpu=True, gather=True):
         return to_detach(b, cpu, gather=False)

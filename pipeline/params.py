@@ -1,10 +1,7 @@
-"""Read params.yaml once and turn a section of it into a typed, validated config.
+"""Read params.yaml once and turn a section of it into a typed, validated config (a frozen dataclass).
 
-Every stage declares its config as a frozen dataclass and calls `load_section`. Validation is strict: an unknown
-key, a missing key or a value of the wrong type is a one-line `ParamsError` that names the file, the dotted key
-and the fix. We hand-roll this (about a hundred lines) instead of adding pydantic because the configs are plain
-dataclasses of scalars, lists and nested dataclasses, and pydantic's multi-line reports are not the one-line
-errors this project promises.
+An unknown or missing key or a wrong type is a one-line ParamsError naming the file, the dotted key and the fix.
+Hand-rolled, not pydantic: its multi-line reports are not the one-line errors this project promises.
 """
 
 from __future__ import annotations
@@ -29,10 +26,7 @@ class ParamsError(ValueError):
 
 
 class FieldError(ValueError):
-    """A config's `__post_init__` rejects one field's value; `from_mapping` names its dotted key.
-
-    `problem` reads after the key, e.g. FieldError("valid_pct", "is 1.5; use a fraction between 0 and 1").
-    """
+    """`__post_init__` rejects a field: FieldError("valid_pct", "is 1.5; use a fraction ..."); from_mapping adds the key."""
 
     def __init__(self, field: str, problem: str):
         super().__init__(f"{field} {problem}")
@@ -72,7 +66,7 @@ def seed_of(params: Mapping[str, Any], path: Path | str = PARAMS_FILE) -> int:
 
 
 def section_of(params: Mapping[str, Any], section: str, path: Path | str = PARAMS_FILE) -> Any:
-    """`params[section]`; a missing section is an error (no section has defaults: the README documents each)."""
+    """`params[section]`; a missing section is an error (no section has defaults)."""
     if section not in params:
         raise ParamsError(f"{path}: missing section '{section}'; add it back ({SHOW_PROFILE})")
     return params[section]
@@ -100,10 +94,8 @@ def from_mapping(cls: type[C], raw: Any, key: str, path: Path | str = PARAMS_FIL
 
 
 def known_values(cls: type[C], raw: Any, key: str, path: Path | str = PARAMS_FILE) -> dict[str, Any]:
-    """The keys of mapping `raw` (at dotted `key`) that dataclass `cls` has, each checked and converted to its type.
-
-    Some of `cls`'s keys may be missing: this also checks a partial config, e.g. defaults shared by several entries.
-    """
+    """The keys of mapping `raw` (at dotted `key`), each checked and converted to its type; some may be missing (a
+    partial config, e.g. defaults shared by several entries)."""
     if not isinstance(raw, Mapping):
         raise ParamsError(f"{path}: key '{key}' must be a mapping, got {_shown(raw)}")
     fields = [f.name for f in dataclasses.fields(cls) if f.init]
@@ -154,9 +146,7 @@ def _coerce(hint: Any, value: Any, key: str, path: Path | str) -> Any:
         if not isinstance(value, Mapping):
             raise ParamsError(f"{path}: key '{key}' is {_shown(value)}; expected a mapping")
         key_type, value_type = args or (str, Any)
-        return {
-            _coerce(key_type, k, f"{key}", path): _coerce(value_type, v, f"{key}.{k}", path) for k, v in value.items()
-        }
+        return {_coerce(key_type, k, key, path): _coerce(value_type, v, f"{key}.{k}", path) for k, v in value.items()}
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -196,17 +186,3 @@ def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
-
-__all__ = [
-    "PARAMS_FILE",
-    "PROFILES",
-    "FieldError",
-    "ParamsError",
-    "from_mapping",
-    "known_values",
-    "load_section",
-    "profile_of",
-    "read_params",
-    "section_of",
-    "seed_of",
-]

@@ -1,17 +1,11 @@
-"""Stage `probe@<member>`: how much memory a member needs to train, and the gradient accumulation that fits a budget.
+"""Stage `probe@<member>`: the memory a member needs to train, and the gradient accumulation that fits a budget.
 
-As in the seeds ("Road to the Top", part 3): train the member briefly on the smallest class only; every step sees
-as many images of the same size as the real run, so the peak memory is the real run's, at a fraction of the time.
-The smallest class is the one of the data actually loaded (counted in train.csv), recorded in the metrics.
-Each candidate accum is measured; the chosen accum is the smallest whose peak fits `probe.budget_gib` (the target
-GPU's memory). On CUDA the peak is torch.cuda's, with memory freed between runs (gc + empty_cache, the GPU's
-process list logged); on CPU it is the peak resident memory of a fresh child process per run, so the runs cannot
-leak into each other's numbers.
-
-Outputs: metrics/probe/<member>.json (peaks, seconds: for people and `dvc metrics`),
-metrics/probe/<member>.accum.json (the decision: the accum train uses and its source, nothing measured, so a re-probe
-with the same outcome leaves it byte-identical and retrains nothing; the only probe file train reads),
-plots/probe/<member>.csv (peak vs accum) and plots/probe/<member>.png (the same with the budget line).
+As in the seeds ("Road to the Top", part 3): a short fit on the smallest class of the data loaded, every step the
+real run's images, so its peak memory is the real run's. The chosen accum is the smallest whose peak fits
+`probe.budget_gib`. On CUDA the peak is torch.cuda's (memory freed between runs); on CPU, the peak RSS of a fresh
+child process per run. Outputs: metrics/probe/<member>.json (peaks, seconds), metrics/probe/<member>.accum.json (the
+decision alone, the only probe file train reads: a re-probe with the same outcome retrains nothing) and
+plots/probe/<member>.{csv,png} (peak vs accum, with the budget line).
 """
 
 from __future__ import annotations
@@ -67,11 +61,8 @@ class ProbeError(RuntimeError):
 def smallest_class_table(table: pd.DataFrame, bs: int, seed: int) -> pd.DataFrame:
     """The smallest class's rows with an `is_valid` column, the training rows repeated to at least 2 * bs.
 
-    The smallest class is that of `table`, the data actually loaded. Repeating matters on small data (the demo's
-    smallest class has ~30 images, fewer than bs): fastai drops the last incomplete training batch, and every step
-    must see `bs // accum` images, the real run's memory per step. Two effective batches, because the optimiser's
-    state only exists from the first step on, so the second step is the first to hold weights, gradients, optimiser
-    state and activations at once (the real run's peak).
+    fastai drops an incomplete last batch, and the demo's smallest class is smaller than bs. Two batches: the second
+    step is the first to hold the optimiser's state too (the real run's peak).
     """
     label, count = smallest_class(table["label"])
     if count < 2:
@@ -86,20 +77,10 @@ def smallest_class_table(table: pd.DataFrame, bs: int, seed: int) -> pd.DataFram
     )
 
 
-def candidate_accums(accums: list[int], explicit_accum: int | None) -> list[int]:
-    """The accums to measure: the candidates, plus a member's explicit accum so its peak is known too."""
-    return sorted(set(accums) | ({explicit_accum} if explicit_accum is not None else set()))
 
-
-
-def probe_fit(
-    member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int, precision: str = "auto"
-) -> None:
-    """A short fit of the member exactly as train builds it, unfrozen.
-
-    Unfrozen is the worst case for memory (a frozen body keeps no gradients), and what the seeds probe with
-    (finetune=False); fine_tune's unfrozen epochs need the same.
-    """
+def probe_fit(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int,
+              precision: str = "auto") -> None:
+    """A short fit of the member as train builds it, unfrozen: the worst case for memory, as the seeds probe."""
     seed_everything(seed)
     dls = member_dataloaders(member, table, bs, accum, seed)
     learn = member_learner(member, dls, bs, accum, mixed_precision=precision)
@@ -107,22 +88,19 @@ def probe_fit(
     learn.fit_one_cycle(epochs, member.lr if isinstance(member.lr, float) else LR_WHEN_FIND)
 
 
-def measure_cpu(
-    member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int, precision: str = "auto"
-) -> dict:
+def measure_cpu(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int,
+                precision: str = "auto") -> dict:
     """Peak resident memory of `probe_fit` at this accum, in a fresh child process."""
-    fit = functools.partial(probe_fit, member, table, bs, accum, seed, epochs, precision)
-    return peak_rss_in_child(fit, f"accum={accum}")
+    return peak_rss_in_child(functools.partial(probe_fit, member, table, bs, accum, seed, epochs, precision),
+                             f"accum={accum}")
 
 
 def peak_rss_in_child(fit: Callable[[], None], what: str) -> dict:
     """Peak resident memory of a fresh child process running `fit` (picklable), with its baseline and duration.
 
-    A fresh process per run, because freed memory is not reliably returned to the OS and a process's peak never
-    falls: measured in one process, every run after the largest would report the largest. The children fork from
-    a server that has only imported the libraries (multiprocessing's forkserver), so none starts with another's
-    memory and none pays the imports' ten seconds. A child killed by the kernel (out of memory) is recorded as not
-    fitting; one that fails otherwise fails the probe.
+    A process's peak never falls, so each run gets its own, forked from a server that only imported the libraries
+    (forkserver: no other run's memory, no ten seconds of imports). A child killed by the kernel (out of memory) did
+    not fit; any other failure fails the probe.
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["fastai.vision.all", "timm", "pipeline.probe"])
@@ -153,14 +131,8 @@ def _measure_in_child(sender, fit: Callable[[], None]) -> None:
         baseline = _peak_rss_bytes()
         fit()
         peak = _peak_rss_bytes()
-        sender.send(
-            {
-                "peak_gib": peak / GIB,
-                "baseline_gib": baseline / GIB,
-                "above_baseline_gib": (peak - baseline) / GIB,
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-        )
+        sender.send({"peak_gib": peak / GIB, "baseline_gib": baseline / GIB, "above_baseline_gib": (peak - baseline) / GIB,
+                     "seconds": round(time.perf_counter() - started, 2)})
     except Exception:
         sender.send({"failure": traceback.format_exc()})
 
@@ -170,9 +142,8 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_cuda(
-    member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int, precision: str = "auto"
-) -> dict:
+def measure_cuda(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int,
+                 precision: str = "auto") -> dict:
     """Peak CUDA memory of `probe_fit` at this accum, in this process."""
     outcome = cuda_peak(functools.partial(probe_fit, member, table, bs, accum, seed, epochs, precision))
     log(STAGE, f"GPU processes after accum={accum}:\n{outcome.pop('gpu_processes')}")
@@ -180,11 +151,10 @@ def measure_cuda(
 
 
 def cuda_peak(fit: Callable[[], None]) -> dict:
-    """Peak CUDA memory of `fit`, from a freshly emptied cache, and the GPU's process list once it is freed again.
+    """Peak CUDA memory of `fit` from an emptied cache, and the GPU's process list once freed again.
 
-    `peak_gib` is the peak reserved by PyTorch's caching allocator (what the GPU must have, near what nvidia-smi
-    shows less the CUDA context); `above_baseline_gib` is the peak allocated above what was allocated before. An
-    out-of-memory run is recorded as not fitting (the caller tries the next accum).
+    `peak_gib` is the caching allocator's peak reserved (what the GPU must have); `above_baseline_gib` the peak
+    allocated above what was before. Out of memory is recorded as not fitting.
     """
     free_cuda_memory()
     torch.cuda.reset_peak_memory_stats()
@@ -196,13 +166,8 @@ def cuda_peak(fit: Callable[[], None]) -> dict:
         outcome = {"peak_gib": None, "error": "CUDA out of memory"}
     else:
         allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-        outcome = {
-            "peak_gib": reserved / GIB,
-            "peak_reserved_gib": reserved / GIB,
-            "peak_allocated_gib": allocated / GIB,
-            "baseline_gib": baseline / GIB,
-            "above_baseline_gib": (allocated - baseline) / GIB,
-        }
+        outcome = {"peak_gib": reserved / GIB, "peak_reserved_gib": reserved / GIB, "peak_allocated_gib": allocated / GIB,
+                   "baseline_gib": baseline / GIB, "above_baseline_gib": (allocated - baseline) / GIB}
     outcome["seconds"] = round(time.perf_counter() - started, 2)
     outcome["gpu_processes"] = free_cuda_memory()
     return outcome
@@ -217,36 +182,22 @@ def free_cuda_memory() -> str:
 
 
 
-def probe_member(
-    name: str,
-    member: MemberConfig,
-    table: pd.DataFrame,
-    config: ProbeConfig,
-    bs: int,
-    seed: int,
-    measure: Measure,
-) -> dict:
+def probe_member(name: str, member: MemberConfig, table: pd.DataFrame, config: ProbeConfig, bs: int, seed: int,
+                 measure: Measure) -> dict:
     """Measure every candidate accum on the smallest class and choose one; `accum`/`accum_source` are the decision."""
     probe_table = smallest_class_table(table, bs, seed)
     label, count = smallest_class(table["label"])
     peaks = {}
-    for accum in candidate_accums(config.accums, member.accum):
+    for accum in sorted(set(config.accums) | ({member.accum} - {None})):  # a member's own accum is measured too
         log(STAGE, f"{name}: {member.arch}, {batch_size(bs, accum)} images per step (accum={accum}) ...")
         peaks[accum] = measure(member, probe_table, bs, accum, seed, config.epochs)
         peaks[accum]["fits"] = peaks[accum]["peak_gib"] is not None and peaks[accum]["peak_gib"] <= config.budget_gib
         log(STAGE, f"{name}: accum={accum}: {_shown_peak(peaks[accum])}")
     chosen = choose_accum({accum: run["peak_gib"] for accum, run in peaks.items()}, config.budget_gib)
-    result = {
-        "member": name,
-        "arch": member.arch,
-        "bs": bs,
-        "budget_gib": config.budget_gib,
-        "smallest_class": {"label": label, "count": count},
-        "train_images_per_epoch": int((~probe_table["is_valid"]).sum()),
-        "epochs": config.epochs,
-        "peaks": {str(accum): run for accum, run in peaks.items()},
-        "chosen_accum": chosen,
-    }
+    result = {"member": name, "arch": member.arch, "bs": bs, "budget_gib": config.budget_gib,
+              "smallest_class": {"label": label, "count": count},
+              "train_images_per_epoch": int((~probe_table["is_valid"]).sum()), "epochs": config.epochs,
+              "peaks": {str(accum): run for accum, run in peaks.items()}, "chosen_accum": chosen}
     if chosen is None and member.accum is None:
         return result | {"accum": None, "accum_source": None}
     accum, source = accum_to_use(member, {"member": name, "accum": chosen, "accum_source": "probe"})
@@ -254,10 +205,7 @@ def probe_member(
 
 
 def decision(result: Mapping[str, Any]) -> dict:
-    """metrics/probe/<member>.accum.json: what train reads, and nothing measured (seconds, peaks).
-
-    `accum` is null (and train refuses to start) when nothing fitted and the member sets no accum of its own.
-    """
+    """metrics/probe/<member>.accum.json: what train reads, nothing measured; accum null: nothing fitted."""
     return {"member": result["member"], "accum": result["accum"], "accum_source": result["accum_source"]}
 
 
@@ -271,36 +219,23 @@ def check_fits(result: Mapping[str, Any]) -> None:
         smallest = f"its smallest peak is {peak:.2f} GiB at accum={accum}"
     else:
         smallest = "every run ran out of memory"
-    raise ProbeError(
-        f"member {result['member']!r} does not fit the {result['budget_gib']} GiB budget (probe.budget_gib) at any "
-        f"accum in {list(map(int, result['peaks']))}: {smallest}; add a larger accum to probe.accums, lower the "
-        "member's size/resize or pick a smaller arch, raise probe.budget_gib, or set the member's accum explicitly"
-    )
+    raise ProbeError(f"member {result['member']!r} does not fit the {result['budget_gib']} GiB budget (probe.budget_gib) "
+                     f"at any accum in {list(map(int, result['peaks']))}: {smallest}; add a larger accum to probe.accums, "
+                     "lower the member's size/resize or pick a smaller arch, raise probe.budget_gib, or set the member's "
+                     "accum explicitly")
 
 
 def _shown_peak(run: Mapping[str, Any]) -> str:
     if run["peak_gib"] is None:
         return f"did not finish ({run['error']})"
-    return (
-        f"peak {run['peak_gib']:.3f} GiB ({run['above_baseline_gib']:.3f} GiB above baseline), "
-        f"{'fits' if run['fits'] else 'over budget'}, {run['seconds']} s"
-    )
-
+    return (f"peak {run['peak_gib']:.3f} GiB ({run['above_baseline_gib']:.3f} GiB above baseline), "
+            f"{'fits' if run['fits'] else 'over budget'}, {run['seconds']} s")
 
 def plot_rows(result: Mapping[str, Any]) -> pd.DataFrame:
     """One row per measured accum: what dvc plots draws (peak and budget vs accum)."""
-    return pd.DataFrame(
-        [
-            {
-                "member": result["member"],
-                "accum": int(accum),
-                "peak_gib": run["peak_gib"],
-                "above_baseline_gib": run.get("above_baseline_gib"),
-                "budget_gib": result["budget_gib"],
-            }
-            for accum, run in result["peaks"].items()
-        ]
-    )
+    return pd.DataFrame([{"member": result["member"], "accum": int(accum), "peak_gib": run["peak_gib"],
+                          "above_baseline_gib": run.get("above_baseline_gib"), "budget_gib": result["budget_gib"]}
+                         for accum, run in result["peaks"].items()])
 
 
 def device_name(device: torch.device) -> str:
@@ -308,11 +243,8 @@ def device_name(device: torch.device) -> str:
 
 
 def write_budget_chart(result: Mapping[str, Any], path: Path) -> None:
-    """Peak memory vs accum with the budget as a line (dvc's templates draw one y column per plot output).
-
-    Log scale, so that a demo model's few hundred MiB and a 16 GiB budget are both readable. matplotlib's Figure
-    directly, not pyplot: no global figure state and no GUI backend to choose.
-    """
+    """Peak memory vs accum with the budget line (dvc's templates draw one y column), log scale: a demo's MiB and a
+    16 GiB budget both read. A bare Figure: no pyplot state, no GUI backend."""
     rows = plot_rows(result)
     figure = Figure(figsize=(6, 4))
     axes = figure.subplots()
@@ -344,16 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit(f"{STAGE}: usage: python -m pipeline.probe <member> (a name under train.members)")
-    name = args[0]
-    params = read_params()
-    profile = profile_of(params)
+    name, params = args[0], read_params()
     train = load_train_config(params)
     member = train.member(name)
     # Under DDP each GPU holds bs // processes of the batch: measure the memory one GPU needs.
     processes = process_count(train.devices)
     bs = process_batch(train.bs, processes)
     config = load_probe_config(params, train.bs, processes)
-    seed = seed_of(params)
     data_dir = member_data_dir(member.images)
     if not train_csv(data_dir).is_file():
         raise ProbeError(f"{train_csv(data_dir)}: not found; run `dvc repro {WRITTEN_BY[data_dir]}` first")
@@ -362,15 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     # The probe measures in the precision train will use: fp16 and fp32 activations differ twofold.
     measure = functools.partial(measure_cuda if device.type == "cuda" else measure_cpu, precision=train.precision)
-    result = probe_member(name, member, table, config, bs, seed, measure)
-    result = {
-        "profile": profile,
-        "device": device_name(device),
-        "processes": processes,
-        "memory": "torch.cuda peak reserved" if device.type == "cuda" else "peak RSS of a fresh child process",
-        **result,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    result = {"profile": profile_of(params), "device": device_name(device), "processes": processes,
+              "memory": "torch.cuda peak reserved" if device.type == "cuda" else "peak RSS of a fresh child process",
+              **probe_member(name, member, table, config, bs, seed_of(params), measure),
+              "seconds": round(time.perf_counter() - started, 1)}
     write_outputs(result, METRICS_DIR / f"{name}.json", probe_decision_path(name), PLOTS_DIR / f"{name}.csv",
                   PLOTS_DIR / f"{name}.png")
     check_fits(result)

@@ -1,8 +1,6 @@
-"""Submission CSVs: build one from probabilities, and check one against sample_submission.csv before it is used.
+"""Submission CSVs: built from probabilities, checked against sample_submission.csv (columns, ids, order, labels).
 
-Shared by the `ensemble` stage (which writes them) and `make submit` (which uploads one), so that both hold a
-submission to the same rules: sample_submission's columns, ids, row count and row order, and every label in the
-vocab.
+Shared by `ensemble` (which writes them) and `make submit` (which uploads one), so both apply the same rules.
 """
 
 from __future__ import annotations
@@ -50,10 +48,7 @@ def build_submission(image_ids: Sequence[str], probs: np.ndarray, vocab: Sequenc
 
 
 def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame, vocab: Sequence[str], name: str) -> None:
-    """Raise SubmissionError unless `submission` has sample's columns, ids in sample's order, and labels in vocab.
-
-    `name` is the file the submission is (or will be) at, so the one-line error says which one is wrong.
-    """
+    """Raise SubmissionError (naming file `name`) unless `submission` has sample's columns and ids, labels in vocab."""
     columns = list(submission.columns)
     if columns != list(SUBMISSION_COLUMNS):
         raise SubmissionError(f"{name}: columns are {columns[:5]}; expected {list(SUBMISSION_COLUMNS)}; {REWRITE}")
@@ -64,17 +59,13 @@ def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame, vocab: S
     mismatch = np.flatnonzero(ids != expected)
     if len(mismatch):
         row = int(mismatch[0])
-        raise SubmissionError(
-            f"{name}: row {row + 1} has image_id {ids[row]!r} where sample_submission.csv has {expected[row]!r} "
-            f"(same ids, same order required); {REWRITE}"
-        )
+        raise SubmissionError(f"{name}: row {row + 1} has image_id {ids[row]!r} where sample_submission.csv has "
+                              f"{expected[row]!r} (same ids, same order required); {REWRITE}")
     labels = submission["label"]
     unknown = labels[~labels.isin(list(vocab))]
     if len(unknown):
-        raise SubmissionError(
-            f"{name}: label {unknown.iloc[0]!r} (row {int(unknown.index[0]) + 1}) is not one of the "
-            f"{len(vocab)} classes {', '.join(vocab)}; {REWRITE}"
-        )
+        raise SubmissionError(f"{name}: label {unknown.iloc[0]!r} (row {int(unknown.index[0]) + 1}) is not one of the "
+                              f"{len(vocab)} classes {', '.join(vocab)}; {REWRITE}")
 
 
 def read_submission(path: Path | str) -> pd.DataFrame:
@@ -89,12 +80,3 @@ def write_submission_csv(path: Path | str, submission: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         submission.to_csv(tmp, index=False)
 
-
-__all__ = [
-    "SubmissionError",
-    "build_submission",
-    "read_sample_submission",
-    "read_submission",
-    "validate_submission",
-    "write_submission_csv",
-]
