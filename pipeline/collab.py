@@ -1,12 +1,9 @@
 """Stage `collab`: collaborative filtering on MovieLens 100k, the seeds' DotProductBias trained with fastai.
 
-The model is the dot product of user and movie latent factors plus a user bias and a movie bias, squashed by
-sigmoid_range into y_range (fastbook chapter 8), written out as the seeds do instead of fastai's EmbeddingDotBias so
-the reader sees every parameter; fastai's collab_learner is the reference it is benchmarked against
-(benchmarks/collab.py). Trained with fit_one_cycle and weight decay on a seeded 80/20 split.
-
-Outputs: models/collab.pth (weights + id vocabularies), metrics/collab.json (validation MSE/RMSE, time),
-dvclive/collab (training curves), reports/collab/ (movie-bias ranking, PCA map of movie factors, "movies like X").
+Written out as in fastbook chapter 8, not fastai's EmbeddingDotBias, so the reader sees every parameter (fastai's
+collab_learner is the reference in benchmarks/collab.py); fit_one_cycle with weight decay on a seeded split.
+Outputs: models/collab.pth (weights + id vocabularies), metrics/collab.json, dvclive/collab and reports/collab/
+(movie-bias ranking, PCA map of movie factors, "movies like X").
 """
 
 from __future__ import annotations
@@ -91,26 +88,17 @@ def random_split(n_rows: int, valid_pct: float, seed: int) -> tuple[np.ndarray, 
     return np.asarray(train), np.asarray(valid)
 
 
-def kfold_splits(n_rows: int, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    return list(KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.arange(n_rows)))
-
-
 def collab_dataloaders(ratings: pd.DataFrame, splits, bs: int, seed: int):
     """fastai's collab DataLoaders (Categorify on user and movie, fitted on the training rows only) for `splits`."""
     seed_everything(seed)
-    tabular = TabularCollab(
-        ratings[["user", "movie", "rating"]], [Categorify], ["user", "movie"], y_names=["rating"],
-        y_block=TransformBlock(), splits=[list(split) for split in splits],
-    )
-    return tabular.dataloaders(bs=bs)
+    return TabularCollab(ratings[["user", "movie", "rating"]], [Categorify], ["user", "movie"], y_names=["rating"],
+                         y_block=TransformBlock(), splits=[list(split) for split in splits]).dataloaders(bs=bs)
 
 
 
 def make_learner(dls, config: CollabConfig, cbs=()):
     """Learner around our DotProductBias, MSE loss, RMSE per epoch."""
-    model = DotProductBias(
-        len(dls.classes["user"]), len(dls.classes["movie"]), config.n_factors, tuple(config.y_range)
-    )
+    model = DotProductBias(len(dls.classes["user"]), len(dls.classes["movie"]), config.n_factors, tuple(config.y_range))
     learn = Learner(dls, model, loss_func=MSELossFlat(), metrics=rmse, cbs=list(cbs))
     quiet_progress(learn)
     return learn
@@ -151,17 +139,16 @@ def train_and_evaluate(ratings: pd.DataFrame, splits, config: CollabConfig, cbs=
 
 def cross_validated_rmse(ratings: pd.DataFrame, config: CollabConfig, folds: int) -> dict:
     """RMSE of `folds`-fold cross-validation (seeded KFold): per fold, mean and standard deviation."""
-    per_fold = [train_and_evaluate(ratings, split, config)[1]["rmse"] for split in kfold_splits(len(ratings), folds, config.seed)]
-    return {"folds": folds, "rmse_per_fold": per_fold, "rmse_mean": float(np.mean(per_fold)), "rmse_std": float(np.std(per_fold))}
+    splits = KFold(n_splits=folds, shuffle=True, random_state=config.seed).split(np.arange(len(ratings)))
+    per_fold = [train_and_evaluate(ratings, split, config)[1]["rmse"] for split in splits]
+    return {"folds": folds, "rmse_per_fold": per_fold, "rmse_mean": float(np.mean(per_fold)),
+            "rmse_std": float(np.std(per_fold))}
 
 
 
 @dataclass(frozen=True)
 class TrainedCollab:
-    """Weights as numpy arrays plus the raw ids they belong to: what models/collab.pth holds.
-
-    Row 0 of each table is fastai's '#na#' category (never seen in training); row i+1 belongs to ids[i].
-    """
+    """What models/collab.pth holds: weights as numpy arrays and their raw ids (row i+1 is ids[i]; row 0 '#na#')."""
 
     user_ids: np.ndarray
     movie_ids: np.ndarray
@@ -201,12 +188,8 @@ def load_model(path: Path = MODEL_FILE) -> TrainedCollab:
 
 
 def predict(trained: TrainedCollab, users, movies) -> pd.DataFrame:
-    """Predicted ratings for (user, movie) pairs given as raw ids; unknown ids fall back to biases (cold start).
-
-    A user (movie) never seen in training has no factors; its bias is taken as the mean bias of known users
-    (movies), so an unknown user gets the movie's bias-based rating, and an unknown pair the global baseline.
-    Column `basis` says which case each row is.
-    """
+    """Predicted ratings for (user, movie) pairs of raw ids; an unknown id (cold start) has no factors and the mean
+    bias of the known ones. Column `basis` says which case each row is."""
     users, movies = np.asarray(users), np.asarray(movies)
     user_rows, known_user = _rows(trained.user_ids, users)
     movie_rows, known_movie = _rows(trained.movie_ids, movies)
@@ -276,8 +259,8 @@ def query_titles(table: pd.DataFrame, count: int = 3) -> list[str]:
 
 
 def plot_pca_map(trained: TrainedCollab, table: pd.DataFrame, path: Path, n_fit: int = 1000, n_shown: int = 50) -> None:
-    """Movie factors of the `n_fit` most-rated movies projected on their first two principal components (as fastbook),
-    with the `n_shown` most-rated labelled by title."""
+    """The `n_fit` most-rated movies' factors on their first two principal components (as fastbook), the `n_shown`
+    most-rated labelled by title."""
     popular = table.sort_values("n_ratings", ascending=False).head(n_fit)
     coords = PCA(n_components=2, random_state=0).fit_transform(trained.movie_factors[popular.index])
     shown = slice(0, min(n_shown, len(popular)))
@@ -289,15 +272,13 @@ def plot_pca_map(trained: TrainedCollab, table: pd.DataFrame, path: Path, n_fit:
         axes.text(x, y, title, fontsize=8)
     axes.set(title=f"Movie factors: first two principal components ({len(popular)} most-rated movies; labelled: top {n_shown})",
              xlabel="PC 1", ylabel="PC 2")
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
 
 
 def plot_training_curves(learn, path: Path) -> None:
     figure = Figure()
     learn.recorder.plot_loss(ax=figure.subplots())
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
 
 
 def write_reports(learn, trained: TrainedCollab, ratings, movies, min_ratings: int, reports_dir: Path = REPORTS_DIR) -> None:

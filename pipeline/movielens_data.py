@@ -1,20 +1,14 @@
 """Stage `movielens_data`: the MovieLens 100k ratings and titles in data/movielens/, verified.
 
-Sources (param `movielens.source`):
-- `grouplens`: GroupLens' ml-100k.zip (u.data tab-separated, u.item latin-1 pipe-separated), as the seeds read it.
-- `recbole`: the same ratings and titles shipped inside the recbole wheel (RecBole's atomic files), fetched from PyPI
-  with `pip download --no-deps` and read straight out of the wheel: PyPI is reachable where GroupLens is not.
-- `auto`: GroupLens with a short timeout, else recbole.
-- a path: an ml-100k zip, a folder holding u.data and u.item, a recbole wheel, or a folder in our own layout
-  (ratings.csv, movies.csv).
-Downloads are cached in data/downloads/ so reruns do not fetch again. Output: ratings.csv (user, movie, rating,
-timestamp), movies.csv (movie, title) and SOURCE.json, swapped in atomically; metrics/movielens_data.json.
+`movielens.source`: `grouplens` (ml-100k.zip, as the seeds read it), `recbole` (the same files inside the recbole
+wheel, from PyPI with `pip download --no-deps`: PyPI is reachable where GroupLens is not), `auto` (GroupLens with a
+short timeout, else recbole), or a local path (LOCAL_LAYOUTS). Downloads are cached in data/downloads/. Output:
+ratings.csv, movies.csv and SOURCE.json, swapped in atomically; metrics/movielens_data.json.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 import tempfile
@@ -26,7 +20,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from pipeline.common import atomic_path, banner, file_sha256, log, stage_main, write_json
+from pipeline.common import atomic_path, banner, file_sha256, json_text, log, stage_main, write_json
 from pipeline.params import ParamsError, load_section, read_params
 
 STAGE = "movielens_data"
@@ -78,34 +72,23 @@ class MovieLens:
     source: str  # what was read, for SOURCE.json and the banner
 
 
-
 def read_grouplens_zip(path: Path, fix: str = LOCAL_LAYOUTS) -> MovieLens:
     """ml-100k.zip as GroupLens publishes it: ml-100k/u.data and ml-100k/u.item; `fix` ends the error if unreadable."""
     with _open_zip(path, fix) as archive:
-        data_name = _member_ending(archive, "u.data", path)
-        item_name = _member_ending(archive, "u.item", path)
-        ratings = _read_table(archive.read(data_name), f"{path}:{data_name}", sep="\t", names=RATING_COLUMNS)
-        movies = _read_table(
-            archive.read(item_name), f"{path}:{item_name}", sep="|", names=MOVIE_COLUMNS, usecols=(0, 1), encoding="latin-1"
-        )
-    return MovieLens(ratings, movies, f"grouplens:{path.name}")
+        names = [_member_ending(archive, name, path) for name in ("u.data", "u.item")]
+        return _grouplens(*[(archive.read(name), f"{path}:{name}") for name in names], f"grouplens:{path.name}")
 
 
-def read_grouplens_folder(folder: Path) -> MovieLens:
-    """An extracted ml-100k folder (u.data, u.item)."""
-    ratings = _read_table((folder / "u.data").read_bytes(), folder / "u.data", sep="\t", names=RATING_COLUMNS)
-    movies = _read_table(
-        (folder / "u.item").read_bytes(), folder / "u.item", sep="|", names=MOVIE_COLUMNS, usecols=(0, 1), encoding="latin-1"
-    )
-    return MovieLens(ratings, movies, f"grouplens:{folder}")
+def _grouplens(data: tuple[bytes, Any], item: tuple[bytes, Any], source: str) -> MovieLens:
+    """u.data (tab-separated) and u.item (latin-1, pipe-separated), each as (content, where it is)."""
+    ratings = _read_table(*data, sep="\t", names=RATING_COLUMNS)
+    movies = _read_table(*item, sep="|", names=MOVIE_COLUMNS, usecols=(0, 1), encoding="latin-1")
+    return MovieLens(ratings, movies, source)
 
 
 def read_recbole_wheel(path: Path, fix: str = LOCAL_LAYOUTS) -> MovieLens:
-    """ml-100k from inside the recbole wheel: RecBole atomic files with typed headers (`user_id:token` ...).
-
-    RecBole splits GroupLens' 'Star Wars (1977)' into a title and a release_year column; we join them back so titles
-    read as in the seeds whichever source was used.
-    """
+    """ml-100k from inside the recbole wheel: RecBole atomic files with typed headers (`user_id:token` ...); its
+    split title and release_year are joined back into GroupLens' 'Star Wars (1977)'."""
     with _open_zip(path, fix) as archive:
         missing = [name for name in RECBOLE_MEMBERS if name not in archive.namelist()]
         if missing:
@@ -113,8 +96,8 @@ def read_recbole_wheel(path: Path, fix: str = LOCAL_LAYOUTS) -> MovieLens:
         inter_name, item_name = RECBOLE_MEMBERS
         inter = _read_table(archive.read(inter_name), f"{path}:{inter_name}", sep="\t", header=0)
         items = _read_table(archive.read(item_name), f"{path}:{item_name}", sep="\t", header=0, dtype=str, keep_default_na=False)
-    inter.columns = [name.split(":")[0] for name in inter.columns]
-    items.columns = [name.split(":")[0] for name in items.columns]
+    for table in (inter, items):
+        table.columns = [name.split(":")[0] for name in table.columns]
     _require_columns(inter, ("user_id", "item_id", "rating", "timestamp"), f"{path}:{inter_name}")
     _require_columns(items, ("item_id", "movie_title", "release_year"), f"{path}:{item_name}")
     ratings = inter.rename(columns={"user_id": "user", "item_id": "movie"})[list(RATING_COLUMNS)]
@@ -122,15 +105,8 @@ def read_recbole_wheel(path: Path, fix: str = LOCAL_LAYOUTS) -> MovieLens:
     return MovieLens(ratings, movies, f"recbole:{path.name}")
 
 
-def read_csv_folder(folder: Path) -> MovieLens:
-    """A folder in this stage's own output layout (ratings.csv, movies.csv)."""
-    ratings = _read_table((folder / "ratings.csv").read_bytes(), folder / "ratings.csv", header=0)
-    movies = _read_table((folder / "movies.csv").read_bytes(), folder / "movies.csv", header=0)
-    return MovieLens(ratings, movies, f"local:{folder}")
-
-
 def read_local(path: Path) -> MovieLens:
-    """Any of the layouts a local path may hold."""
+    """Any of the layouts a local path may hold: a zip or wheel, GroupLens' folder or ours (ratings.csv, movies.csv)."""
     if not path.exists():
         raise MovielensDataError(f"{path}: not found; set movielens.source to auto, grouplens, recbole or an existing path")
     if path.is_file() and not zipfile.is_zipfile(path):
@@ -140,9 +116,11 @@ def read_local(path: Path) -> MovieLens:
     if path.is_file():
         return read_grouplens_zip(path)
     if (path / "u.data").is_file() and (path / "u.item").is_file():
-        return read_grouplens_folder(path)
+        files = [path / "u.data", path / "u.item"]
+        return _grouplens(*[(file.read_bytes(), file) for file in files], f"grouplens:{path}")
     if (path / "ratings.csv").is_file() and (path / "movies.csv").is_file():
-        return read_csv_folder(path)
+        ratings, movies = (_read_table(file.read_bytes(), file, header=0) for file in (path / "ratings.csv", path / "movies.csv"))
+        return MovieLens(ratings, movies, f"local:{path}")
     raise MovielensDataError(f"{path}: holds neither u.data and u.item nor ratings.csv and movies.csv; {LOCAL_LAYOUTS}")
 
 
@@ -178,17 +156,13 @@ def _read_table(raw: bytes, where, **read_csv_args) -> pd.DataFrame:
 def _require_columns(table: pd.DataFrame, columns, where) -> None:
     missing = [name for name in columns if name not in table.columns]
     if missing:
-        raise MovielensDataError(
-            f"{where}: missing column '{missing[0]}' (has {', '.join(map(str, table.columns))}); expected {', '.join(columns)}"
-        )
-
+        raise MovielensDataError(f"{where}: missing column '{missing[0]}' (has {', '.join(map(str, table.columns))}); "
+                                 f"expected {', '.join(columns)}")
 
 
 def validate(data: MovieLens, where: str, expected_counts: dict | None = None) -> MovieLens:
-    """Typed, checked tables: integer ids, ratings in 1..5, a title for every rated movie; else MovielensDataError.
-
-    `expected_counts` (e.g. ML_100K_COUNTS) also checks the sizes of a known release.
-    """
+    """Typed, checked tables: integer ids, ratings in 1..5, a title for every rated movie, and `expected_counts` (the
+    sizes of a known release, e.g. ML_100K_COUNTS); else MovielensDataError."""
     ratings, movies = data.ratings, data.movies
     _require_columns(ratings, RATING_COLUMNS, f"{where} ratings")
     _require_columns(movies, MOVIE_COLUMNS, f"{where} movies")
@@ -204,19 +178,16 @@ def validate(data: MovieLens, where: str, expected_counts: dict | None = None) -
     bad = rating.isna() | (rating < low) | (rating > high)
     if bad.any():
         row = bad.to_numpy().nonzero()[0][0]
-        raise MovielensDataError(
-            f"{where} ratings: {int(bad.sum())} rating(s) outside {low}..{high} (first: row {row}, "
-            f"{ratings['rating'].iloc[row]!r}); fix or drop those rows"
-        )
+        raise MovielensDataError(f"{where} ratings: {int(bad.sum())} rating(s) outside {low}..{high} (first: row {row}, "
+                                 f"{ratings['rating'].iloc[row]!r}); fix or drop those rows")
     ratings["rating"] = rating.astype("float32")
     if movies["movie"].duplicated().any():
         dup = movies.loc[movies["movie"].duplicated(), "movie"].iloc[0]
         raise MovielensDataError(f"{where} movies: movie id {dup} appears twice; keep one title per id")
     untitled = sorted(set(ratings["movie"]) - set(movies["movie"]))
     if untitled:
-        raise MovielensDataError(
-            f"{where}: {len(untitled)} rated movie id(s) have no title (first: {untitled[0]}); add them to the movies file"
-        )
+        raise MovielensDataError(f"{where}: {len(untitled)} rated movie id(s) have no title (first: {untitled[0]}); "
+                                 "add them to the movies file")
     movies["title"] = movies["title"].astype(str)
     checked = MovieLens(ratings.reset_index(drop=True), movies.sort_values("movie").reset_index(drop=True), data.source)
     if expected_counts:
@@ -224,9 +195,8 @@ def validate(data: MovieLens, where: str, expected_counts: dict | None = None) -
         wrong = {k: v for k, v in expected_counts.items() if found[k] != v}
         if wrong:
             key = next(iter(wrong))
-            raise MovielensDataError(
-                f"{where}: {key} is {found[key]}, expected {wrong[key]} for ML-100k; the download is damaged, {REFETCH}"
-            )
+            raise MovielensDataError(f"{where}: {key} is {found[key]}, expected {wrong[key]} for ML-100k; the download is "
+                                     f"damaged, {REFETCH}")
     return checked
 
 
@@ -235,19 +205,14 @@ def _integer_column(values: pd.Series, where: str, column: str) -> pd.Series:
     bad = numbers.isna() | (numbers != numbers.round())
     if bad.any():
         row = bad.to_numpy().nonzero()[0][0]
-        raise MovielensDataError(
-            f"{where}: column '{column}' needs integer ids, row {row} has {values.iloc[row]!r}; fix or drop that row"
-        )
+        raise MovielensDataError(f"{where}: column '{column}' needs integer ids, row {row} has {values.iloc[row]!r}; fix "
+                                 "or drop that row")
     return numbers.astype("int64")
 
 
 def counts(data: MovieLens) -> dict:
-    return {
-        "n_ratings": len(data.ratings),
-        "n_users": int(data.ratings["user"].nunique()),
-        "n_movies": int(data.ratings["movie"].nunique()),
-    }
-
+    return {"n_ratings": len(data.ratings), "n_users": int(data.ratings["user"].nunique()),
+            "n_movies": int(data.ratings["movie"].nunique())}
 
 
 def fetch_grouplens(downloads: Path, timeout_s: float) -> Path:
@@ -273,9 +238,8 @@ def fetch_recbole_wheel(downloads: Path) -> Path:
         wheels = sorted(Path(tmp).glob("recbole-*.whl"))
         if result.returncode != 0 or not wheels:
             reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise MovielensDataError(
-                f"pip download recbole failed ({reason}); set movielens.source to a local ml-100k zip or folder"
-            )
+            raise MovielensDataError(f"pip download recbole failed ({reason}); set movielens.source to a local ml-100k "
+                                     "zip or folder")
         with atomic_path(downloads / wheels[0].name) as staged:
             staged.write_bytes(wheels[0].read_bytes())
     return downloads / wheels[0].name
@@ -288,9 +252,8 @@ def load(config: MovielensConfig, downloads: Path = DOWNLOADS_DIR) -> MovieLens:
             archive = fetch_grouplens(downloads, config.timeout_s)
         except OSError as err:  # URLError and socket timeouts are OSErrors
             if config.source == "grouplens":
-                raise MovielensDataError(
-                    f"{GROUPLENS_URL}: unreachable ({err}); use source auto or recbole, or a local path"
-                ) from None
+                raise MovielensDataError(f"{GROUPLENS_URL}: unreachable ({err}); use source auto or recbole, or a "
+                                         "local path") from None
             log(STAGE, f"GroupLens unreachable ({err}); falling back to the recbole wheel")
         else:
             return validate(read_grouplens_zip(archive, REFETCH), str(archive), ML_100K_COUNTS)
@@ -306,15 +269,10 @@ def write_dataset(data: MovieLens, target: Path = DATA_DIR) -> dict:
         staging.mkdir()
         data.ratings.to_csv(staging / "ratings.csv", index=False)
         data.movies.to_csv(staging / "movies.csv", index=False)
-        source = {
-            "source": data.source,
-            **counts(data),
-            "sha256": {name: file_sha256(staging / name) for name in ("ratings.csv", "movies.csv")},
-        }
-        (staging / "SOURCE.json").write_text(json.dumps(source, indent=2) + "\n")
+        source = {"source": data.source, **counts(data),
+                  "sha256": {name: file_sha256(staging / name) for name in ("ratings.csv", "movies.csv")}}
+        (staging / "SOURCE.json").write_text(json_text(source))
     return source
-
-
 
 
 @stage_main(STAGE, ParamsError, MovielensDataError)

@@ -1,17 +1,11 @@
 """Profiles: params.yaml is pipeline/profiles/base.yaml, one profile on top, then your own params.local.yaml.
 
-`python -m pipeline.profile [NAME]` writes it (NAME defaults to the profile params.yaml names); `--print` shows it.
-base.yaml holds what every profile shares, demo.yaml and competition.yaml only what differs, params.local.yaml
-(optional, yours, committed with params.yaml) your own values, which every profile gets. Each layer goes on the one
-below it: mappings merge key by key, anything else (a number, a string, a list) replaces the value below.
-
-params.yaml itself is generated. A value changed in it directly (by hand, or `dvc exp run -S`) is found by
-comparing it with a fresh render of its profile and params.local.yaml, and the switch refuses, naming the key,
-rather than drop it; `--force` writes the profile anyway. Whenever the old file's text differs from that render
-(a comment included), it is kept as params.yaml.bak: nothing typed into params.yaml is lost silently.
-
-The merge is ruamel.yaml's (the library DVC reads params with), not OmegaConf.merge: ruamel keeps the comments,
-and params.yaml's comments are where each key is documented.
+`python -m pipeline.profile [NAME]` writes it (default: the profile params.yaml names); `--print` shows it. Mappings
+merge key by key; anything else (a number, a string, a list) replaces the value below. A value changed in
+params.yaml itself (by hand, `dvc exp run -S`) differs from a fresh render: the switch refuses, naming the key,
+unless `--force`; an old file that differs from its render in any way (a comment) is kept as params.yaml.bak.
+The merge is ruamel.yaml's (DVC's own YAML library), not OmegaConf.merge: ruamel keeps the comments that document
+each key.
 """
 
 from __future__ import annotations
@@ -29,7 +23,7 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.representer import RoundTripRepresenter
 
-from pipeline.common import atomic_path
+from pipeline.common import atomic_path, stage_main
 from pipeline.params import PARAMS_FILE, PROFILES
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -53,9 +47,8 @@ class _Representer(RoundTripRepresenter):
     """Writes `null` as `null` (ruamel's default is an empty value, which reads as a missing setting)."""
 
 
-_Representer.add_representer(
-    type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
-)
+_Representer.add_representer(type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null",
+                                                                                              "null"))
 
 
 def profile_file(name: str) -> Path:
@@ -82,8 +75,7 @@ def render_params(name: str, local_file: Path | None = None) -> dict:
 
 
 def merge_onto(base: CommentedMap, overlay: CommentedMap) -> None:
-    """Put `overlay` on `base` in place: mappings merge key by key, any other value replaces base's; a key base
-    lacks goes right after the key that precedes it in overlay."""
+    """Put `overlay` on `base` in place; a key base lacks goes right after the key that precedes it in overlay."""
     previous = None
     for key, value in overlay.items():
         if isinstance(base.get(key), dict) and isinstance(value, dict):
@@ -139,10 +131,7 @@ def _tidy(text: str) -> str:
 
 
 def differences(old: Any, new: Any, path: tuple = ()) -> Iterator[tuple]:
-    """Each path of keys where `new` differs from `old`: mappings key by key, anything else (a list too) whole.
-
-    Compared as JSON, so that YAML's `1`, `1.0` and `true` stay three different settings.
-    """
+    """Each path of keys where `new` differs from `old` (a list compared whole), as JSON: `1`, `1.0`, `true` differ."""
     if isinstance(old, dict) and isinstance(new, dict):
         for key in [*old, *(key for key in new if key not in old)]:
             yield from differences(old.get(key), new.get(key), (*path, key))
@@ -156,8 +145,8 @@ def dotted(path: tuple) -> str:
 
 def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, local_file: Path = LOCAL_FILE,
                    force: bool = False) -> str:
-    """Write profile `name` (default: the one params_file names) with local_file on top to params_file, refusing
-    to drop a value changed in params_file itself unless `force`; returns what was done, in one line."""
+    """Write profile `name` (default: params_file's) with local_file on top to params_file, refusing to drop a value
+    changed in params_file itself unless `force`; returns what was done, in one line."""
     params_file, local_file = Path(params_file), Path(local_file)
     backup = params_file.with_name(params_file.name + ".bak")
     text, origin, problem = _current(params_file)
@@ -174,11 +163,10 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
         raise ProfileError(f"{params_file} {problem}, so your values cannot be told from a profile's; fix it, or "
                            f"rerun with --force (writes the {name} profile and keeps your file as {backup})")
     if edits and not force:
-        raise ProfileError(
-            f"{params_file}: you changed {', '.join(map(dotted, edits[:3]))}{' and more' if len(edits) > 3 else ''} "
-            f"there, not in {local_file}; move your values into {local_file} (docs/profiles.md), or rerun with "
-            f"--force (writes the {name} profile and keeps your file as {backup})"
-        )
+        raise ProfileError(f"{params_file}: you changed {', '.join(map(dotted, edits[:3]))}"
+                           f"{' and more' if len(edits) > 3 else ''} there, not in {local_file}; move your values into "
+                           f"{local_file} (docs/profiles.md), or rerun with --force (writes the {name} profile and "
+                           f"keeps your file as {backup})")
     kept = text is not None and (origin is None or text != render_text(origin, local_file))
     if kept:
         shutil.copyfile(params_file, backup)
@@ -193,7 +181,7 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
 
 
 def _current(params_file: Path) -> tuple[str | None, str | None, str]:
-    """params_file's text, the profile it names (None when it names none) and, then, what is wrong with it."""
+    """params_file's text, the profile it names (or None) and then what is wrong with it."""
     if not params_file.is_file():
         return None, None, "does not exist"
     text = params_file.read_text()
@@ -214,11 +202,11 @@ def _leaves(values: Any, path: tuple = ()) -> Iterator[tuple]:
         yield path
 
 
-def _overlap(a: tuple, b: tuple) -> bool:
-    """One path is the other or lies inside it."""
+def _overlap(a: tuple, b: tuple) -> bool:  # one path is the other or lies inside it
     return a[: len(b)] == b or b[: len(a)] == a
 
 
+@stage_main("profile", ProfileError)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile", nargs="?", choices=PROFILES, help="default: the profile params.yaml names")
@@ -226,16 +214,12 @@ def main(argv: list[str] | None = None) -> None:
                                                              "params.yaml (kept as params.yaml.bak)")
     parser.add_argument("--print", action="store_true", help="print the params.yaml it would write instead")
     args = parser.parse_args(argv)
-    try:
-        if args.print:
-            name = args.profile or _current(PARAMS_FILE)[1]
-            if name is None:
-                raise ProfileError(f"{PARAMS_FILE} names no profile; name one: {', '.join(PROFILES)}")
-            print(render_text(name, LOCAL_FILE), end="")
-        else:
-            print(switch_profile(args.profile, force=args.force))
-    except ProfileError as err:
-        raise SystemExit(f"profile: {err}") from None
+    if not args.print:
+        return print(switch_profile(args.profile, force=args.force))
+    name = args.profile or _current(PARAMS_FILE)[1]
+    if name is None:
+        raise ProfileError(f"{PARAMS_FILE} names no profile; name one: {', '.join(PROFILES)}")
+    print(render_text(name, LOCAL_FILE), end="")
 
 
 if __name__ == "__main__":
