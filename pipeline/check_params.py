@@ -1,12 +1,9 @@
-"""Stage `params`: every key of params.yaml checked, by the loader of the stage that reads it, before any stage runs.
+"""Stage `params`: every key of params.yaml checked by the loader of the stage that reads it, before any stage runs.
 
-A typo in `collab` or in `ensemble.weights` would otherwise surface only when that stage runs, possibly after hours
-of training. Each stage's own loader does the checking, so every rule lives once; a top-level key that no stage
-reads (a misspelt section) is an error too. It imports no torch, so it takes a moment: the loaders of the stages
-that train are in pipeline/members.py and collab_config.py, and the names only timm and albumentations know (a
-member's arch and its albumentations transforms) are checked by every probe and train as it starts. The output,
-checks/params.txt, holds the same text whatever the params: DVC reruns this stage after any params edit, and paddy_data and movielens_data, which depend
-on it only so that they run after it, do not rerun because of it.
+Otherwise a typo in `collab` surfaces only when that stage runs, maybe after hours of training; a section that no
+stage reads is an error too. No torch (members.py, collab_config.py hold the training stages' loaders); timm's and
+albumentations' names are checked as each probe and train starts. checks/params.txt never changes, so the stages
+that depend on it (to run after it) never rerun because of it.
 """
 
 from __future__ import annotations
@@ -28,8 +25,7 @@ class ReadRecorder(Mapping):
     """The top level of params.yaml, remembering which keys the loaders asked for."""
 
     def __init__(self, params: Mapping[str, Any]):
-        self._params = params
-        self.read: set[str] = set()
+        self._params, self.read = params, set()
 
     def __getitem__(self, key: str) -> Any:
         self.read.add(key)
@@ -57,10 +53,8 @@ def check_params(params: Mapping[str, Any]) -> None:
     collab_config.load_collab_config(recorder)
     unread = [key for key in params if key not in recorder.read]
     if unread:
-        raise ParamsError(
-            f"{PARAMS_FILE}: unknown section '{unread[0]}': no stage reads it; remove it or use one of: "
-            f"{', '.join(sorted(recorder.read))}"
-        )
+        raise ParamsError(f"{PARAMS_FILE}: unknown section '{unread[0]}': no stage reads it; remove it or use one of: "
+                          f"{', '.join(sorted(recorder.read))}")
 
 
 @stage_main(STAGE, ParamsError)

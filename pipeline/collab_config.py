@@ -1,5 +1,4 @@
-"""The `collab` section: what the collab stage reads, apart from its fastai code, so that the params stage checks
-it without importing torch."""
+"""The `collab` section, apart from the collab stage so that the params stage checks it without torch."""
 
 from __future__ import annotations
 

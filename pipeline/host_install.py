@@ -1,18 +1,10 @@
-"""`make install PYTHON=...`: install paddy-pipeline into an existing Python (Kaggle, Colab, conda) without replacing
-its stack.
+"""`make install PYTHON=...`: install paddy-pipeline into an existing Python (Kaggle, Colab, conda), keeping its stack.
 
-Run by the host's interpreter itself as a script (`python pipeline/host_install.py`), before any dependency exists:
-so the standard library only, plus pip's vendored `packaging` (the same rules pip applies) and tomllib (pip's
-vendored tomli on 3.10).
-For each dependency of pyproject.toml (with the dev extra: pytest), against what is installed:
-- inside its range: kept, and pinned in a constraints file so that pip cannot move it while resolving the rest;
-- missing: installed at requirements.lock's version;
-- outside its range: upgraded (or downgraded) to the lock's version, pip resolving under the same constraints, so it
-  fails rather than replace a kept package (e.g. timm, pure Python, whose lock version accepts the host's torch);
-- torch or torchvision outside its range: refused, one line, nothing installed. Their CUDA build belongs to the
-  host (Kaggle's matches its driver); a PyPI wheel would bring several GB of another CUDA runtime.
-torch's and torchvision's own installed requirements (the nvidia-* CUDA libraries, triton, ...) are pinned too.
-paddy-pipeline itself is installed editable in the same pip run. One line per dependency says what happened.
+Run by the host's interpreter before any dependency exists: the standard library and pip's vendored packaging and
+tomli only. Each dependency of pyproject.toml (dev extra included) inside its range is kept and pinned (with torch's
+and torchvision's installed requirements) in a constraints file; a missing one is installed at requirements.lock's
+version; one outside its range moves to the lock's version under the same constraints, except torch and torchvision:
+refused, one line (their CUDA build is the host's). The project is installed editable in the same pip run.
 """
 
 from __future__ import annotations

@@ -1,6 +1,4 @@
-"""The official Kaggle client, as the data stage and `make submit` use it: lazily imported, quietly authenticated,
-and its failures turned into one-line messages that never carry a secret.
-"""
+"""The official Kaggle client: imported lazily, authenticated quietly, its failures one secret-free line each."""
 
 from __future__ import annotations
 
@@ -18,11 +16,8 @@ NO_CREDENTIALS = (
     "or the KAGGLE_API_TOKEN variable (or kaggle.json in ~/.kaggle or $KAGGLE_CONFIG_DIR, or KAGGLE_USERNAME and "
     "KAGGLE_KEY)"
 )
-
-
-# What the official client raises when a call fails (kaggle 2.x, kagglesdk): requests' errors (OSErrors, HTTPError
-# among them, with the response), urllib3's that its download retries let through, and OSErrors of the files it
-# writes. Anything else is a bug, ours or the client's, and raises as itself.
+# What a failed client call raises (kaggle 2.x): requests' errors (OSErrors, with the response), urllib3's that its
+# retries let through, OSErrors of the files it writes. Anything else is a bug and raises as itself.
 CLIENT_ERRORS = (OSError, urllib3.exceptions.HTTPError)
 
 
@@ -57,11 +52,7 @@ def credentials_source(environ: Mapping[str, str] = os.environ, home: Path | Non
 
 
 def authenticated_api():
-    """An authenticated KaggleApi; KaggleError when no credential is usable.
-
-    `import kaggle` authenticates at import time and prints a page of help when it cannot, so the import happens
-    here, only when the client is needed, with its output swallowed in favour of one line.
-    """
+    """An authenticated KaggleApi; KaggleError when no credential is usable (the client's page of help swallowed)."""
     where = credentials_source()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
@@ -69,27 +60,21 @@ def authenticated_api():
 
             api = KaggleApi()
             api.authenticate()
-        except SystemExit:
-            # authenticate() calls exit() when no credential it finds is usable.
+        except SystemExit:  # authenticate() exits when no credential it finds is usable
             found = f"could not use the credentials in {where}" if where else "found no credentials"
             raise KaggleError(f"the Kaggle client {found}; {NO_CREDENTIALS}") from None
     return api
 
 
 def failure_message(err: Exception, competition: str, action: str) -> str:
-    """One line for a failed client call (`action`: 'download', 'upload'): HTTP status, OS error or exception type.
-
-    The client's exceptions can carry request headers or signed URLs, so nothing else of them is shown; callers
-    raise with `from None` to drop the chain.
-    """
+    """One line for a failed client call (`action`: 'download', 'upload'): HTTP status, OS error or exception type;
+    nothing else of it, which can carry headers or signed URLs (callers raise `from None`)."""
     status = getattr(getattr(err, "response", None), "status_code", None)
     if status == 401:
         return f"Kaggle rejected the credentials (HTTP 401); create a new API token at {TOKEN_PAGE} and put it in place"
     if status == 403:
-        return (
-            f"Kaggle refused the {action} (HTTP 403); accept the rules at "
-            f"https://www.kaggle.com/competitions/{competition}/rules with the account of your credentials"
-        )
+        return (f"Kaggle refused the {action} (HTTP 403); accept the rules at "
+                f"https://www.kaggle.com/competitions/{competition}/rules with the account of your credentials")
     if status == 404:
         return f"Kaggle has no competition {competition!r} (HTTP 404); check https://www.kaggle.com/competitions"
     if status is not None:

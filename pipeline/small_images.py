@@ -1,9 +1,7 @@
 """Stage `small_images`: every image of data/paddy resized once into data/paddy_small, for members with `images: small`.
 
-The seeds' "Road to the Top, part 2" found training on Kaggle CPU-bound (4 cores decoding 480x640 JPEGs) and resized
-every image once to 256 px with fastai's `resize_images`: this stage does the same (longest side
-`small_images.max_size`, aspect kept) and writes the competition's layout, tables included, so that a member reads
-data/paddy_small exactly as it reads data/paddy. Swapped in with one rename, as paddy_data does.
+As the seeds ("Road to the Top, part 2": Kaggle's 4 cores cannot decode 480x640 JPEGs fast enough): fastai's
+`resize_images` to a longest side of `small_images.max_size`, in the competition's layout, swapped in with one rename.
 """
 
 from __future__ import annotations
@@ -27,8 +25,6 @@ IMAGE_FOLDERS = ("train_images", "test_images")
 
 @dataclass(frozen=True)
 class SmallImagesConfig:
-    """params `small_images`."""
-
     max_size: int  # the longest side, in pixels
 
     def __post_init__(self):
@@ -55,10 +51,8 @@ def resize_image_folders(source: Path, destination: Path, max_size: int, workers
 
 
 def write_small_images(source: Path, destination: Path, max_size: int, workers: int | None = None) -> dict:
-    """Resize every image listed in `source`'s tables into `destination` (same layout); return its SOURCE record.
-
-    SOURCE.json is the source's, with the resized images' hash in place of the originals' (what train resumes on).
-    """
+    """Resize every image listed in `source`'s tables into `destination`; return its SOURCE record (the source's,
+    with the resized images' hash: what train resumes on)."""
     source, destination = Path(source), Path(destination)
     train = pd.read_csv(train_csv(source), dtype=str)
     listed = [Path("train_images") / label / image_id for label, image_id in zip(train["label"], train["image_id"])]
@@ -68,9 +62,8 @@ def write_small_images(source: Path, destination: Path, max_size: int, workers: 
         manifest = hashlib.sha256()
         for relative in listed:  # resize_images skips a file it cannot read without a word
             if not (staging / relative).is_file():
-                raise SmallImagesError(
-                    f"{source / relative}: not resized (unreadable?); run `dvc repro --force --single-item paddy_data`"
-                )
+                raise SmallImagesError(f"{source / relative}: not resized (unreadable?); run "
+                                       "`dvc repro --force --single-item paddy_data`")
             manifest.update(f"{relative.as_posix()} {file_sha256(staging / relative)}\n".encode())
         for table in (train_csv(source), sample_submission_csv(source)):
             shutil.copy2(table, staging / table.name)

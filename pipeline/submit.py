@@ -1,13 +1,8 @@
-"""`make submit`: upload submissions/submission.csv to the Paddy Doctor competition with the official Kaggle client.
+"""`make submit`: upload submissions/submission.csv to the competition with the official Kaggle client (no stage).
 
-An action, not a DVC stage. Before uploading it refuses (one line, non-zero exit):
-- data that is not the real competition's (data/paddy/SOURCE.json: synthetic, or not the real counts),
-- a submission that fails validation against data/paddy/sample_submission.csv,
-- an ensemble whose outputs, or its upstream stages' (data, probes, members), are stale relative to dvc.lock
-  (`dvc status ensemble --with-deps` not clean; the MovieLens branch does not feed the submission),
-- a file already uploaded (its hash is in submissions/log.csv), unless `--force`.
-The message carries the git revision, the ensemble's validation accuracy and the profile; every upload is appended
-to submissions/log.csv.
+It refuses, in one line: data that is not the real competition's (SOURCE.json), a submission that fails validation,
+stale outputs (`dvc status ensemble --with-deps`), a file already uploaded (in submissions/log.csv) unless `--force`.
+The message carries the git revision, the ensemble's validation accuracy and the profile; log.csv records each upload.
 """
 
 from __future__ import annotations
@@ -50,28 +45,23 @@ def check_real_data(data_dir: Path = DATA_DIR) -> None:
     record = read_json(record_file)
     source = record.get("source")
     if source == "synthetic":
-        raise SubmitRefused(
-            f"{record_file}: the data is synthetic; Kaggle scores only the real test set "
-            "(run `make profile PROFILE=competition`, then `dvc repro`)"
-        )
+        raise SubmitRefused(f"{record_file}: the data is synthetic; Kaggle scores only the real test set "
+                            "(run `make profile PROFILE=competition`, then `dvc repro`)")
     counts = record.get("counts", {})
     n_sample = len(read_sample_submission(sample_submission_csv(data_dir)))
     if (counts.get("train"), counts.get("test"), n_sample) != (REAL_TRAIN_COUNT, REAL_TEST_COUNT, REAL_TEST_COUNT):
-        raise SubmitRefused(
-            f"{record_file}: source {source!r} has {counts.get('train')} train / {counts.get('test')} test images and "
-            f"sample_submission.csv {n_sample} rows; the competition has {REAL_TRAIN_COUNT} / {REAL_TEST_COUNT}"
-        )
+        raise SubmitRefused(f"{record_file}: source {source!r} has {counts.get('train')} train / {counts.get('test')} "
+                            f"test images and sample_submission.csv {n_sample} rows; the competition has "
+                            f"{REAL_TRAIN_COUNT} / {REAL_TEST_COUNT}")
 
 
 def check_submission(submission_file: Path, data_dir: Path = DATA_DIR) -> None:
-    """The submission's ids, order, count and labels against sample_submission.csv and the competition's classes."""
     sample = read_sample_submission(sample_submission_csv(data_dir))
     validate_submission(read_submission(submission_file), sample, CLASSES, str(submission_file))
 
 
 def dvc_status(repo_dir: Path = Path(".")) -> dict:
-    """`dvc status ensemble --with-deps` as a dict: stage -> what changed; empty when the submission's outputs and
-    all they are built from match dvc.lock."""
+    """`dvc status ensemble --with-deps`: stage -> what changed; empty when everything matches dvc.lock."""
     try:
         with Repo(str(repo_dir)) as repo:
             return repo.status(targets=[ENSEMBLE_STAGE], with_deps=True)
@@ -83,9 +73,8 @@ def check_up_to_date(status: dict) -> None:
     # An always_changed stage (paddy_source) is in every status; what it checks is covered by paddy_data's entry.
     stale = ", ".join(sorted(stage for stage, changes in status.items() if changes != ["always changed"]))
     if stale:
-        raise SubmitRefused(
-            f"dvc.lock: outputs are stale ({stale}); run `dvc repro {ENSEMBLE_STAGE}` (then commit) before submitting"
-        )
+        raise SubmitRefused(f"dvc.lock: outputs are stale ({stale}); run `dvc repro {ENSEMBLE_STAGE}` (then commit) "
+                            "before submitting")
 
 
 def read_log(log_file: Path = LOG_FILE) -> pd.DataFrame:
@@ -103,14 +92,12 @@ def check_not_submitted(sha256: str, log_file: Path, force: bool) -> None:
     previous = read_log(log_file)
     earlier = previous[previous["sha256"] == sha256]
     if len(earlier) and not force:
-        raise SubmitRefused(
-            f"{log_file}: this exact file was already uploaded at {earlier['time'].iloc[-1]}; "
-            "pass --force (make submit ARGS=--force) to upload it again"
-        )
+        raise SubmitRefused(f"{log_file}: this exact file was already uploaded at {earlier['time'].iloc[-1]}; "
+                            "pass --force (make submit ARGS=--force) to upload it again")
 
 
 def append_log(log_file: Path, time: str, sha256: str, message: str) -> None:
-    """Add one row to the upload log, rewriting it atomically so a crash never truncates the history."""
+    """Add one row to the upload log, rewritten atomically: a crash never truncates the history."""
     rows = pd.concat([read_log(log_file), pd.DataFrame([[time, sha256, message]], columns=list(LOG_COLUMNS))])
     with atomic_path(log_file) as tmp:
         rows.to_csv(tmp, index=False)
@@ -118,13 +105,11 @@ def append_log(log_file: Path, time: str, sha256: str, message: str) -> None:
 
 def git_revision(repo_dir: Path = Path(".")) -> str:
     """Short HEAD hash, with `-dirty` when tracked files differ from it."""
-
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        revision = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        revision, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (subprocess.CalledProcessError, FileNotFoundError):
         raise SubmitRefused("git: cannot read the revision; submit from a git checkout with at least one commit") from None
     return revision + ("-dirty" if dirty else "")
@@ -150,16 +135,9 @@ def kaggle_upload(submission_file: Path, message: str, competition: str = COMPET
         raise SubmitRefused(f"kaggle: {response.message}; nothing was recorded in {LOG_FILE}, try again")
 
 
-def submit(
-    force: bool = False,
-    submission_file: Path = SUBMISSION_FILE,
-    data_dir: Path = DATA_DIR,
-    log_file: Path = LOG_FILE,
-    metrics_file: Path = METRICS_FILE,
-    status: Callable[[], dict] = dvc_status,
-    revision: Callable[[], str] = git_revision,
-    upload: Callable[[Path, str], None] = kaggle_upload,
-) -> str:
+def submit(force: bool = False, submission_file: Path = SUBMISSION_FILE, data_dir: Path = DATA_DIR,
+           log_file: Path = LOG_FILE, metrics_file: Path = METRICS_FILE, status: Callable[[], dict] = dvc_status,
+           revision: Callable[[], str] = git_revision, upload: Callable[[Path, str], None] = kaggle_upload) -> str:
     """Run every check, upload, and log the upload; returns the message sent with it."""
     check_real_data(data_dir)
     check_submission(submission_file, data_dir)

@@ -1,7 +1,4 @@
-"""What the stages that train share: seeding, the compute device, fastai's progress bars made quiet for logs.
-
-Apart from `common` because importing torch and fastai takes seconds and prints warnings the light stages must not.
-"""
+"""What the stages that train share: seeding, the device, quiet progress bars (apart from `common`: torch is slow)."""
 
 from __future__ import annotations
 
@@ -29,12 +26,8 @@ def compute_device():
 
 
 def quiet_progress(learn) -> None:
-    """Swap fastai's progress bars for one plain line per epoch when stdout is not a terminal.
-
-    fastprogress redraws its bars with carriage returns that turn CI and `dvc repro` logs into walls of text (its
-    own non-terminal check is always true). Without ProgressCallback, fastai's Recorder hands each epoch's row to
-    `learn.logger`, which we point at a formatter.
-    """
+    """One plain line per epoch instead of fastai's bars (walls of carriage returns in logs) when not on a terminal:
+    without ProgressCallback, the Recorder hands each epoch's row to `learn.logger`."""
     if sys.stdout.isatty() or os.environ.get("PADDY_PROGRESS") == "1":
         return
     if any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
@@ -43,9 +36,6 @@ def quiet_progress(learn) -> None:
 
 
 def _log_epoch_row(learn, row) -> None:
-    fields = [
-        f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}"
-        for name, value in zip(learn.recorder.metric_names, row)
-        if value is not None
-    ]
+    fields = [f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}"
+              for name, value in zip(learn.recorder.metric_names, row) if value is not None]
     print("  " + " ".join(fields), file=sys.stderr, flush=True)
