@@ -66,7 +66,6 @@ class DotProductBias(Module):
         return sigmoid_range(res, *self.y_range)
 
 
-
 def read_movielens(data_dir: Path = DATA_DIR) -> tuple[pd.DataFrame, pd.DataFrame]:
     """ratings (user, movie, rating) and movies (movie, title) as movielens_data wrote them."""
     tables = {}
@@ -93,7 +92,6 @@ def collab_dataloaders(ratings: pd.DataFrame, splits, bs: int, seed: int):
     seed_everything(seed)
     return TabularCollab(ratings[["user", "movie", "rating"]], [Categorify], ["user", "movie"], y_names=["rating"],
                          y_block=TransformBlock(), splits=[list(split) for split in splits]).dataloaders(bs=bs)
-
 
 
 def make_learner(dls, config: CollabConfig, cbs=()):
@@ -143,7 +141,6 @@ def cross_validated_rmse(ratings: pd.DataFrame, config: CollabConfig, folds: int
     per_fold = [train_and_evaluate(ratings, split, config)[1]["rmse"] for split in splits]
     return {"folds": folds, "rmse_per_fold": per_fold, "rmse_mean": float(np.mean(per_fold)),
             "rmse_std": float(np.std(per_fold))}
-
 
 
 @dataclass(frozen=True)
@@ -214,7 +211,6 @@ def _rows(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     found = order[positions]
     known = ids[found] == wanted
     return np.where(known, found + 1, 0), known
-
 
 
 def movie_table(trained: TrainedCollab, ratings: pd.DataFrame, movies: pd.DataFrame) -> pd.DataFrame:

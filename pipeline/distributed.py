@@ -43,7 +43,6 @@ class RestartWithDoubledAccum(Exception):
     """Raised in a launched process that ran out of memory: every rank must restart, with accum doubled."""
 
 
-
 def process_count(devices: int | str, visible_gpus: int | None = None) -> int:
     """Processes to train with: `auto` is one per visible GPU (one on a CPU); a count is that many (gloo on CPU)."""
     gpus = torch.cuda.device_count() if visible_gpus is None else visible_gpus
@@ -82,7 +81,6 @@ def is_rank0() -> bool:
     return rank_distrib() == 0
 
 
-
 def launch(module: str, args: list[str], processes: int) -> set[int]:
     """Run `python -m module *args` in `processes` local processes; the failed ranks' exit codes (empty: success).
 
@@ -113,7 +111,6 @@ def launch_with_oom_retries(module: str, args: list[str], processes: int, log: C
             raise SystemExit(f"{module}: a training process failed (exit codes {sorted(failed)}); see its error above")
         retries += 1
         log(f"a rank ran out of memory; restarting all {processes} processes with accum doubled (retry {retries})")
-
 
 
 @contextmanager
@@ -219,7 +216,6 @@ def gather_rows(local: np.ndarray) -> np.ndarray | None:
     """The ranks' row blocks stacked in rank order on rank 0 (with `shard`: every row once, in order); None else."""
     blocks = gather_to_rank0(local)
     return None if blocks is None else np.concatenate(blocks)
-
 
 
 def describe(processes: int) -> str:

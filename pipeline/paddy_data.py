@@ -7,6 +7,7 @@ beside data/paddy and swapped in with one rename: a killed run or a failed check
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -23,19 +24,8 @@ from PIL import Image
 
 from pipeline import kaggle_client
 from pipeline.common import atomic_path, banner, file_sha256, log, stage_main, write_json
-from pipeline.paddy import (
-    CLASSES,
-    COMPETITION,
-    DATA_DIR,
-    SUBMISSION_COLUMNS,
-    TRAIN_COLUMNS,
-    VARIETIES,
-    sample_submission_csv,
-    smallest_class,
-    source_json,
-    test_image_dir,
-    train_csv,
-)
+from pipeline.paddy import (CLASSES, COMPETITION, DATA_DIR, SUBMISSION_COLUMNS, TRAIN_COLUMNS, VARIETIES,
+                            sample_submission_csv, smallest_class, source_json, test_image_dir, train_csv)
 from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline.synthetic import write_synthetic_dataset
 
@@ -107,7 +97,6 @@ class BadFile:
         return f"{self.file}: {self.problem}; {self.fix}"
 
 
-
 @stage_main(STAGE, ParamsError, DataError)
 def main(argv: list[str] | None = None) -> None:
     config = load_config(read_params())
@@ -137,35 +126,32 @@ def source_fingerprint(source: str) -> dict:
 def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: Path) -> dict:
     """Fetch or generate the data, verify it, write SOURCE.json, swap it into `data_dir`; return the SOURCE record."""
     data_dir = Path(data_dir)
+    mounted = kaggle_mount(COMPETITION) if config.source == "kaggle" else None
     if config.source == "synthetic":
-        synthetic = asdict(config.synthetic)
+        synthetic, where = asdict(config.synthetic), "synthetic data"
         banner(STAGE, f"SYNTHETIC paddy data (seed {seed}), NOT the competition's: set data.source: kaggle for it")
         origin = {"source": "synthetic", "synthetic": {"seed": seed, **synthetic, "image_size": list(synthetic["image_size"])}}
-        with atomic_path(data_dir) as staging:
-            write_synthetic_dataset(staging, **synthetic, seed=seed)
-            return _verify_and_record(staging, origin, config.skip_bad_images, "synthetic data")
-
-    mounted = kaggle_mount(COMPETITION) if config.source == "kaggle" else None
-    if mounted is not None:
+        fill = functools.partial(write_synthetic_dataset, **synthetic, seed=seed)
+    elif mounted is not None:
         log(STAGE, f"data source: kaggle, the competition's files attached to this notebook at {mounted} (in place)")
         origin = {"source": "kaggle", "competition": COMPETITION, "in_place": str(mounted)}
-        with atomic_path(data_dir) as staging:
-            link_in_place(mounted, staging)
-            return _verify_and_record(staging, origin, config.skip_bad_images, str(mounted))
-    if config.source == "kaggle":
-        archive = download_competition(COMPETITION, Path(downloads_dir))
-        origin = {"source": "kaggle", "competition": COMPETITION}
+        fill, where = functools.partial(link_in_place, mounted), str(mounted)
     else:
-        archive = _local_source(config.source, data_dir)
-        origin = {"source": config.source}
-    log(STAGE, f"data source: {origin['source']}" + ("" if origin["source"] == str(archive) else f" ({archive})"))
-    with atomic_path(data_dir) as staging:
-        if archive.is_dir():
-            shutil.copytree(_layout_root(archive, archive), staging)
+        if config.source == "kaggle":
+            archive = download_competition(COMPETITION, Path(downloads_dir))
+            origin = {"source": "kaggle", "competition": COMPETITION}
         else:
-            extract_competition(archive, staging)
-            origin["archive_sha256"] = file_sha256(archive)
-        return _verify_and_record(staging, origin, config.skip_bad_images, str(archive))
+            archive = _local_source(config.source, data_dir)
+            origin = {"source": config.source}
+        log(STAGE, f"data source: {origin['source']}" + ("" if origin["source"] == str(archive) else f" ({archive})"))
+        where = str(archive)
+        if archive.is_dir():
+            fill = functools.partial(shutil.copytree, _layout_root(archive, archive))
+        else:
+            fill, origin["archive_sha256"] = functools.partial(extract_competition, archive), file_sha256(archive)
+    with atomic_path(data_dir) as staging:
+        fill(staging)
+        return _verify_and_record(staging, origin, config.skip_bad_images, where)
 
 
 def kaggle_mount(competition: str) -> Path | None:
@@ -227,7 +213,6 @@ def data_metrics(record: dict, profile: str) -> dict:
             "n_skipped": len(record["skipped"]), "skipped": record["skipped"]}
 
 
-
 def download_competition(competition: str, downloads_dir: Path, quiet: bool = True) -> Path:
     """The competition zip, from the download cache or else from the Kaggle API (then cached)."""
     archive = Path(downloads_dir) / f"{competition}.zip"
@@ -240,24 +225,17 @@ def download_competition(competition: str, downloads_dir: Path, quiet: bool = Tr
     log(STAGE, f"downloading the {competition} files with the Kaggle API (credentials from {where})")
     # Into atomic_path's scratch folder (a killed run's is removed by the next): only a complete zip is cached.
     with atomic_path(archive) as staged:
-        _kaggle_download(competition, staged.parent, quiet)
+        try:
+            kaggle_client.authenticated_api().competition_download_files(competition, path=str(staged.parent), quiet=quiet)
+        except kaggle_client.KaggleError as err:
+            raise DataError(f"{err}, or {OTHER_SOURCES}") from None
+        except kaggle_client.CLIENT_ERRORS as err:
+            raise DataError(f"{kaggle_client.failure_message(err, competition, 'download')}; or {OTHER_SOURCES}") from None
         zips = sorted(staged.parent.glob("*.zip"))
         if not zips or not zipfile.is_zipfile(zips[0]):
             raise DataError(f"the Kaggle API did not deliver a complete zip of {competition}; run the stage again")
         os.replace(zips[0], staged)
     return archive
-
-
-def _kaggle_download(competition: str, directory: Path, quiet: bool) -> None:
-    try:
-        api = kaggle_client.authenticated_api()
-        api.competition_download_files(competition, path=str(directory), quiet=quiet)
-    except kaggle_client.KaggleError as err:
-        raise DataError(f"{err}, or {OTHER_SOURCES}") from None
-    except kaggle_client.CLIENT_ERRORS as err:
-        message = kaggle_client.failure_message(err, competition, "download")
-        raise DataError(f"{message}; or {OTHER_SOURCES}") from None
-
 
 
 def extract_competition(archive: Path, destination: Path) -> None:
@@ -289,7 +267,6 @@ def _layout_root(folder: Path, origin: Path) -> Path:
     if len(nested) == 1:
         return nested[0]
     raise DataError(f"{origin}: no train.csv at its top level; expected the competition layout ({LAYOUT})")
-
 
 
 def verify_dataset(data_dir: Path, skip_bad_images: bool = False, origin: str | None = None) -> tuple[list[BadFile], str]:

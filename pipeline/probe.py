@@ -33,16 +33,8 @@ from pipeline.torch_setup import compute_device, seed_everything
 from pipeline.distributed import process_batch, process_count
 from pipeline.paddy import WRITTEN_BY, member_data_dir, read_train_table, smallest_class, train_csv, validation_mask
 from pipeline.params import ParamsError, profile_of, read_params, seed_of
-from pipeline.vision import (
-    MemberConfig,
-    accum_to_use,
-    batch_size,
-    choose_accum,
-    load_train_config,
-    member_dataloaders,
-    member_learner,
-    probe_decision_path,
-)
+from pipeline.vision import (MemberConfig, accum_to_use, batch_size, choose_accum, load_train_config,
+                             member_dataloaders, member_learner, probe_decision_path)
 
 STAGE = "probe"
 METRICS_DIR = Path("metrics/probe")
@@ -55,7 +47,6 @@ Measure = Callable[[MemberConfig, pd.DataFrame, int, int, int, int], dict]
 
 class ProbeError(RuntimeError):
     """The probe cannot run or its outcome is unusable: a one-line message naming the member and the fix."""
-
 
 
 def smallest_class_table(table: pd.DataFrame, bs: int, seed: int) -> pd.DataFrame:
@@ -75,7 +66,6 @@ def smallest_class_table(table: pd.DataFrame, bs: int, seed: int) -> pd.DataFram
         [pd.concat([train_rows] * repeats).assign(is_valid=False), valid_rows.assign(is_valid=True)],
         ignore_index=True,
     )
-
 
 
 def probe_fit(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int,
@@ -179,7 +169,6 @@ def free_cuda_memory() -> str:
     gc.collect()
     torch.cuda.empty_cache()
     return processes
-
 
 
 def probe_member(name: str, member: MemberConfig, table: pd.DataFrame, config: ProbeConfig, bs: int, seed: int,
