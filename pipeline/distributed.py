@@ -73,8 +73,7 @@ def world_size() -> int:
     return max(num_distrib(), 1)
 
 
-def rank() -> int:
-    return rank_distrib()
+rank = rank_distrib  # fastai's: RANK, 0 in a single process
 
 
 def is_rank0() -> bool:
@@ -89,11 +88,8 @@ def launch(module: str, args: list[str], processes: int) -> set[int]:
     """
     # torchrun would set 1 thread and warn; CPU processes share the cores instead (GPU ones need few).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    launcher_args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={processes}", "--module", module, *args]
-    )
     try:
-        run(launcher_args)
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={processes}", "--module", module, *args]))
     except ChildFailedError as err:
         return {failure.exitcode for failure in err.failures.values()}
     return set()

@@ -335,7 +335,8 @@ def _bad_rows(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
     for line, row in enumerate(train.itertuples(index=False), start=2):
         problem = _row_problem(row)
         if problem:
-            bad.append(BadFile(f"train.csv line {line} ({row.image_id})", problem, _FIX_ROW, drop_row=row.image_id))
+            bad.append(BadFile(f"train.csv line {line} ({row.image_id})", problem, "fix or remove the row" + _OR_SKIP,
+                               drop_row=row.image_id))
         elif not (data_dir / "train_images" / row.label / row.image_id).is_file():
             bad.append(BadFile(f"train_images/{row.label}/{row.image_id}", "listed in train.csv but missing",
                                "restore the image from the competition zip, or remove its row from train.csv" + _OR_SKIP,
@@ -353,7 +354,6 @@ def _row_problem(row) -> str | None:
     return None
 
 
-_FIX_ROW = "fix or remove the row, or set data.skip_bad_images: true to leave it out"
 _OR_SKIP = ", or set data.skip_bad_images: true to leave it out"
 
 
@@ -387,8 +387,7 @@ def _read_images(data_dir: Path, images: list[Path]) -> tuple[list[BadFile], str
     """Decode every image (verify + load, in threads: PIL releases the GIL) and hash them all in the same read."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = list(pool.map(lambda relative: _read_image(data_dir / relative), images))
-    bad = []
-    manifest = hashlib.sha256()
+    bad, manifest = [], hashlib.sha256()
     for relative, (digest, problem) in zip(images, results):
         manifest.update(f"{relative.as_posix()} {digest}\n".encode())
         if problem is None:
@@ -402,22 +401,19 @@ def _read_images(data_dir: Path, images: list[Path]) -> tuple[list[BadFile], str
 
 def _read_image(path: Path) -> tuple[str, str | None]:
     content = path.read_bytes()
-    return hashlib.sha256(content).hexdigest(), _image_problem(content)
-
-
-def _image_problem(content: bytes) -> str | None:
+    digest = hashlib.sha256(content).hexdigest()
     try:
         with Image.open(io.BytesIO(content)) as image:
             # PIL only warns between its limit and twice it: a 12000x12000 image would be decoded for every epoch.
             if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-                return (f"{image.width}x{image.height} pixels, more than PIL's limit of {Image.MAX_IMAGE_PIXELS} "
-                        "(the competition's are 480x640)")
+                return digest, (f"{image.width}x{image.height} pixels, more than PIL's limit of {Image.MAX_IMAGE_PIXELS} "
+                                "(the competition's are 480x640)")
             image.verify()
         with Image.open(io.BytesIO(content)) as image:  # verify() misses truncated pixel data; a full decode finds it
             image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return f"not a readable image ({type(err).__name__}: {str(err)[:80]})"
-    return None
+        return digest, f"not a readable image ({type(err).__name__}: {str(err)[:80]})"
+    return digest, None
 
 
 def _skip(bad: list[BadFile], train: pd.DataFrame, data_dir: Path) -> None:

@@ -62,10 +62,8 @@ def smallest_class_table(table: pd.DataFrame, bs: int, seed: int) -> pd.DataFram
     is_valid = validation_mask(rows["label"], PROBE_VALID_PCT, seed)
     train_rows, valid_rows = rows[~is_valid], rows[is_valid]
     repeats = math.ceil(2 * bs / len(train_rows))
-    return pd.concat(
-        [pd.concat([train_rows] * repeats).assign(is_valid=False), valid_rows.assign(is_valid=True)],
-        ignore_index=True,
-    )
+    return pd.concat([pd.concat([train_rows] * repeats).assign(is_valid=False), valid_rows.assign(is_valid=True)],
+                     ignore_index=True)
 
 
 def probe_fit(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int,
@@ -78,11 +76,15 @@ def probe_fit(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, se
     learn.fit_one_cycle(epochs, member.lr if isinstance(member.lr, float) else LR_WHEN_FIND)
 
 
-def measure_cpu(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int,
-                precision: str = "auto") -> dict:
-    """Peak resident memory of `probe_fit` at this accum, in a fresh child process."""
-    return peak_rss_in_child(functools.partial(probe_fit, member, table, bs, accum, seed, epochs, precision),
-                             f"accum={accum}")
+def measure_peak(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int,
+                 precision: str = "auto") -> dict:
+    """Peak memory of `probe_fit` at this accum: torch.cuda's in this process on a GPU, else a fresh child's RSS."""
+    fit = functools.partial(probe_fit, member, table, bs, accum, seed, epochs, precision)
+    if compute_device().type != "cuda":
+        return peak_rss_in_child(fit, f"accum={accum}")
+    outcome = cuda_peak(fit)
+    log(STAGE, f"GPU processes after accum={accum}:\n{outcome.pop('gpu_processes')}")
+    return outcome
 
 
 def peak_rss_in_child(fit: Callable[[], None], what: str) -> dict:
@@ -130,14 +132,6 @@ def _measure_in_child(sender, fit: Callable[[], None]) -> None:
 def _peak_rss_bytes() -> int:
     # ru_maxrss is in KiB on Linux (bytes on macOS; this project runs on Linux).
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def measure_cuda(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, epochs: int,
-                 precision: str = "auto") -> dict:
-    """Peak CUDA memory of `probe_fit` at this accum, in this process."""
-    outcome = cuda_peak(functools.partial(probe_fit, member, table, bs, accum, seed, epochs, precision))
-    log(STAGE, f"GPU processes after accum={accum}:\n{outcome.pop('gpu_processes')}")
-    return outcome
 
 
 def cuda_peak(fit: Callable[[], None]) -> dict:
@@ -279,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     device = compute_device()
     started = time.perf_counter()
     # The probe measures in the precision train will use: fp16 and fp32 activations differ twofold.
-    measure = functools.partial(measure_cuda if device.type == "cuda" else measure_cpu, precision=train.precision)
+    measure = functools.partial(measure_peak, precision=train.precision)
     result = {"profile": profile_of(params), "device": device_name(device), "processes": processes,
               "memory": "torch.cuda peak reserved" if device.type == "cuda" else "peak RSS of a fresh child process",
               **probe_member(name, member, table, config, bs, seed_of(params), measure),
