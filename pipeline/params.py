@@ -6,6 +6,7 @@ Hand-rolled, not pydantic: its multi-line reports are not the one-line errors th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 from pathlib import Path
@@ -147,14 +148,9 @@ def _coerce(hint: Any, value: Any, key: str, path: Path | str) -> Any:
             raise ParamsError(f"{path}: key '{key}' is {_shown(value)}; expected a mapping")
         key_type, value_type = args or (str, Any)
         return {_coerce(key_type, k, key, path): _coerce(value_type, v, f"{key}.{k}", path) for k, v in value.items()}
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        # YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the number the user meant.
-        try:
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads `1e-3` (no dot) as a string: the number meant
             return float(value)
-        except ValueError:
-            pass
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise ParamsError(f"{path}: key '{key}' is {_shown(value)}; expected {_type_name(hint)}")
