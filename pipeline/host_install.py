@@ -63,16 +63,10 @@ def plan(requirements: list[Requirement], installed: dict[str, str | None], lock
         name = canonicalize_name(requirement.name)
         have, want = installed.get(name), locked[name]
         shown_range = ",".join(sorted(map(str, requirement.specifier), key=lambda bound: not bound.startswith(">")))
-        step = dict(name=requirement.name, range=shown_range, have=have, want=want)
-        if have is not None and requirement.specifier.contains(have, prereleases=True):
-            step["action"] = "kept"
-        elif have is None:
-            step["action"] = "installed"
-        elif name in HOST_OWNED:
-            step["action"] = "refused"
-        else:
-            step["action"] = "upgraded" if Version(have) < Version(want) else "downgraded"
-        steps.append(step)
+        action = ("kept" if have is not None and requirement.specifier.contains(have, prereleases=True)
+                  else "installed" if have is None else "refused" if name in HOST_OWNED
+                  else "upgraded" if Version(have) < Version(want) else "downgraded")
+        steps.append(dict(name=requirement.name, range=shown_range, have=have, want=want, action=action))
     return steps
 
 
