@@ -28,10 +28,7 @@ DATA_DIR = Path("data/movielens")
 DOWNLOADS_DIR = Path("data/downloads")
 METRICS_FILE = Path("metrics/movielens_data.json")
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
-RECBOLE_MEMBERS = (
-    "recbole/dataset_example/ml-100k/ml-100k.inter",
-    "recbole/dataset_example/ml-100k/ml-100k.item",
-)
+RECBOLE_MEMBERS = ("recbole/dataset_example/ml-100k/ml-100k.inter", "recbole/dataset_example/ml-100k/ml-100k.item")
 RATING_COLUMNS = ("user", "movie", "rating", "timestamp")
 MOVIE_COLUMNS = ("movie", "title")
 RATING_RANGE = (1, 5)
@@ -282,8 +279,7 @@ def main() -> None:
     source = write_dataset(data)
     banner(STAGE, f"MovieLens source: {data.source} ({source['n_ratings']} ratings, {source['n_users']} users, "
            f"{source['n_movies']} movies)")
-    write_json(METRICS_FILE, {**source, "rating_mean": float(data.ratings["rating"].mean()),
-                              "params": asdict(config)})
+    write_json(METRICS_FILE, {**source, "rating_mean": float(data.ratings["rating"].mean()), "params": asdict(config)})
     log(STAGE, f"wrote {DATA_DIR}/ and {METRICS_FILE}")
 
 

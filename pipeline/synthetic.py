@@ -96,20 +96,13 @@ def draw_image(label: str, variety: str, image_size: tuple[int, int], rng: np.ra
     return _camera_noise(_distractors(PAINTERS[label](image, rng), rng), rng)
 
 
-def _variety_look(variety: str) -> tuple[Rgb, int]:
-    """The leaf colour and blade count that tell varieties apart."""
-    index = VARIETIES.index(variety)
-    green = (40 + 6 * index, 105 + 5 * (index % 5), 30 + 4 * (index % 3))
-    return green, 3 + index % 4
-
-
 def _leaf_background(variety: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
     width, height = size
-    green, blades = _variety_look(variety)
+    index = VARIETIES.index(variety)  # the leaf colour and blade count tell varieties apart
+    green, blades = (40 + 6 * index, 105 + 5 * (index % 5), 30 + 4 * (index % 3)), 3 + index % 4
     # Leaves fill most of a real photo: the ground between blades is a shadowed green, not a cue of its own.
     image = Image.new("RGB", size, _jitter(tuple(int(c * 0.55) for c in green), rng, 8))
-    draw = ImageDraw.Draw(image)
-    tilt = rng.uniform(-0.35, 0.35) * width
+    draw, tilt = ImageDraw.Draw(image), rng.uniform(-0.35, 0.35) * width
     for _ in range(blades * 3):
         x = rng.uniform(-0.1, 1.1) * width
         half = rng.uniform(0.05, 0.12) * width
