@@ -155,9 +155,7 @@ def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: P
 
 
 def kaggle_mount(competition: str) -> Path | None:
-    """The competition's folder in a Kaggle notebook that has it attached (KAGGLE_KERNEL_RUN_TYPE is set), else None.
-
-    $PADDY_KAGGLE_INPUT stands in for /kaggle/input in tests."""
+    """The competition's folder in a Kaggle notebook that has it attached, else None ($PADDY_KAGGLE_INPUT: tests')."""
     if "KAGGLE_KERNEL_RUN_TYPE" not in os.environ:
         return None
     mounted = Path(os.environ.get("PADDY_KAGGLE_INPUT", KAGGLE_INPUT)) / competition
@@ -168,10 +166,8 @@ def kaggle_mount(competition: str) -> Path | None:
 
 
 def link_in_place(mounted: Path, staging: Path) -> None:
-    """The layout at `staging` with the image folders linked into `mounted`, not copied.
-
-    DVC 3 does not follow the links, so data/paddy's cache holds the tables and SOURCE.json (every image's hash) alone.
-    """
+    """The layout at `staging`, its image folders links into `mounted`: DVC 3 does not follow them, so data/paddy's
+    cache holds the tables and SOURCE.json (with every image's hash) alone."""
     staging.mkdir()
     for entry in mounted.iterdir():
         if entry.is_dir():
