@@ -340,8 +340,8 @@ def test_a_forced_reprobe_with_the_same_decision_leaves_the_train_stage_up_to_da
     shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"]["synthetic"] = {"train_per_class": 8, "n_test": 10, "image_size": [32, 48]}
-    params["probe"] = {"accums": [1], "budget_gib": 16, "epochs": 1}  # one child process per probe run
+    params["data"]["synthetic"] = {"train_per_class": 8, "n_test": 10, "image_size": [48, 64]}
+    params["probe"] = {"accums": [1, 2], "budget_gib": 16, "epochs": 1}
     params["train"] |= {"bs": 8, "tta": False}
     params["train"]["members"] = {"tiny": {"arch": "convnext_atto", "resize": 40, "size": 32, "epochs": 1,
                                            "schedule": "fit_one_cycle", "accum": None}}
