@@ -66,14 +66,13 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def remove_stale_scratch(target: Path | str) -> list[Path]:
-    """Remove the scratch folders of `target` that a killed writer left (its pid, in the name, is gone); return them.
+def remove_stale_scratch(target: Path | str) -> None:
+    """Remove the scratch folders of `target` that a killed writer left (its pid, in the name, is gone).
 
     A running owner's folder is left alone; one killed mid-swap held the only copy of `target`: it is put back first.
     """
     target = Path(target)
     owned = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[a-z0-9_]+{re.escape(SCRATCH_SUFFIX)}")
-    stale = []
     for sibling in target.parent.iterdir():
         owner = owned.fullmatch(sibling.name)
         if owner and sibling.is_dir() and not psutil.pid_exists(int(owner.group(1))):
@@ -81,8 +80,6 @@ def remove_stale_scratch(target: Path | str) -> list[Path]:
             if moved_aside.is_dir() and not target.exists():
                 os.replace(moved_aside, target)
             shutil.rmtree(sibling, ignore_errors=True)
-            stale.append(sibling)
-    return stale
 
 
 class NoSpaceError(Exception):
