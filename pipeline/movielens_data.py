@@ -116,7 +116,8 @@ def read_local(path: Path) -> MovieLens:
         files = [path / "u.data", path / "u.item"]
         return _grouplens(*[(file.read_bytes(), file) for file in files], f"grouplens:{path}")
     if (path / "ratings.csv").is_file() and (path / "movies.csv").is_file():
-        ratings, movies = (_read_table(file.read_bytes(), file, header=0) for file in (path / "ratings.csv", path / "movies.csv"))
+        files = [path / "ratings.csv", path / "movies.csv"]
+        ratings, movies = (_read_table(file.read_bytes(), file, header=0) for file in files)
         return MovieLens(ratings, movies, f"local:{path}")
     raise MovielensDataError(f"{path}: holds neither u.data and u.item nor ratings.csv and movies.csv; {LOCAL_LAYOUTS}")
 

@@ -130,7 +130,8 @@ def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: P
     if config.source == "synthetic":
         synthetic, where = asdict(config.synthetic), "synthetic data"
         banner(STAGE, f"SYNTHETIC paddy data (seed {seed}), NOT the competition's: set data.source: kaggle for it")
-        origin = {"source": "synthetic", "synthetic": {"seed": seed, **synthetic, "image_size": list(synthetic["image_size"])}}
+        origin = {"source": "synthetic",
+                  "synthetic": {"seed": seed, **synthetic, "image_size": list(synthetic["image_size"])}}
         fill = functools.partial(write_synthetic_dataset, **synthetic, seed=seed)
     elif mounted is not None:
         log(STAGE, f"data source: kaggle, the competition's files attached to this notebook at {mounted} (in place)")
@@ -281,7 +282,8 @@ def verify_dataset(data_dir: Path, skip_bad_images: bool = False, origin: str | 
     for table, name in ((train, "train.csv"), (submission, "sample_submission.csv")):
         repeated = table["image_id"][table["image_id"].duplicated()]
         if len(repeated):
-            raise DataError(f"{where}: {name}: image_id {repeated.iloc[0]!r} appears more than once; keep one row per image")
+            raise DataError(f"{where}: {name}: image_id {repeated.iloc[0]!r} appears more than once; keep one row per "
+                            "image")
 
     bad = _bad_rows(train, data_dir) + _stray_train_images(train, data_dir) + _test_mismatches(submission, data_dir)
     unusable = {bad_file.drop_row for bad_file in bad if bad_file.drop_row}
@@ -316,7 +318,8 @@ def _read_table(path: Path, columns: tuple[str, ...], where: str) -> pd.DataFram
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{name}: not a readable CSV ({type(err).__name__}); restore it from the competition zip") from None
+        raise DataError(f"{name}: not a readable CSV ({type(err).__name__}); restore it from the competition "
+                        "zip") from None
     missing = [column for column in columns if column not in table.columns]
     if missing:
         raise DataError(f"{name}: missing column {missing[0]!r} (has {', '.join(table.columns)}); it must have "
@@ -363,8 +366,10 @@ def _stray_train_images(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
         label = path.parent.name if path.parent.parent == data_dir / "train_images" else None
         if label in CLASSES and (label, path.name) in listed:
             continue
-        problem = "is not listed in train.csv" if label in CLASSES else "is not in a folder named after one of the 10 classes"
-        bad.append(BadFile(str(relative), problem, "add its row to train.csv or remove the file" + _OR_SKIP, delete_file=True))
+        problem = ("is not listed in train.csv" if label in CLASSES
+                   else "is not in a folder named after one of the 10 classes")
+        bad.append(BadFile(str(relative), problem, "add its row to train.csv or remove the file" + _OR_SKIP,
+                           delete_file=True))
     return bad
 
 

@@ -27,7 +27,8 @@ class ParamsError(ValueError):
 
 
 class FieldError(ValueError):
-    """`__post_init__` rejects a field: FieldError("valid_pct", "is 1.5; use a fraction ..."); from_mapping adds the key."""
+    """`__post_init__` rejects a field, e.g. FieldError("valid_pct", "is 1.5; use a fraction ..."); from_mapping
+    names its dotted key."""
 
     def __init__(self, field: str, problem: str):
         super().__init__(f"{field} {problem}")
