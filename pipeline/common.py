@@ -98,6 +98,7 @@ def no_space_error(path: Path | str) -> Iterator[None]:
     """Turn ENOSPC inside the block into a NoSpaceError naming `path` and its free space.
 
     Under `dvc repro` (DVC_STAGE is set) DVC removed the stage's cached outputs before it ran: say how to get them back.
+    torch.save to a path reports a full disk as an opaque RuntimeError: callers save through a Python file.
     """
     try:
         yield

@@ -3,7 +3,8 @@
 When `train.devices` asks for more than one process, `python -m pipeline.train <member>` relaunches itself through
 torch's launcher (`torch.distributed.run`, as `accelerate launch --multi_gpu`), one process per device (nccl on
 CUDA, gloo on CPU). With P processes each loads bs // (accum * P) images per pass and steps after accum passes;
-DDP averages the P gradients, so every optimiser step sees bs images, as the seeds' GradientAccumulation(bs).
+DDP averages the P gradients, so every optimiser step sees bs images, as the seeds' GradientAccumulation(bs) (rounded
+down unless bs is a multiple of accum * P, as the seeds' bs // accum); the probe measures at this per-process batch.
 An out-of-memory rank cannot tell the others (they are blocked in DDP's all-reduce): it exits with OOM_EXIT_CODE,
 torch's launcher stops the rest, and ours restarts them all with accum doubled, from the last checkpoint.
 Multi-node runs use accelerate's launcher on every node; a process it starts trains directly.
@@ -151,7 +152,7 @@ def distrib_ctx(learn) -> Iterator[Any]:
     """fastai's `Learner.distrib_ctx` with the DistributedTrainer above; nothing in a single process.
 
     SyncBatchNorm on GPUs only (DDP refuses it on CPU modules). find_unused_parameters: fastai's body runs timm's
-    forward_features, so a timm head's own layers (convnext's head norm) get no gradient.
+    forward_features, so a timm head's own layers (convnext's head norm) get no gradient: DDP would stop at step two.
     """
     cpu = not torch.cuda.is_available()
     settings = dict(sync_bn=not cpu, cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])

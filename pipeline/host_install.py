@@ -4,7 +4,8 @@ Run by the host's interpreter before any dependency exists: the standard library
 tomli only. Each dependency of pyproject.toml (dev extra included) inside its range is kept and pinned (with torch's
 and torchvision's installed requirements) in a constraints file; a missing one is installed at requirements.lock's
 version; one outside its range moves to the lock's version under the same constraints, except torch and torchvision:
-refused, one line (their CUDA build is the host's). The project is installed editable in the same pip run.
+refused, one line (their CUDA build is the host's; a PyPI wheel brings GBs of another CUDA runtime). The project is
+installed editable in the same pip run.
 """
 
 from __future__ import annotations

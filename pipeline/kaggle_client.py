@@ -52,7 +52,8 @@ def credentials_source(environ: Mapping[str, str] = os.environ, home: Path | Non
 
 
 def authenticated_api():
-    """An authenticated KaggleApi; KaggleError when no credential is usable (the client's page of help swallowed)."""
+    """An authenticated KaggleApi; KaggleError when no credential is usable. Imported here, its output swallowed:
+    `import kaggle` authenticates at import time and prints a page of help when it cannot."""
     where = credentials_source()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:

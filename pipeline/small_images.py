@@ -1,7 +1,8 @@
 """Stage `small_images`: every image of data/paddy resized once into data/paddy_small, for members with `images: small`.
 
 As the seeds ("Road to the Top, part 2": Kaggle's 4 cores cannot decode 480x640 JPEGs fast enough): fastai's
-`resize_images` to a longest side of `small_images.max_size`, in the competition's layout, swapped in with one rename.
+`resize_images` to a longest side of `small_images.max_size`, in the competition's layout (tables too: a member reads
+it as it reads data/paddy), swapped in with one rename.
 """
 
 from __future__ import annotations
