@@ -60,11 +60,15 @@ def test_image_ids(data_dir: Path = DATA_DIR) -> list[str]:
 
 
 def validation_mask(labels: pd.Series | np.ndarray, valid_pct: float, seed: int) -> np.ndarray:
-    """Rows held out for validation, seeded and stratified: one split for every member and the ensemble."""
+    """Boolean mask of the rows held out for validation: seeded and stratified by label.
+
+    Every member and the ensemble use this one split, so their validation accuracies are comparable.
+    """
     labels = np.asarray(labels)
     if not 0 < valid_pct < 1:
         raise ValueError(f"valid_pct must be between 0 and 1, got {valid_pct}")
-    _, valid_idx = train_test_split(np.arange(len(labels)), test_size=valid_pct, random_state=seed, stratify=labels)
+    indices = np.arange(len(labels))
+    _, valid_idx = train_test_split(indices, test_size=valid_pct, random_state=seed, stratify=labels)
     mask = np.zeros(len(labels), dtype=bool)
     mask[valid_idx] = True
     return mask
