@@ -34,21 +34,16 @@ def credentials_source(environ: Mapping[str, str] = os.environ, home: Path | Non
         return "the KAGGLE_USERNAME and KAGGLE_KEY variables"
     # The client reads a notebook's token only inside a Kaggle notebook (kagglesdk's is_in_kaggle_notebook).
     in_notebook = environ.get("KAGGLE_KERNEL_RUN_TYPE") is not None and environ.get("KAGGLE_DATA_PROXY_URL")
-    notebook_token = environ.get("KAGGLE_API_V1_TOKEN")
-    if in_notebook and notebook_token and Path(notebook_token).is_file():
+    if in_notebook and environ.get("KAGGLE_API_V1_TOKEN") and Path(environ["KAGGLE_API_V1_TOKEN"]).is_file():
         return "the Kaggle notebook's token"
     for name in ("access_token", "access_token.txt", "credentials.json"):
         if (home / ".kaggle" / name).is_file():
             return f"~/.kaggle/{name}"
     # The client's own search for kaggle.json: $KAGGLE_CONFIG_DIR, else ~/.kaggle, else the XDG config folder.
-    config_dir = environ.get("KAGGLE_CONFIG_DIR")
-    if not config_dir:
-        config_dir = home / ".kaggle"
-        if not config_dir.exists():
-            config_dir = Path(environ.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"
-    if (Path(config_dir) / "kaggle.json").is_file():
-        return str(Path(config_dir) / "kaggle.json")
-    return None
+    xdg_dir = Path(environ.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"
+    default_dir = home / ".kaggle" if (home / ".kaggle").exists() else xdg_dir
+    kaggle_json = Path(environ.get("KAGGLE_CONFIG_DIR") or default_dir) / "kaggle.json"
+    return str(kaggle_json) if kaggle_json.is_file() else None
 
 
 def authenticated_api():
