@@ -104,8 +104,7 @@ def _leaf_background(variety: str, size: tuple[int, int], rng: np.random.Generat
     image = Image.new("RGB", size, _jitter(tuple(int(c * 0.55) for c in green), rng, 8))
     draw, tilt = ImageDraw.Draw(image), rng.uniform(-0.35, 0.35) * width
     for _ in range(blades * 3):
-        x = rng.uniform(-0.1, 1.1) * width
-        half = rng.uniform(0.05, 0.12) * width
+        x, half = rng.uniform(-0.1, 1.1) * width, rng.uniform(0.05, 0.12) * width
         lean = tilt + rng.normal(0, 0.1 * width)
         shade = _jitter(green, rng, 18)
         blade = [(x - half, height), (x + half, height), (x + lean + half / 3, 0), (x + lean - half / 3, 0)]
@@ -117,9 +116,7 @@ def _leaf_background(variety: str, size: tuple[int, int], rng: np.random.Generat
 def _paint_leaf_blight(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Bacterial leaf blight: a long straw-yellow band with a wavy edge, running from a leaf tip."""
     (width, height), draw = image.size, ImageDraw.Draw(image)
-    x = rng.uniform(0.15, 0.85) * width
-    band = rng.uniform(0.2, 0.3) * width
-    length = rng.uniform(0.45, 0.8) * height
+    x, band, length = rng.uniform(0.15, 0.85) * width, rng.uniform(0.2, 0.3) * width, rng.uniform(0.45, 0.8) * height
     top = rng.uniform(0, height - length)
     left = [(x - band / 2 + rng.normal(0, band / 6), top + length * t) for t in np.linspace(0, 1, 8)]
     right = [(x + band / 2 + rng.normal(0, band / 6), top + length * t) for t in np.linspace(1, 0, 8)]
@@ -130,14 +127,12 @@ def _paint_leaf_blight(image: Image.Image, rng: np.random.Generator) -> Image.Im
 def _paint_leaf_streak(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Bacterial leaf streak: many narrow, parallel orange-brown streaks."""
     (width, height), draw = image.size, ImageDraw.Draw(image)
-    lean = rng.uniform(-0.15, 0.15) * width
-    centre = rng.uniform(0.25, 0.75) * width
+    lean, centre = rng.uniform(-0.15, 0.15) * width, rng.uniform(0.25, 0.75) * width
     for _ in range(rng.integers(8, 14)):
-        x = centre + rng.normal(0, 0.15 * width)
-        top = rng.uniform(0, 0.5) * height
+        x, top = centre + rng.normal(0, 0.15 * width), rng.uniform(0, 0.5) * height
         length = rng.uniform(0.3, 0.5) * height
-        end = (x + lean * length / height, top + length)
-        draw.line([(x, top), end], _jitter((235, 120, 20), rng, 15), width=max(2, width // 40))
+        draw.line([(x, top), (x + lean * length / height, top + length)], _jitter((235, 120, 20), rng, 15),
+                  width=max(2, width // 40))
     return image
 
 
@@ -186,9 +181,7 @@ def _paint_dead_heart(image: Image.Image, rng: np.random.Generator) -> Image.Ima
     (width, height), draw = image.size, ImageDraw.Draw(image)
     centre = rng.uniform(0.3, 0.7) * width
     for _ in range(rng.integers(4, 7)):
-        x = centre + rng.normal(0, 0.1 * width)
-        half = rng.uniform(0.04, 0.07) * width
-        lean = rng.normal(0, 0.1 * width)
+        x, half, lean = centre + rng.normal(0, 0.1 * width), rng.uniform(0.04, 0.07) * width, rng.normal(0, 0.1 * width)
         draw.polygon([(x - half, height), (x + half, height), (x + lean, rng.uniform(0, 0.3) * height)],
                      _jitter((165, 100, 70), rng, 15))
     return image
@@ -196,8 +189,7 @@ def _paint_dead_heart(image: Image.Image, rng: np.random.Generator) -> Image.Ima
 
 def _paint_downy_mildew(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Downy mildew: pale, blotchy whitish-yellow patches over the leaves."""
-    width, height = image.size
-    overlay = image.copy()
+    (width, height), overlay = image.size, image.copy()
     draw = ImageDraw.Draw(overlay)
     for _ in range(rng.integers(4, 8)):
         x, y = rng.uniform(0, width), rng.uniform(0, height)
