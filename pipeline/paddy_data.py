@@ -332,7 +332,9 @@ def _read_table(path: Path, columns: tuple[str, ...], where: str) -> pd.DataFram
 def _bad_rows(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
     bad = []
     for line, row in enumerate(train.itertuples(index=False), start=2):
-        problem = _row_problem(row)
+        problem = (f"label {row.label!r} is not one of the 10 classes" if row.label not in CLASSES
+                   else f"variety {row.variety!r} is not one of the 10 varieties" if row.variety not in VARIETIES
+                   else f"age {row.age!r} is not a whole number of days" if not row.age.isdigit() else None)
         if problem:
             bad.append(BadFile(f"train.csv line {line} ({row.image_id})", problem, "fix or remove the row" + _OR_SKIP,
                                drop_row=row.image_id))
@@ -341,16 +343,6 @@ def _bad_rows(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
                                "restore the image from the competition zip, or remove its row from train.csv" + _OR_SKIP,
                                drop_row=row.image_id))
     return bad
-
-
-def _row_problem(row) -> str | None:
-    if row.label not in CLASSES:
-        return f"label {row.label!r} is not one of the 10 classes"
-    if row.variety not in VARIETIES:
-        return f"variety {row.variety!r} is not one of the 10 varieties"
-    if not row.age.isdigit():
-        return f"age {row.age!r} is not a whole number of days"
-    return None
 
 
 _OR_SKIP = ", or set data.skip_bad_images: true to leave it out"
