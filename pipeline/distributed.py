@@ -217,8 +217,7 @@ def gather_rows(local: np.ndarray) -> np.ndarray | None:
 
 def describe(processes: int) -> str:
     if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(index) for index in range(processes)]
-        where = ", ".join(f"cuda:{index} ({name})" for index, name in enumerate(names))
+        where = ", ".join(f"cuda:{index} ({torch.cuda.get_device_name(index)})" for index in range(processes))
         return f"{processes} process(es), nccl, on {where}" if processes > 1 else f"1 process on {where}"
     return f"{processes} process(es) over gloo on the CPU" if processes > 1 else "1 process on the CPU"
 

@@ -22,7 +22,7 @@ def seed_everything(seed: int) -> None:
 
 def compute_device():
     """CUDA when present, else CPU: the only two paths this pipeline supports."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def quiet_progress(learn) -> None:
