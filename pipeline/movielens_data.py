@@ -161,11 +161,9 @@ def _require_columns(table: pd.DataFrame, columns, where) -> None:
 def validate(data: MovieLens, where: str, expected_counts: dict | None = None) -> MovieLens:
     """Typed, checked tables: integer ids, ratings in 1..5, a title for every rated movie, and `expected_counts` (the
     sizes of a known release, e.g. ML_100K_COUNTS); else MovielensDataError."""
-    ratings, movies = data.ratings, data.movies
-    _require_columns(ratings, RATING_COLUMNS, f"{where} ratings")
-    _require_columns(movies, MOVIE_COLUMNS, f"{where} movies")
-    ratings = ratings[list(RATING_COLUMNS)].copy()
-    movies = movies[list(MOVIE_COLUMNS)].copy()
+    _require_columns(data.ratings, RATING_COLUMNS, f"{where} ratings")
+    _require_columns(data.movies, MOVIE_COLUMNS, f"{where} movies")
+    ratings, movies = data.ratings[list(RATING_COLUMNS)].copy(), data.movies[list(MOVIE_COLUMNS)].copy()
     if ratings.empty:
         raise MovielensDataError(f"{where} ratings: no rows; point movielens.source at a ratings file with data")
     for column in ("user", "movie", "timestamp"):
@@ -188,13 +186,11 @@ def validate(data: MovieLens, where: str, expected_counts: dict | None = None) -
                                  "add them to the movies file")
     movies["title"] = movies["title"].astype(str)
     checked = MovieLens(ratings.reset_index(drop=True), movies.sort_values("movie").reset_index(drop=True), data.source)
-    if expected_counts:
-        found = counts(checked)
-        wrong = {k: v for k, v in expected_counts.items() if found[k] != v}
-        if wrong:
-            key = next(iter(wrong))
-            raise MovielensDataError(f"{where}: {key} is {found[key]}, expected {wrong[key]} for ML-100k; the download is "
-                                     f"damaged, {REFETCH}")
+    found = counts(checked)
+    wrong = [key for key, count in (expected_counts or {}).items() if found[key] != count]
+    if wrong:
+        raise MovielensDataError(f"{where}: {wrong[0]} is {found[wrong[0]]}, expected {expected_counts[wrong[0]]} for "
+                                 f"ML-100k; the download is damaged, {REFETCH}")
     return checked
 
 

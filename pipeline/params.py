@@ -158,12 +158,9 @@ def _coerce(hint: Any, value: Any, key: str, path: Path | str) -> Any:
 
 
 def _same_shape(hint: Any, value: Any) -> bool:
-    container = get_origin(hint) or (hint if dataclasses.is_dataclass(hint) else None)
-    if container in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if container is dict or dataclasses.is_dataclass(container):
-        return isinstance(value, Mapping)
-    return False
+    container = get_origin(hint) or hint
+    return (container in (list, tuple) and isinstance(value, (list, tuple))
+            or (container is dict or dataclasses.is_dataclass(container)) and isinstance(value, Mapping))
 
 
 def _type_name(hint: Any) -> str:

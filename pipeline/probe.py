@@ -197,11 +197,8 @@ def check_fits(result: Mapping[str, Any]) -> None:
     if result["accum"] is not None:
         return
     measured = {accum: run["peak_gib"] for accum, run in result["peaks"].items() if run["peak_gib"] is not None}
-    if measured:
-        accum, peak = min(measured.items(), key=lambda item: item[1])
-        smallest = f"its smallest peak is {peak:.2f} GiB at accum={accum}"
-    else:
-        smallest = "every run ran out of memory"
+    accum, peak = min(measured.items(), key=lambda item: item[1], default=(None, None))
+    smallest = "every run ran out of memory" if peak is None else f"its smallest peak is {peak:.2f} GiB at accum={accum}"
     raise ProbeError(f"member {result['member']!r} does not fit the {result['budget_gib']} GiB budget (probe.budget_gib) "
                      f"at any accum in {list(map(int, result['peaks']))}: {smallest}; add a larger accum to probe.accums, "
                      "lower the member's size/resize or pick a smaller arch, raise probe.budget_gib, or set the member's "
