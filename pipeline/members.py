@@ -13,9 +13,14 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from pipeline.paddy import CLASSES, VARIETIES
-from pipeline.params import PARAMS_FILE, ParamsError, from_mapping, known_values, load_section, section_of
+from pipeline.params import PARAMS_FILE, FieldError, ParamsError, from_mapping, known_values, load_section, section_of
 
 Size = int | tuple[int, int]
+
+
+def sides(size: Size) -> tuple[int, int]:
+    """(height, width) of a size; an int is square."""
+    return size if isinstance(size, tuple) else (size, size)
 
 
 @dataclass(frozen=True)
@@ -39,12 +44,21 @@ class MemberConfig:
     # A smoke test's cap (make rehearsal): optimiser steps per training epoch, validation and TTA left whole; None:
     # every batch. Not for real runs: the one-cycle schedule is cut short with it.
     max_steps_per_epoch: int | None = None
+    # Training tricks, each the library's own (vision.member_learner): fastai's LabelSmoothingCrossEntropyFlat eps;
+    # fastai's MixUp or CutMix alpha (0: off); timm's ModelEmaV3 decay (null: off), whose weights are saved.
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema: float | None = None
+    # Progressive resizing: the batch `size` of each phase, smallest first, ending at `size`; epochs split evenly.
+    progressive: tuple[Size, ...] | None = None
 
     def __post_init__(self):
-        for name, value in (("resize", self.resize), ("size", self.size)):
-            sides = value if isinstance(value, tuple) else (value,)
-            if any(side < 8 for side in sides):
+        phases = (("progressive", size) for size in self.progressive or ())
+        for name, value in (("resize", self.resize), ("size", self.size), *phases):
+            if any(side < 8 for side in sides(value)):
                 raise ValueError(f"{name} {value!r} is too small; use at least 8 pixels a side")
+        self.check_tricks()
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
@@ -57,6 +71,29 @@ class MemberConfig:
             raise ValueError(f"lr must be a positive number below 10 or 'find', got {self.lr}")
         if isinstance(self.pretrained, str) and not Path(self.pretrained).is_file():
             raise ValueError(f"pretrained weights file {self.pretrained!r} not found; fix the path or use true/false")
+
+    def check_tricks(self) -> None:
+        if not 0 <= self.label_smoothing < 1:
+            raise FieldError("label_smoothing", f"is {self.label_smoothing}; use a number in [0, 1), 0 for none")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"is {getattr(self, name)}; use a positive alpha, or 0 for none")
+        if self.mixup and self.cutmix:
+            raise FieldError("cutmix", "and mixup are both set; set one of them (the other 0)")
+        if self.cutmix and self.targets == "label+variety":  # fastai's CutMix mixes the first target only
+            raise FieldError("cutmix", "does not mix the variety target of label+variety; use mixup, or targets: label")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise FieldError("ema", f"is {self.ema}; use a decay in (0, 1) such as 0.999, or null for none")
+        if self.progressive is not None:
+            shown, size = ([list(s) if isinstance(s, tuple) else s for s in v] for v in (self.progressive, [self.size]))
+            if not self.progressive or sides(self.progressive[-1]) != sides(self.size):
+                raise FieldError("progressive", f"is {shown}; end it with the member's size {size[0]}")
+            if any(a > b for s in self.progressive for a, b in zip(sides(s), sides(self.size))):  # the probe's size
+                raise FieldError("progressive", f"is {shown}; no phase's size may exceed the member's size {size[0]}")
+            if any(sides(a) == sides(b) for a, b in zip(self.progressive, self.progressive[1:])):
+                raise FieldError("progressive", f"is {shown}; a phase has the size of the one before it: merge them")
+            if self.epochs < len(self.progressive):
+                raise FieldError("progressive", f"has {len(self.progressive)} phases, more than epochs {self.epochs}")
 
     @property
     def n_out(self) -> int:

@@ -181,16 +181,28 @@ class Phase:
     epochs: int
     lr: Any
     kwargs: dict
+    size: Any = None  # the batch size of its images (a progressive phase's); None: the member's
+
+
+def progressive_split(member: MemberConfig, epochs: int) -> list[tuple[int, Any]]:
+    """(epochs, size) of each progressive phase: `epochs` split evenly, the later (larger) phases taking the rest."""
+    sizes = member.progressive or (None,)
+    return [(epochs // len(sizes) + (i >= len(sizes) - epochs % len(sizes)), size) for i, size in enumerate(sizes)]
 
 
 def schedule_phases(member: MemberConfig, lr: float) -> list[Phase]:
-    """The member's schedule as fit_one_cycle phases; fine_tune matches fastai's own (freeze_epochs=1, lr/2 after)."""
+    """The member's schedule as fit_one_cycle phases; fine_tune matches fastai's own (freeze_epochs=1, lr/2 after).
+
+    With progressive sizes, the member's epochs (fine_tune's unfrozen ones) are split across them, a one-cycle each
+    (fastbook's progressive resizing); fine_tune's frozen epoch is at the first size."""
+    split = progressive_split(member, member.epochs)
     if member.schedule == "fit_one_cycle":
-        return [Phase(frozen=False, epochs=member.epochs, lr=lr, kwargs={})]
+        return [Phase(frozen=False, epochs=n, lr=lr, kwargs={}, size=size) for n, size in split]
     base_lr = lr / 2
+    unfrozen = dict(pct_start=0.3, div=5.0)
     return [
-        Phase(frozen=True, epochs=1, lr=slice(lr), kwargs=dict(pct_start=0.99)),
-        Phase(frozen=False, epochs=member.epochs, lr=slice(base_lr / 100, base_lr), kwargs=dict(pct_start=0.3, div=5.0)),
+        Phase(frozen=True, epochs=1, lr=slice(lr), kwargs=dict(pct_start=0.99), size=split[0][1]),
+        *(Phase(frozen=False, epochs=n, lr=slice(base_lr / 100, base_lr), kwargs=unfrozen, size=s) for n, s in split),
     ]
 
 
@@ -301,6 +313,8 @@ class Checkpoints:
         if rank_states is None:
             return
         checkpoint = dict(model=get_model(learn.model).state_dict(), opt=learn.opt.state_dict(), ranks=rank_states)
+        if ema := vision.ema_of(learn):
+            checkpoint["ema"] = ema.state()
         with atomic_path(self.epoch_file(completed_epochs)) as tmp:
             save_torch(checkpoint, tmp)
         state = read_json(self.directory / "state.json") | dict(completed_epochs=completed_epochs)
@@ -321,6 +335,8 @@ class Checkpoints:
         checkpoint = self.load(completed_epochs, learn.dls.device)
         get_model(learn.model).load_state_dict(checkpoint["model"])
         learn.opt.load_state_dict(checkpoint["opt"])
+        if ema := vision.ema_of(learn):
+            ema.load_state(checkpoint["ema"])  # the fingerprint has the member's ema: a checkpoint of this run has it
         ranks = checkpoint["ranks"]
         if distributed.rank() < len(ranks):  # a rank the saved run did not have keeps its fresh seed
             states = ranks[distributed.rank()]
@@ -440,7 +456,8 @@ def fit_member(
     """
     process_bs = distributed.process_batch(cfg.bs)
     seed = cfg.seed + distributed.rank()
-    dls = vision.member_dataloaders(cfg.member, table, process_bs, accum, seed, num_workers=cfg.num_workers)
+    first_size = (cfg.member.progressive or (None,))[0]
+    dls = vision.member_dataloaders(cfg.member, table, process_bs, accum, seed, cfg.num_workers, first_size)
     learn = vision.member_learner(cfg.member, dls, process_bs, accum, mixed_precision=cfg.precision)
     learn.path, learn.model_dir = checkpoints.directory, "."  # lr_find's temporary weights go there too
     state = distributed.from_rank0(checkpoints.state)
@@ -459,16 +476,26 @@ def fit_member(
     step_cap = None if cap is None else StepCap(cap, accum)
     epoch_images = len(dls.train.items) if cap is None else min(len(dls.train.items), cap * cfg.bs)
     reset_peak_memory()
-    started, images = time.perf_counter(), 0
+    started, images, size = time.perf_counter(), 0, first_size
+
+    def resize(phase: Phase) -> None:  # progressive resizing: the phase's loaders (their seed from the random state)
+        nonlocal size
+        if phase.size != size:
+            size = phase.size
+            learn.dls = vision.member_dataloaders(cfg.member, table, process_bs, accum, None, cfg.num_workers, size)
+
     with distributed.distrib_ctx(learn):
         for index, phase in enumerate(phases[resume_phase:], start=resume_phase):
             start_epoch = resume_epoch if index == resume_phase else 0
-            enter_phase(learn, phase, checkpoints, completed if index == resume_phase else 0, start_epoch)
+            resume_after = completed if index == resume_phase else 0
+            enter_phase(learn, phase, checkpoints, resume_after, start_epoch, lambda: resize(phase))
             if start_epoch < phase.epochs:
                 cbs = epoch_callbacks(checkpoints, live, first_epoch, start_epoch, step_cap)
                 learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=start_epoch, cbs=cbs, **phase.kwargs)
                 images += (phase.epochs - start_epoch) * epoch_images
             first_epoch += phase.epochs
+    if ema := vision.ema_of(learn):
+        ema.use_averaged()  # what is predicted with and saved (a checkpoint keeps both)
     return TrainResult(
         learn=learn,
         accum=accum,
@@ -482,19 +509,24 @@ def fit_member(
     )
 
 
-def enter_phase(learn, phase: Phase, checkpoints: Checkpoints, resume_after: int, start_epoch: int) -> None:
-    """Freeze or unfreeze the body for `phase`; when resuming into it (resume_after > 0), restore the checkpoint too:
-    on every rank, the same file, also when no epoch is left to train (a run killed while predicting).
+def enter_phase(
+    learn, phase: Phase, checkpoints: Checkpoints, resume_after: int, start_epoch: int, resize=lambda: None
+) -> None:
+    """Resize (`resize`: the phase's loaders), freeze or unfreeze the body for `phase`; when resuming into it
+    (resume_after > 0), restore the checkpoint too: on every rank, the same file, also when no epoch is left to
+    train (a run killed while predicting).
 
-    fastai's freeze/unfreeze clear the optimiser state, so the order matters: at a phase boundary the uninterrupted
-    run clears it (restore, then set); inside a phase, or after its last epoch, it goes on with it (set, then
-    restore).
+    fastai's freeze/unfreeze clear the optimiser state and new loaders draw from the random state, so the order
+    matters: at a phase boundary the uninterrupted run does both from the last epoch's state (restore, then set),
+    inside a phase, or after its last epoch, it goes on with them (set, then restore).
     """
     set_frozen = learn.freeze if phase.frozen else learn.unfreeze
     if resume_after and start_epoch == 0:
         checkpoints.restore(learn, resume_after)
+        resize()
         set_frozen()
     else:
+        resize()
         set_frozen()
         if resume_after:
             checkpoints.restore(learn, resume_after)

@@ -18,7 +18,10 @@ import pandas as pd
 import timm
 import torch
 import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.callback.mixup import CutMix, MixUp
 from fastai.callback.training import GradientAccumulation
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import error_rate
 from fastai.vision.all import (
     CategoryBlock,
@@ -34,12 +37,14 @@ from fastai.vision.all import (
     set_seed,
     vision_learner,
 )
+from fastai.torch_core import get_model
 from fastai.vision.learner import TimmBody, create_timm_model
 from timm.layers import Format, nhwc_to
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from pipeline import members
-from pipeline.members import MemberConfig, TrainConfig
+from pipeline.members import MemberConfig, Size, TrainConfig
 from pipeline.torch_setup import compute_device, quiet_progress
 from pipeline.paddy import CLASSES, VARIETIES
 from pipeline.params import PARAMS_FILE, ParamsError
@@ -77,11 +82,21 @@ def load_train_config(params: Mapping[str, Any]) -> TrainConfig:
         try:
             if not timm.is_model(member.arch):
                 raise ValueError(f"arch {member.arch!r} is not a timm model; pick a name from timm.list_models()")
+            if member.progressive and fixed_input_size(member.arch):
+                raise ValueError(f"progressive: arch {member.arch!r} is built for one input size; set progressive: null")
             for transform, kwargs in member.albumentations.items():
                 check_albumentations_transform(transform, kwargs)
         except ValueError as err:
             raise ParamsError(f"{PARAMS_FILE}: key 'train.members.{name}': {err}") from None
     return config
+
+
+def fixed_input_size(arch: str) -> bool:
+    """Whether timm builds `arch` for its input size only (vit, swin: position embeddings, windows)."""
+    try:
+        return bool(timm.models.get_pretrained_cfg_value(arch, "fixed_input_size"))
+    except RuntimeError:  # a deprecated name timm has no config under
+        return False
 
 
 def batch_size(bs: int, accum: int) -> int:
@@ -111,10 +126,21 @@ def variety_err(inp, disease, variety):
 
 
 class DiseaseVarietyLoss:
-    """The seeds' `combine_loss`, as a class so that fastai's get_preds/tta turn logits into per-head probabilities."""
+    """The seeds' `combine_loss`, as a class so that fastai's get_preds/tta turn logits into per-head probabilities.
+
+    Each head's cross-entropy is fastai's, label-smoothed when asked. `y_int` and `reduction` are what fastai's MixUp
+    reads: it then mixes the per-image losses of both targets (NoneReduce), rather than lerping integer labels.
+    """
+
+    y_int = True
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.ce = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
+
+    reduction = property(lambda self: self.ce.reduction, lambda self, value: setattr(self.ce, "reduction", value))
 
     def __call__(self, inp, disease, variety):
-        return disease_loss(inp, disease, variety) + variety_loss(inp, disease, variety)
+        return self.ce(inp[:, :N_CLASSES], disease) + self.ce(inp[:, N_CLASSES:], variety)
 
     def activation(self, out):
         return torch.cat([out[:, :N_CLASSES].softmax(dim=1), out[:, N_CLASSES:].softmax(dim=1)], dim=1)
@@ -163,8 +189,9 @@ def albumentations_transform(member: MemberConfig) -> AlbumentationsItem | None:
     return AlbumentationsItem(member.albumentations) if member.albumentations else None
 
 
-def member_datablock(member: MemberConfig) -> DataBlock:
-    """The DataBlock for a table with `path`, `label`, `variety` and boolean `is_valid` columns."""
+def member_datablock(member: MemberConfig, size: Size | None = None) -> DataBlock:
+    """The DataBlock for a table with `path`, `label`, `variety` and boolean `is_valid` columns; `size`: a
+    progressive phase's batch size instead of the member's."""
     multi = member.targets == "label+variety"
     blocks = (ImageBlock, CategoryBlock(vocab=list(CLASSES))) + ((CategoryBlock(vocab=list(VARIETIES)),) if multi else ())
     get_y = [ColReader("label"), ColReader("variety")] if multi else ColReader("label")
@@ -176,7 +203,7 @@ def member_datablock(member: MemberConfig) -> DataBlock:
         get_y=get_y,
         splitter=ColSplitter("is_valid"),
         item_tfms=item_tfms,
-        batch_tfms=aug_transforms(size=member.size, min_scale=member.min_scale),
+        batch_tfms=aug_transforms(size=size or member.size, min_scale=member.min_scale),
     )
 
 
@@ -193,9 +220,11 @@ def loader_workers(requested: int | Literal["auto"], device: torch.device) -> in
 
 
 def member_dataloaders(
-    member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int, num_workers: int | str = 0
+    member: MemberConfig, table: pd.DataFrame, bs: int, accum: int, seed: int | None, num_workers: int | str = 0,
+    size: Size | None = None,
 ):
-    """DataLoaders with `bs // accum` images per step (the seeds' memory trick), seeded shuffling.
+    """DataLoaders with `bs // accum` images per step (the seeds' memory trick), seeded shuffling (seed None: drawn
+    from the random state, as a progressive phase's loaders are), batches of `size` (None: the member's).
 
     `num_workers`: worker processes, or `auto` (loader_workers). On CUDA, batches come from pinned memory (faster
     copies to the GPU).
@@ -208,8 +237,9 @@ def member_dataloaders(
     and worker count (not across counts: item augmentations are drawn in the workers).
     """
     device = compute_device()
-    set_seed(seed, reproducible=True)
-    return member_datablock(member).dataloaders(
+    if seed is not None:
+        set_seed(seed, reproducible=True)
+    return member_datablock(member, size).dataloaders(
         table,
         bs=batch_size(bs, accum),
         num_workers=loader_workers(num_workers, device),
@@ -276,15 +306,74 @@ def precision_for(requested: bool | str | None, cuda: bool) -> str:
     return "bf16" if requested == "bf16" else "fp16"
 
 
+class EmaWeights(Callback):
+    """timm's ModelEmaV3 of the weights, with its warmup (the average starts at the weights and its decay grows to
+    `decay`), updated after each optimiser step of a fit but lr_find's (whose steps are undone). train checkpoints
+    it (state, load_state), and predicts with and saves it (use_averaged)."""
+
+    def __init__(self, decay: float):
+        self.decay, self.ema, self.steps, self.skipped = decay, None, 0, False
+
+    def averaged(self) -> ModelEmaV3:
+        if self.ema is None:
+            self.ema = ModelEmaV3(get_model(self.learn.model), decay=self.decay, use_warmup=True)
+        return self.ema
+
+    def before_fit(self):
+        self.run = not hasattr(self.learn, "lr_finder")
+        if self.run:  # where the fit put the model (restore made the average on the CPU)
+            self.averaged().module.to(next(get_model(self.learn.model).parameters()).device)
+
+    def before_batch(self):
+        self.skipped = False
+
+    def after_cancel_step(self):
+        self.skipped = True  # fp16's GradScaler skipped this step (GradientAccumulation cancels the whole batch)
+
+    def after_step(self):
+        if not self.skipped:
+            self.steps += 1
+            self.averaged().update(get_model(self.learn.model), step=self.steps)
+
+    def state(self) -> dict:
+        return dict(steps=self.steps, weights=self.averaged().module.state_dict())
+
+    def load_state(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.averaged().module.load_state_dict(state["weights"])
+
+    def use_averaged(self) -> None:
+        get_model(self.learn.model).load_state_dict(self.averaged().module.state_dict())
+
+
+class TargetsMixUp(MixUp):
+    """fastai's MixUp, which reads the batch size from `y`: a tuple of both targets for label+variety (the loss
+    then mixes both, see DiseaseVarietyLoss), so it is given the first."""
+
+    y = property(lambda self: self.learn.yb[0])
+
+
+def trick_callbacks(member: MemberConfig) -> list[Callback]:
+    """The member's MixUp or CutMix (fastai's) and EmaWeights, each only when set."""
+    return [cb(on) for on, cb in ((member.mixup, TargetsMixUp), (member.cutmix, CutMix), (member.ema, EmaWeights)) if on]
+
+
+def ema_of(learn) -> EmaWeights | None:
+    return next((cb for cb in learn.cbs if isinstance(cb, EmaWeights)), None)
+
+
 def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precision: bool | str | None = None):
     """A fastai Learner on the member's timm architecture, with GradientAccumulation(bs) and, on CUDA, fp16.
 
     `mixed_precision`: None or "auto" (fp16 on CUDA), True/"fp16", "bf16", False/"fp32"; always fp32 on CPU.
     """
     if member.targets == "label+variety":
-        loss, metrics = DiseaseVarietyLoss(), [disease_err, variety_err, disease_loss, variety_loss]
+        loss = DiseaseVarietyLoss(member.label_smoothing)
+        metrics = [disease_err, variety_err, disease_loss, variety_loss]
     else:
-        loss, metrics = None, [error_rate]
+        smoothing = member.label_smoothing
+        loss = LabelSmoothingCrossEntropyFlat(eps=smoothing) if smoothing else None  # None: fastai's plain CE
+        metrics = [error_rate]
     learn = vision_learner(
         dls,
         member.arch,
@@ -293,7 +382,7 @@ def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precisi
         loss_func=loss,
         metrics=metrics,
         # GradientAccumulation(bs) steps the optimiser once `bs` images have been seen, whatever the step size.
-        cbs=[GradientAccumulation(bs)] if accum > 1 else [],
+        cbs=([GradientAccumulation(bs)] if accum > 1 else []) + trick_callbacks(member),
         pretrained_cfg_overlay=timm_overlay(member),
     )
     with_channels_first_body(learn.model)
