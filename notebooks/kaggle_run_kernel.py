@@ -13,7 +13,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-SETTINGS = {}  # archive, profile, targets, jobs, hours, install: written by pipeline/kaggle_run.py
+SETTINGS = {}  # name, archive, profile, targets, jobs, hours, install: written by pipeline/kaggle_run.py
 INPUT = Path("/kaggle/input")
 PROJECT = Path("/kaggle/working/paddy-pipeline")
 MARKER = "kaggle-run.json"  # what `make kaggle-run` reads first: did the run finish, and what is stale
@@ -24,18 +24,19 @@ def run(*command: str, **env: str) -> None:
     subprocess.run(command, cwd=PROJECT, check=True, env={**os.environ, **env})
 
 
-def found(pattern: str) -> Path | None:
-    """The first match of `pattern` one to three folders below /kaggle/input (Kaggle mounts each source in a folder
-    named after it; newer sessions nest them under datasets/<owner>/ or notebooks/<owner>/)."""
-    return next((path for depth in ("*", "*/*", "*/*/*") for path in sorted(INPUT.glob(f"{depth}/{pattern}"))), None)
+def found(source: str, name: str) -> Path | None:
+    """`name` in the attached source's folder: /kaggle/input/<slug>/, or in newer sessions
+    /kaggle/input/{datasets,notebooks}/<owner>/<slug>/."""
+    return next((path for depth in ("", "*/*/") for path in sorted(INPUT.glob(f"{depth}{source}/{name}"))), None)
 
 
 def unpack_code() -> None:
-    archive = found(SETTINGS["archive"])
-    if archive is None:
-        raise SystemExit(f"kaggle-run: {SETTINGS['archive']} is not attached under {INPUT}; push again")
-    if archive.is_dir():  # Kaggle unpacked the archive when the dataset was processed
-        shutil.copytree(archive, PROJECT, symlinks=True, dirs_exist_ok=True)
+    archive = found(f"{SETTINGS['name']}-code", SETTINGS["archive"])
+    unpacked = found(f"{SETTINGS['name']}-code", "dvc.yaml")  # Kaggle may unpack an archive it is given
+    if archive is None and unpacked is None:
+        raise SystemExit(f"kaggle-run: the code dataset {SETTINGS['name']}-code is not attached under {INPUT}")
+    if archive is None or archive.is_dir():
+        shutil.copytree(archive or unpacked.parent, PROJECT, symlinks=True, dirs_exist_ok=True)
     else:
         with tarfile.open(archive) as tar:
             tar.extractall(PROJECT, filter="data")
@@ -63,7 +64,7 @@ def stale() -> list[str]:
 
 
 def main() -> None:
-    previous = found(f"paddy-pipeline/{MARKER}")
+    previous = found(SETTINGS["name"], f"paddy-pipeline/{MARKER}")
     if previous is not None:
         restore(previous.parent)
     unpack_code()

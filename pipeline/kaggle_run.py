@@ -30,8 +30,9 @@ STAGE = "kaggle-run"
 WORK = Path(".kaggle-run")
 KERNEL_SCRIPT = Path("notebooks/kaggle_run_kernel.py")
 ARCHIVE = "paddy-pipeline-code.tar"
-# Not a git-tracked file but part of the run: the params, the lock, and the user's own overrides (docs/profiles.md).
-UNTRACKED = ("params.yaml", "dvc.lock", "params.local.yaml")
+# The working tree's, not HEAD's: the params and lock as they are now, and the user's own overrides (untracked,
+# docs/profiles.md). Appended after HEAD's files: of two members of a tar with one name, the later is extracted last.
+RUN_FILES = ("params.yaml", "dvc.lock", "params.local.yaml")
 MARKER = "kaggle-run.json"  # the kernel's account of its run (notebooks/kaggle_run_kernel.py)
 OUTPUT_ROOT = "paddy-pipeline/"  # the project's folder in the kernel's output (/kaggle/working)
 DONE, FAILED = {"COMPLETE"}, {"ERROR", "CANCEL_REQUESTED", "CANCEL_ACKNOWLEDGED"}
@@ -60,16 +61,24 @@ class RunConfig:
 
 def code_archive(target: Path, repo: Path = Path(".")) -> Path:
     """HEAD's tracked files (git archive) plus the run's params and lock from the working tree."""
-    subprocess.run(["git", "archive", "--format=tar", "-o", str(target.resolve()), "HEAD"], cwd=repo, check=True)
+    git = subprocess.run(["git", "archive", "--format=tar", "-o", str(target.resolve()), "HEAD"], cwd=repo,
+                         capture_output=True, text=True)
+    if git.returncode:
+        raise KaggleRunError(f"git archive HEAD failed ({git.stderr.strip()[:120]}); run from a git checkout")
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                            text=True).stdout
+    left_out = sorted({line[3:] for line in status.splitlines()} - set(RUN_FILES))
+    if left_out:
+        log(STAGE, f"uncommitted changes are not in the run (it runs HEAD): {', '.join(left_out[:5])}")
     with tarfile.open(target, "a") as tar:
-        for name in UNTRACKED:
+        for name in RUN_FILES:
             if (repo / name).is_file():
                 tar.add(repo / name, arcname=name)
     return target
 
 
 def kernel_script(cfg: RunConfig, install: bool = True) -> str:
-    settings = {"archive": ARCHIVE, "profile": cfg.profile, "targets": list(cfg.targets), "jobs": cfg.jobs,
+    settings = {"name": cfg.name, "archive": ARCHIVE, "profile": cfg.profile, "targets": list(cfg.targets), "jobs": cfg.jobs,
                 "hours": cfg.hours, "install": install}
     return KERNEL_SCRIPT.read_text().replace("SETTINGS = {}", f"SETTINGS = {settings!r}", 1)
 
@@ -77,7 +86,8 @@ def kernel_script(cfg: RunConfig, install: bool = True) -> str:
 def kernel_metadata(cfg: RunConfig, user: str, resume: bool) -> dict:
     return {
         "id": f"{user}/{cfg.name}", "title": cfg.name, "code_file": "script.py", "language": "python",
-        "kernel_type": "script", "is_private": True, "enable_gpu": True, "machine_shape": "NvidiaTeslaT4",
+        "kernel_type": "script", "is_private": True, "enable_gpu": True,
+        "machine_shape": "NvidiaTeslaT4",  # "GPU T4 x2"; enable_gpu alone gets the one P100
         "enable_internet": True,  # pip installs what Kaggle's Python lacks; timm fetches pretrained weights
         "dataset_sources": [f"{user}/{cfg.name}-code"], "competition_sources": [COMPETITION],
         # The previous version's output (the whole project: lock, DVC cache, checkpoints) is what a run resumes.
@@ -123,7 +133,9 @@ def upload_code(api, cfg: RunConfig, user: str) -> None:
         response = client_call("code upload", api.dataset_create_new, str(folder), public=False, quiet=True)
     refused("code upload", response)
     # Kaggle processes a new version before a kernel can mount it.
-    while client_call("code upload", api.dataset_status, ref) not in ("ready", "failed"):
+    while (status := client_call("code upload", api.dataset_status, ref)) != "ready":
+        if status == "failed":
+            raise KaggleRunError(f"kaggle: Kaggle could not process the code dataset {ref}; see its page, push again")
         time.sleep(cfg.poll_s)
 
 
@@ -180,8 +192,17 @@ def ran_stages(kernel_lock: dict, pushed_lock: dict) -> list[str]:
     return [stage for stage, entry in kernel_lock.items() if pushed_lock.get(stage) != entry]
 
 
-def outs_of(kernel_lock: dict, stages: list[str]) -> list[str]:
-    return sorted({out["path"] for stage in stages for out in kernel_lock[stage].get("outs", [])})
+def outs_of(kernel_lock: dict, stages: list[str]) -> dict[str, int | None]:
+    """Each output of `stages` (metrics and plots among them) -> its file count if a folder (dvc.lock's nfiles)."""
+    return {out["path"]: out.get("nfiles") for stage in stages for out in kernel_lock[stage].get("outs", [])}
+
+
+def incomplete(project: Path, outs: dict[str, int | None]) -> list[str]:
+    def count(folder: Path) -> int:
+        return sum(1 for path in folder.rglob("*") if path.is_file())
+
+    return [path for path, nfiles in outs.items()
+            if not (project / path).exists() or (nfiles is not None and count(project / path) != nfiles)]
 
 
 def swap_in(project: Path, paths: list[str], replaced: Path) -> None:
@@ -216,13 +237,14 @@ def collect(api, cfg: RunConfig, kernel: str) -> list[str]:
                              f"make kaggle-run again resumes them; {where}; nothing here was changed")
     kernel_lock = read_lock(project / "dvc.lock")
     stages = ran_stages(kernel_lock, read_lock(cfg.work / "pushed.lock"))
-    paths = [path for path in outs_of(kernel_lock, stages) if not path.startswith("models/checkpoints")]
-    download(api, kernel, scratch, paths)
-    missing = [path for path in paths if not (project / path).exists()]
+    outs = outs_of(kernel_lock, stages)
+    if outs:
+        download(api, kernel, scratch, list(outs))
+    missing = incomplete(project, outs)
     if missing:
-        raise KaggleRunError(f"{kernel}'s output is partial: {', '.join(missing[:5])} missing; {where}; nothing here "
-                             "was changed")
-    swap_in(project, [*paths, "params.yaml"], cfg.work / "replaced")
+        raise KaggleRunError(f"{kernel}'s output is partial: {', '.join(missing[:5])} missing or incomplete; {where}; "
+                             "nothing here was changed")
+    swap_in(project, [*outs, "params.yaml"], cfg.work / "replaced")
     # The outputs into DVC's cache and their entries into dvc.lock, from this workspace's own hashes: the same code
     # (this commit), params (the kernel's params.yaml) and inputs (the outputs just swapped in) as the kernel's.
     if not stages:

@@ -109,7 +109,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def fails(message: str, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        kaggle_run.main(["--profile", "demo", "--poll", "0", "--wait-hours", "0.001"])
+        kaggle_run.main(["--profile", "demo", "--poll", "0", "--wait-hours", "0.0002"])
     text = str(exit_info.value.code)
     assert text.startswith("kaggle-run: ") and "\n" not in text and message in text, text
     assert SECRET not in text + capsys.readouterr().err
@@ -175,6 +175,16 @@ def test_a_second_kernel_resumes_from_the_first_ones_output(session):
     assert (kaggle / "working/paddy-pipeline/models/checkpoints/full_size/state.json").is_file()
 
 
+def test_no_wait_pushes_and_returns_and_collect_follows_it_later(session, fake, workspace):
+    before = snapshot(workspace)
+    fake.run = lambda push: Kernel(statuses=["RUNNING", "ERROR"], failure_message="out of disk")
+    kaggle_run.main(["--profile", "demo", "--poll", "0", "--no-wait"])
+    assert len(fake.pushes) == 1 and snapshot(workspace) == before
+    with pytest.raises(SystemExit, match="ended with status error: out of disk"):
+        kaggle_run.main(["--collect", "--poll", "0"])
+    assert len(fake.pushes) == 1
+
+
 def test_a_kernel_that_errors_changes_nothing_and_says_where_its_log_is(fake, workspace, capsys):
     before = snapshot(workspace)
     fake.run = lambda push: Kernel(statuses=["ERROR"], failure_message="CUDA out of memory", log="[traceback]")
@@ -192,7 +202,7 @@ def test_a_cancelled_kernel_changes_nothing(fake, workspace, capsys):
 
 def test_a_kernel_still_running_when_the_wait_is_over_can_be_collected_later(fake, workspace, capsys):
     fake.run = lambda push: Kernel(statuses=["RUNNING"])
-    fails("is still running after 0.001 h", capsys)
+    fails("is still running after 0.0002 h", capsys)
 
 
 def test_a_kernel_whose_hours_ran_out_changes_nothing_and_is_resumed_next_time(session, fake, workspace, capsys):
@@ -213,9 +223,9 @@ def test_a_kernel_with_no_outputs_changes_nothing(fake, workspace, capsys):
 
 def test_a_kernel_with_partial_outputs_changes_nothing(session, fake, workspace, capsys):
     before = snapshot(workspace)
-    files = {name: data for name, data in session[1].items() if not name.startswith("paddy-pipeline/preds/")}
+    files = {name: data for name, data in session[1].items() if name != "paddy-pipeline/preds/full_size/valid.csv"}
     fake.run = lambda push: Kernel(statuses=["COMPLETE"], files=files)
-    fails("output is partial: preds/", capsys)
+    fails("output is partial: preds/full_size missing or incomplete", capsys)
     assert snapshot(workspace) == before
 
 
