@@ -30,7 +30,7 @@ endif
 export PATH := $(ENV_BIN):$(PATH)
 .DEFAULT_GOAL := help
 
-.PHONY: help install lock demo repro train-parallel test test-oldest bench rehearsal submit profile clean
+.PHONY: help install lock demo repro train-parallel test test-oldest bench rehearsal submit kaggle-run profile clean
 
 help:
 	@echo "make install   make .venv and install $(LOCK) + the pipeline into it; with PYTHON=..., install into that"
@@ -46,6 +46,8 @@ help:
 	@echo "               before spending GPU hours (ARGS=\"--members a,b --bs 16 --precision bf16 --keep\")"
 	@echo "make submit    upload submissions/submission.csv to Kaggle (refuses synthetic or stale outputs)"
 	@echo "               make submit ARGS=--force re-uploads a file that was submitted before"
+	@echo "make kaggle-run   train on Kaggle's GPUs with your Kaggle token: push this commit as a private GPU kernel,"
+	@echo "               then bring its outputs back into DVC (ARGS=\"--members a,b --no-wait --name x\": docs/kaggle.md)"
 	@echo "make profile PROFILE=competition|demo   write params.yaml: base + that profile + your params.local.yaml"
 	@echo "               (no PROFILE: the current one again); ARGS=--force writes over values changed in params.yaml"
 	@echo "make lock      re-resolve pyproject.toml's dependencies into $(LOCK) (after changing them)"
@@ -143,6 +145,10 @@ rehearsal:
 submit:
 	@echo ">> submitting submissions/submission.csv to Kaggle (checks first)"
 	$(PYTHON) -m pipeline.submit $(ARGS)
+
+kaggle-run:
+	@echo ">> kaggle-run: this commit's stages in a private Kaggle GPU kernel, the outputs back into DVC"
+	$(PYTHON) -m pipeline.kaggle_run $(ARGS)
 
 profile:
 	@echo ">> writing params.yaml: pipeline/profiles/base.yaml + the $(or $(PROFILE),current) profile + params.local.yaml"

@@ -25,7 +25,8 @@ case "${1:-}" in
     if [ -z "${PREVIOUS:-}" ]; then echo ">> a fresh run: nothing to resume"; exit 0; fi
     echo ">> resuming the run saved in $PREVIOUS: finished stages come from DVC's cache, the member in training"
     echo ">> from its last epoch's checkpoint (models/checkpoints/)"
-    dvc checkout --relink
+    # --allow-missing: the stages a cut-short session never ran keep dvc.lock entries whose outputs were never cached
+    dvc checkout --relink --allow-missing
     # data/paddy's image folders are links into the competition's mount, which a saved output may not keep: relink
     # them (verified again; the same SOURCE.json, so nothing downstream reruns).
     dvc repro --force --single-item paddy_data
