@@ -71,6 +71,11 @@ def seed_of(params: Mapping[str, Any], path: Path | str = PARAMS_FILE) -> int:
     return seed
 
 
+def fold_ids_for(folds: int, full: bool) -> list[int]:
+    """`validation.fold_ids` for `validation.folds`: one fold stage per id, none for one shared split or `full`."""
+    return [] if folds < 2 or full else list(range(folds))
+
+
 def section_of(params: Mapping[str, Any], section: str, path: Path | str = PARAMS_FILE) -> Any:
     """`params[section]`; a missing section is an error (no section has defaults: the README documents each)."""
     if section not in params:
@@ -202,6 +207,7 @@ __all__ = [
     "PROFILES",
     "FieldError",
     "ParamsError",
+    "fold_ids_for",
     "from_mapping",
     "known_values",
     "load_section",

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.representer import RoundTripRepresenter
 
 from pipeline.common import atomic_path
-from pipeline.params import PARAMS_FILE, PROFILES
+from pipeline.params import PARAMS_FILE, PROFILES, fold_ids_for
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 BASE_FILE = PROFILE_DIR / "base.yaml"
@@ -71,6 +71,7 @@ def render_text(name: str, local_file: Path | None = None) -> str:
     layers = [profile_file(name), *([local_file] if local_file is not None and Path(local_file).is_file() else [])]
     for layer in layers:
         merge_onto(merged, _load_file(layer))
+    _write_fold_ids(merged)
     stream = io.StringIO()
     _yaml().dump(merged, stream)
     return _tidy(HEADER.format(name=name) + _leading_comments(profile_file(name)) + stream.getvalue())
@@ -96,6 +97,15 @@ def merge_onto(base: CommentedMap, overlay: CommentedMap) -> None:
         if comment is not None and getattr(comment[2], "value", "").strip():
             base.ca.items[key] = comment
         previous = key
+
+
+def _write_fold_ids(params: CommentedMap) -> None:
+    """validation.fold_ids from the merged validation.folds: the list dvc.yaml's fold stages iterate over."""
+    validation = params.get("validation")
+    if isinstance(validation, dict) and isinstance(validation.get("folds", 1), int):
+        ids = CommentedSeq(fold_ids_for(validation.get("folds", 1), validation.get("full") is True))
+        ids.fa.set_flow_style()
+        validation["fold_ids"] = ids
 
 
 def _yaml() -> YAML:
