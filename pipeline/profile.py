@@ -41,6 +41,7 @@ HEADER = (
     "# (docs/profiles.md): a profile switch refuses to drop a value changed here. Every stage reads only its own\n"
     "# section(s); dvc.yaml lists which.\n"
 )
+FOLD_IDS = ("validation", "fold_ids")  # never the user's: always written from validation.folds
 # A top-level key whose value is a block (a section): the rendered file has one blank line before each.
 SECTION_LINE = re.compile(r"^[^\s#][^:]*:\s*(#.*)?$")
 
@@ -101,11 +102,11 @@ def merge_onto(base: CommentedMap, overlay: CommentedMap) -> None:
 
 def _write_fold_ids(params: CommentedMap) -> None:
     """validation.fold_ids from the merged validation.folds: the list dvc.yaml's fold stages iterate over."""
-    validation = params.get("validation")
+    validation = params.get(FOLD_IDS[0])
     if isinstance(validation, dict) and isinstance(validation.get("folds", 1), int):
         ids = CommentedSeq(fold_ids_for(validation.get("folds", 1), validation.get("full") is True))
         ids.fa.set_flow_style()
-        validation["fold_ids"] = ids
+        validation[FOLD_IDS[1]] = ids
 
 
 def _yaml() -> YAML:
@@ -176,7 +177,7 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
         local = _load_file(local_file) if local_file.is_file() else {}
         # A value params.local.yaml sets is the user's declared one: it wins over what params.yaml holds there.
         edits = [path for path in differences(render_params(origin, local_file), YAML(typ="safe").load(text))
-                 if not any(_overlap(path, own) for own in _leaves(local))]
+                 if not any(_overlap(path, own) for own in _leaves(local)) and path != FOLD_IDS]
     name = name or origin
     if name is None:
         raise ProfileError(f"{params_file} {problem}; name the profile to write: one of {', '.join(PROFILES)}")
