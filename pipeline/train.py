@@ -4,9 +4,10 @@
 validation split (or on everything when `validation.full` is true), then writes its weights, its TTA probabilities
 on the test and validation images, its metrics and its DVCLive plots, all together or none. With `validation.folds`
 K > 1, `--fold k` trains fold k's model (stage fold@<member>-<k>) and the plain command gathers the K models into
-the member (train@<member>): test probabilities averaged, every training image's out-of-fold ones. A killed run resumes
-from its last completed epoch unless something that changes training changed (run_fingerprint), a damaged checkpoint
-restarts the member, a CUDA out-of-memory error doubles the gradient accumulation and carries on (docs/recovery.md).
+the member (train@<member>): test probabilities averaged, every training image's out-of-fold ones. A killed run
+resumes from its last completed epoch unless something that changes training changed (run_fingerprint), a damaged
+checkpoint restarts the member, a CUDA out-of-memory error doubles the gradient accumulation and carries on
+(docs/recovery.md).
 """
 
 from __future__ import annotations
@@ -469,7 +470,7 @@ def fit_member(
         state = distributed.from_rank0(lambda: checkpoints.record_lr(lr, suggestion))
     completed = state["completed_epochs"]  # 0 for a fresh run
     if completed:
-        log(STAGE, f"{cfg.run}: resuming after epoch {completed} from {checkpoints.directory}")
+        log(STAGE, f"{cfg.name}: resuming after epoch {completed} from {checkpoints.directory}")
     if live is not None:
         rewind_live(live, completed)
     phases = schedule_phases(cfg.member, state["lr"])
@@ -563,7 +564,7 @@ def train_with_oom_fallback(
                 raise
             if distributed.world_size() > 1:  # the other ranks are stuck in a collective: all must restart
                 raise distributed.RestartWithDoubledAccum(f"CUDA out of memory at accum {accum}") from err
-            log(STAGE, f"{cfg.run}: CUDA out of memory at accum {accum}; retrying with accum {accum * 2}")
+            log(STAGE, f"{cfg.name}: CUDA out of memory at accum {accum}; retrying with accum {accum * 2}")
         # Outside the except block: its traceback holds the failed attempt's learner, which must go first.
         gc.collect()
         if torch.cuda.is_available():
@@ -649,6 +650,7 @@ def write_outputs(
 
 
 def write_predictions(preds_dir: Path, test: pd.DataFrame, valid: pd.DataFrame, weights: dict | None = None) -> None:
+    """test.csv and valid.csv, and a fold's weights beside them (model.pth)."""
     preds_dir.mkdir(parents=True)
     test.to_csv(preds_dir / "test.csv", index=False)
     valid.to_csv(preds_dir / "valid.csv", index=False)
@@ -841,7 +843,9 @@ def gather_folds(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path(
         raise TrainError(f"{root / FOLDS_DIR}: the folds of {cfg.name} predicted different test images; rerun them")
     test = tests[0][["image_id"]].join(sum(t[list(CLASSES)] for t in tests) / len(tests))
     oof = pd.concat([valid for _, valid in folds]).set_index("image_id").loc[table["image_id"]].reset_index()
-    fold_accuracy = {str(k): validation_summary(valid)["valid_accuracy"] for k, (_, valid) in enumerate(folds)}
+    fold_accuracy = {
+        str(k): validation_summary(valid)["valid_accuracy"] for k, (_, valid) in zip(cfg.validation.fold_ids, folds)
+    }
     live_dir = root / CHECKPOINTS_DIR / cfg.name / "dvclive"
     shutil.rmtree(live_dir, ignore_errors=True)
     live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
@@ -882,7 +886,8 @@ def main(argv: list[str] | None = None) -> None:
     if not (data_dir / "train.csv").is_file():
         raise TrainError(f"{data_dir}/train.csv: not found; run `dvc repro {WRITTEN_BY[data_dir]}` first")
     if cfg.validation.cross_validated and cfg.fold is None:
-        metrics = gather_folds(cfg, data_dir)
+        with no_space_error(CHECKPOINTS_DIR / cfg.name):  # DVCLive's writes
+            metrics = gather_folds(cfg, data_dir)
         log(STAGE, f"{cfg.name}: {metrics['folds']} folds, out-of-fold accuracy {metrics['valid_accuracy']:.4f}")
         return
     if cfg.validation.full and distributed.is_rank0():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import io
 import shutil
@@ -573,10 +574,10 @@ def test_a_full_disk_while_writing_a_members_outputs_leaves_the_previous_ones_al
     writes = {"models/tiny.pth": (torch, "save"), "preds/tiny": (pd.DataFrame, "to_csv")}
     monkeypatch.setattr(*writes.get(full, (Path, "write_text")), disk_full)  # the metrics: the last text written
     frames = (pd.DataFrame({"image_id": ["a"]}), pd.DataFrame({"image_id": ["a"]}))
-    learn = type("Learner", (), {"model": torch.nn.Linear(2, 2)})()
+    weights = train.model_weights(cfg.member, state_dict=torch.nn.Linear(2, 2).state_dict())
 
     with pytest.raises(NoSpaceError, match=f"^{tmp_path / full}: no space left on device"):
-        train.write_outputs(tmp_path, cfg, learn, frames, {"valid_accuracy": 1}, live_dir)
+        train.write_outputs(tmp_path, cfg, weights, frames, {"valid_accuracy": 1}, live_dir)
 
     assert {name: (tmp_path / name).read_bytes() for name in previous} == previous
     assert not (tmp_path / "dvclive").exists() and not list(tmp_path.rglob("*.partial"))
@@ -590,10 +591,9 @@ def two_folds(tiny_paddy, tmp_path_factory):
     """Both folds of a 2-fold run trained (one epoch, no TTA), then gathered: (config, gathered metrics, root)."""
     root = tmp_path_factory.mktemp("folds")
     validation = train.ValidationConfig(valid_pct=0.25, seed=0, full=False, folds=2, fold_ids=(0, 1))
-    cfg = stage_config(epochs=1, tta=False)
-    cfg = train.StageConfig(**{**cfg.__dict__, "validation": validation})
+    cfg = dataclasses.replace(stage_config(epochs=1, tta=False), validation=validation)
     for fold in validation.fold_ids:
-        train.run_stage(train.StageConfig(**{**cfg.__dict__, "fold": fold}), data_dir=tiny_paddy, root=root)
+        train.run_stage(dataclasses.replace(cfg, fold=fold), data_dir=tiny_paddy, root=root)
     return cfg, train.gather_folds(cfg, tiny_paddy, root), root
 
 
