@@ -37,7 +37,7 @@ help:
 	@echo "               Python, keeping its packages that are in range (torch never replaced: docs/install.md)"
 	@echo "make demo      install, then run the whole DAG (dvc repro) on the active profile"
 	@echo "make repro     run the whole DAG (dvc repro); a second run with nothing changed runs nothing"
-	@echo "make train-parallel JOBS=2   like make repro, but train@<member> stages run JOBS at a time, one GPU each"
+	@echo "make train-parallel JOBS=2   like make repro, but fold@ then train@ stages run JOBS at a time, one GPU each"
 	@echo "make test      install, then run the test suite (CPU, a few minutes; ARGS=\"-k probe\" to select)"
 	@echo "make test-oldest   the oldest supported stack ($(OLDEST_LOCK): Kaggle's versions) in a venv of its own:"
 	@echo "               every stage end to end, probe, architecture families, train (OLDEST_VENV=$(OLDEST_VENV))"
@@ -101,14 +101,17 @@ repro:
 # of failing. A stage holds per-path read/write locks (.dvc/tmp/rwlock) for its whole run, and `dvc repro train@m`
 # also visits the up-to-date upstream stages, taking write locks on their outputs (data/paddy), which the members
 # being trained are reading: so the upstream (data and every member's probe) is built first, and each member then
-# runs as `--single-item`. xargs -P keeps JOBS of them going; its process slot picks the GPU.
+# runs as `--single-item`. xargs -P keeps JOBS of them going; its process slot picks the GPU. With validation.folds
+# K > 1 the fold@<member>-<k> stages (the training) go first, then the train@<member> stages that gather them.
 train-parallel:
 	@echo ">> dvc repro, training $(JOBS) members at a time on GPUs: $(or $(strip $(GPUS)),none (CPU))"
 	dvc repro probe
-	dvc stage list --name-only train | xargs -I{} -P $(JOBS) --process-slot-var=SLOT sh -c \
-	  'stage=$$1; shift; if [ $$# -gt 0 ]; then shift $$((SLOT % $$#)); export CUDA_VISIBLE_DEVICES=$$1; fi; \
-	   echo ">> $$stage: CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES-unset}"; \
-	   exec dvc --wait-for-lock repro --single-item "$$stage"' member {} $(GPUS)
+	for group in fold train; do \
+	  dvc stage list --name-only $$group | xargs -I{} -P $(JOBS) --process-slot-var=SLOT sh -c \
+	    'stage=$$1; shift; if [ $$# -gt 0 ]; then shift $$((SLOT % $$#)); export CUDA_VISIBLE_DEVICES=$$1; fi; \
+	     echo ">> $$stage: CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES-unset}"; \
+	     exec dvc --wait-for-lock repro --single-item "$$stage"' member {} $(GPUS) || exit 1; \
+	done
 	dvc repro
 
 test: install

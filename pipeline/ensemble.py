@@ -9,6 +9,8 @@ data/paddy/train.csv with params `validation`), averages their probabilities wit
 each validated against data/paddy/sample_submission.csv before anything is written;
 - metrics/ensemble.json: every member's and the ensemble's accuracy on the shared validation set, and the gain of
   the ensemble over its best member.
+With `validation.folds` K > 1 each member's validation rows are every training image's out-of-fold (OOF) prediction:
+the accuracies are on all of them, with each fold's beside them, and fitted weights are fitted on them.
 """
 
 from __future__ import annotations
@@ -242,8 +244,9 @@ def accuracy(probs: np.ndarray, labels: Sequence[str], vocab: Sequence[str]) -> 
 def fit_weights(valid_probs: Sequence[np.ndarray], labels: Sequence[str], vocab: Sequence[str]) -> list[float]:
     """Non-negative weights summing to 1 that minimise the log-loss of the weighted average on validation.
 
-    They are fitted on the very set the accuracies are measured on, so the ensemble's validation accuracy is then
-    optimistic; metrics say so (`weights_fitted_on: valid`).
+    They are fitted on the very rows the accuracies are measured on, so the ensemble's accuracy is then optimistic;
+    metrics say so (`weights_fitted_on: valid`). On OOF rows (`oof`) each member's predictions are honest and
+    plentiful (every training image), so only the few weights themselves are fitted in-sample.
     """
     if len(labels) == 0:
         raise ParamsError(
@@ -280,6 +283,13 @@ class EnsembleResult:
     metrics: dict
 
 
+def fold_accuracy(probs: np.ndarray, labels: Sequence[str], folds: np.ndarray, vocab: Sequence[str]) -> dict:
+    """Accuracy on each fold's OOF rows (keyed by fold id) and their spread (population std)."""
+    labels = np.asarray(labels, dtype=object)
+    each = {str(k): accuracy(probs[folds == k], labels[folds == k], vocab) for k in np.unique(folds)}
+    return dict(each=each, std=round(float(np.std(list(each.values()))), 6))
+
+
 def ensemble(
     members: Sequence[MemberPreds],
     sample: pd.DataFrame,
@@ -287,8 +297,10 @@ def ensemble(
     fit: bool,
     profile: str,
     submissions_dir: Path = SUBMISSIONS_DIR,
+    folds: np.ndarray | None = None,
 ) -> EnsembleResult:
-    """Average aligned members, build and validate every submission, and compute the metrics."""
+    """Average aligned members, build and validate every submission, and compute the metrics; `folds`: each
+    validation row's fold when they are OOF predictions (validation.folds > 1)."""
     vocab = CLASSES
     labels = members[0].valid_labels
     test_ids = list(sample["image_id"])
@@ -311,19 +323,28 @@ def ensemble(
     member_accuracy = {m.name: accuracy(m.valid_probs, labels, vocab) for m in members}
     ensemble_accuracy = accuracy(valid_probs, labels, vocab)
     best_member = None if ensemble_accuracy is None else max(member_accuracy, key=member_accuracy.get)
+
+    def spread(probs: np.ndarray) -> dict:
+        if folds is None:
+            return {}
+        by_fold = fold_accuracy(probs, labels, folds, vocab)
+        return {"fold_accuracy": by_fold["each"], "fold_accuracy_std": by_fold["std"]}
+
     metrics = {
         "profile": profile,
         "n_valid": len(labels),
         "n_test": len(test_ids),
+        **({} if folds is None else {"folds": len(np.unique(folds)), "validated_on": "oof"}),
         "members": {
-            m.name: {"valid_accuracy": member_accuracy[m.name], "weight": used_weights[m.name]} for m in members
+            m.name: {"valid_accuracy": member_accuracy[m.name], "weight": used_weights[m.name], **spread(m.valid_probs)}
+            for m in members
         },
-        "ensemble": {"valid_accuracy": ensemble_accuracy},
+        "ensemble": {"valid_accuracy": ensemble_accuracy, **spread(valid_probs)},
         "best_member": best_member,
         "gain_over_best_member": None
         if best_member is None
         else round(ensemble_accuracy - member_accuracy[best_member], 6),
-        "weights_fitted_on": "valid" if fit else None,
+        "weights_fitted_on": ("valid" if folds is None else "oof") if fit else None,
     }
     return EnsembleResult(member_submissions, submission, metrics)
 
@@ -356,7 +377,8 @@ def run(
         align_member(read_member_preds(preds_dir, name), sample["image_id"], truth, preds_dir, train_file)
         for name in config.weights
     ]
-    result = ensemble(members, sample, config.weights, config.fit_weights, config.profile, submissions_dir)
+    folds = truth["fold"].to_numpy() if config.validation.cross_validated else None
+    result = ensemble(members, sample, config.weights, config.fit_weights, config.profile, submissions_dir, folds)
     write_outputs(result, submissions_dir, metrics_file)
     return result.metrics
 

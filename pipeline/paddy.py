@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from pipeline.params import FieldError
+from pipeline.params import FieldError, fold_ids_for
 
 COMPETITION = "paddy-disease-classification"
 DATA_DIR = Path("data/paddy")
@@ -74,24 +74,50 @@ def validation_mask(labels: pd.Series | np.ndarray, valid_pct: float, seed: int)
     return mask
 
 
+def fold_of(labels: pd.Series | np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each row's fold, 0 to folds - 1: sklearn's StratifiedKFold, shuffled with `seed`, shared by every member."""
+    fold = np.zeros(len(labels), dtype=int)
+    splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), np.asarray(labels))
+    for index, (_, held_out) in enumerate(splits):
+        fold[held_out] = index
+    return fold
+
+
 @dataclass(frozen=True)
 class ValidationConfig:
-    """params `validation`: the split every member and the ensemble share."""
+    """params `validation`: the split every member and the ensemble share: one held-out share, or K folds."""
 
     valid_pct: float
     seed: int
     full: bool  # true: train on everything; there is no validation set
+    folds: int = 1  # > 1: each member trains one model per fold, validated on all out-of-fold predictions
+    fold_ids: tuple[int, ...] = ()  # the fold stages' ids, written by `make profile`: DVC cannot count to `folds`
 
     def __post_init__(self):
         if not 0 < self.valid_pct < 1:
             raise FieldError("valid_pct", f"is {self.valid_pct}; use a fraction between 0 and 1, e.g. 0.2")
+        if self.folds < 1:
+            raise FieldError("folds", f"is {self.folds}; use 1 (one shared split) or a number of folds >= 2")
+        expected = fold_ids_for(self.folds, self.full)
+        if list(self.fold_ids) != expected:
+            raise FieldError(
+                "fold_ids", f"is {list(self.fold_ids)}; folds {self.folds} with full {str(self.full).lower()} needs "
+                f"{expected} (`make profile` writes it)"
+            )
+
+    @property
+    def cross_validated(self) -> bool:
+        return bool(self.fold_ids)
 
 
 def validation_rows(data_dir: Path, validation: ValidationConfig) -> pd.DataFrame:
-    """image_id and label of the shared validation rows, in train.csv order (none when `validation.full`)."""
+    """image_id and label of the held-out rows in train.csv order: the shared split's, every row with its `fold`
+    when cross-validated, none when `validation.full`."""
     table = read_train_table(data_dir)[["image_id", "label"]]
     if validation.full:
         return table.iloc[:0].reset_index(drop=True)
+    if validation.cross_validated:
+        return table.assign(fold=fold_of(table["label"], validation.folds, validation.seed))
     return table[validation_mask(table["label"], validation.valid_pct, validation.seed)].reset_index(drop=True)
 
 

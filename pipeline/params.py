@@ -67,6 +67,11 @@ def seed_of(params: Mapping[str, Any], path: Path | str = PARAMS_FILE) -> int:
     return seed
 
 
+def fold_ids_for(folds: int, full: bool) -> list[int]:
+    """`validation.fold_ids` for `validation.folds`: one fold stage per id, none for one shared split or `full`."""
+    return [] if folds < 2 or full else list(range(folds))
+
+
 def section_of(params: Mapping[str, Any], section: str, path: Path | str = PARAMS_FILE) -> Any:
     """`params[section]`; a missing section is an error (no section has defaults)."""
     if section not in params:
@@ -179,4 +184,3 @@ def _type_name(hint: Any) -> str:
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-

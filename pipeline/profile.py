@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.representer import RoundTripRepresenter
 
 from pipeline.common import atomic_path, stage_main
-from pipeline.params import PARAMS_FILE, PROFILES
+from pipeline.params import PARAMS_FILE, PROFILES, fold_ids_for
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 BASE_FILE = PROFILE_DIR / "base.yaml"
@@ -35,6 +35,7 @@ HEADER = (
     "# (docs/profiles.md): a profile switch refuses to drop a value changed here. Every stage reads only its own\n"
     "# section(s); dvc.yaml lists which.\n"
 )
+FOLD_IDS = ("validation", "fold_ids")  # never the user's: always written from validation.folds
 # A top-level key whose value is a block (a section): the rendered file has one blank line before each.
 SECTION_LINE = re.compile(r"^[^\s#][^:]*:\s*(#.*)?$")
 
@@ -64,6 +65,7 @@ def render_text(name: str, local_file: Path | None = None) -> str:
     layers = [profile_file(name), *([local_file] if local_file is not None and Path(local_file).is_file() else [])]
     for layer in layers:
         merge_onto(merged, _load_file(layer))
+    _write_fold_ids(merged)
     stream = io.StringIO()
     _yaml().dump(merged, stream)
     return _tidy(HEADER.format(name=name) + _leading_comments(profile_file(name)) + stream.getvalue())
@@ -88,6 +90,15 @@ def merge_onto(base: CommentedMap, overlay: CommentedMap) -> None:
         if comment is not None and getattr(comment[2], "value", "").strip():
             base.ca.items[key] = comment
         previous = key
+
+
+def _write_fold_ids(params: CommentedMap) -> None:
+    """validation.fold_ids from the merged validation.folds: the list dvc.yaml's fold stages iterate over."""
+    validation = params.get(FOLD_IDS[0])
+    if isinstance(validation, dict) and isinstance(validation.get("folds", 1), int):
+        ids = CommentedSeq(fold_ids_for(validation.get("folds", 1), validation.get("full") is True))
+        ids.fa.set_flow_style()
+        validation[FOLD_IDS[1]] = ids
 
 
 def _yaml() -> YAML:
@@ -155,7 +166,7 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
         local = _load_file(local_file) if local_file.is_file() else {}
         # A value params.local.yaml sets is the user's declared one: it wins over what params.yaml holds there.
         edits = [path for path in differences(render_params(origin, local_file), YAML(typ="safe").load(text))
-                 if not any(_overlap(path, own) for own in _leaves(local))]
+                 if not any(_overlap(path, own) for own in _leaves(local)) and path != FOLD_IDS]
     name = name or origin
     if name is None:
         raise ProfileError(f"{params_file} {problem}; name the profile to write: one of {', '.join(PROFILES)}")

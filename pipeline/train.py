@@ -2,9 +2,12 @@
 
 `python -m pipeline.train <member>` trains the member named under `train.members` of params.yaml on the shared
 validation split (or on everything when `validation.full` is true), then writes its weights, its TTA probabilities
-on the test and validation images, its metrics and its DVCLive plots, all together or none. A killed run resumes
-from its last completed epoch unless something that changes training changed (run_fingerprint), a damaged checkpoint
-restarts the member, a CUDA out-of-memory error doubles the gradient accumulation and carries on (docs/recovery.md).
+on the test and validation images, its metrics and its DVCLive plots, all together or none. With `validation.folds`
+K > 1, `--fold k` trains fold k's model (stage fold@<member>-<k>) and the plain command gathers the K models into
+the member (train@<member>): test probabilities averaged, every training image's out-of-fold ones. A killed run
+resumes from its last completed epoch unless something that changes training changed (run_fingerprint), a damaged
+checkpoint restarts the member, a CUDA out-of-memory error doubles the gradient accumulation and carries on
+(docs/recovery.md).
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ from pipeline.common import (
 )
 from pipeline.torch_setup import compute_device, seed_everything
 from pipeline.paddy import (
-    CLASSES, DATA_DIR, VARIETIES, WRITTEN_BY, ValidationConfig, member_data_dir, read_train_table, test_image_dir,
-    test_image_ids, validation_mask,
+    CLASSES, DATA_DIR, VARIETIES, WRITTEN_BY, ValidationConfig, fold_of, member_data_dir, read_train_table,
+    test_image_dir, test_image_ids, validation_mask,
 )
 from pipeline.params import FieldError, ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline import distributed, vision
@@ -55,6 +58,7 @@ LIBRARIES = ("torch", "torchvision", "timm", "fastai", "fastcore", "numpy", "PIL
 MODELS_DIR = Path("models")
 CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"  # not a DVC output: DVC would delete it before the rerun that needs it
 PREDS_DIR = Path("preds")
+FOLDS_DIR = Path("folds")  # fold@<member>-<k>'s folds/<member>-<k>/{model.pth,test.csv,valid.csv}: train@<member>'s dep
 METRICS_DIR = Path("metrics/train")
 LIVE_DIR = Path("dvclive/train")
 GIB = 1024**3
@@ -76,10 +80,22 @@ class StageConfig:
     precision: str = "auto"
     num_workers: int | str = "auto"
     devices: int | str = "auto"
+    fold: int | None = None  # one fold's model (validation.folds > 1), else the member itself
+
+    @property
+    def run(self) -> str:
+        """The name of this run's outputs and checkpoints: the member's, or <member>-<fold>."""
+        return self.name if self.fold is None else f"{self.name}-{self.fold}"
 
 
-def load_stage_config(params: Mapping[str, Any], name: str) -> StageConfig:
+def load_stage_config(params: Mapping[str, Any], name: str, fold: int | None = None) -> StageConfig:
     train = vision.load_train_config(params)
+    validation = load_section(ValidationConfig, params, "validation")
+    if fold is not None and fold not in validation.fold_ids:
+        raise ParamsError(
+            f"params.yaml: key 'validation.fold_ids' is {list(validation.fold_ids)}: no fold {fold}; "
+            "set validation.folds (> 1) and run `make profile`"
+        )
     return StageConfig(
         profile=profile_of(params),
         seed=seed_of(params),
@@ -87,10 +103,11 @@ def load_stage_config(params: Mapping[str, Any], name: str) -> StageConfig:
         member=train.member(name),
         bs=train.bs,
         tta=train.tta,
-        validation=load_section(ValidationConfig, params, "validation"),
+        validation=validation,
         precision=train.precision,
         num_workers=train.num_workers,
         devices=train.devices,
+        fold=fold,
     )
 
 
@@ -126,11 +143,15 @@ def member_accum(member: MemberConfig, probe_json: Path, process_bs: int) -> tup
     return accum, source
 
 
-def split_table(data_dir: Path, validation: ValidationConfig) -> pd.DataFrame:
-    """train.csv with `path` and the shared `is_valid` split (all False when training on everything)."""
+def split_table(data_dir: Path, validation: ValidationConfig, fold: int | None = None) -> pd.DataFrame:
+    """train.csv with `path` and the shared `is_valid` split (all False when training on everything); with K folds,
+    each row's `fold` too, and `is_valid` that of `fold` (every row when None: each is held out by one fold)."""
     table = read_train_table(data_dir)
     if validation.full:
         table["is_valid"] = False
+    elif validation.cross_validated:
+        table["fold"] = fold_of(table["label"], validation.folds, validation.seed)
+        table["is_valid"] = True if fold is None else table["fold"] == fold
     else:
         table["is_valid"] = validation_mask(table["label"], validation.valid_pct, validation.seed)
     return table
@@ -632,18 +653,27 @@ def prediction_frames(
     return test, valid
 
 
-def write_outputs(root: Path, cfg: StageConfig, learn, predictions: tuple, metrics: dict, live_dir: Path) -> None:
-    """The member's weights, predictions, metrics and plots, all replaced or none (a full disk, a failed write).
+def write_outputs(
+    root: Path, cfg: StageConfig, weights: dict, predictions: tuple, metrics: dict, live_dir: Path
+) -> None:
+    """The run's weights, predictions, metrics and plots, all replaced or none (a full disk, a failed write).
 
     Each is written to a scratch sibling of its target (on its volume, so a full one fails here), and only once all
     are complete do their renames swap them in, together. Each write names its own target when its disk is full.
+    A fold's weights and predictions are one folder, folds/<member>-<k>: the one dep of its member's train@ stage.
     """
-    writers = {
-        MODELS_DIR / f"{cfg.name}.pth": lambda path: write_weights(path, learn, cfg.member),
-        PREDS_DIR / cfg.name: lambda path: write_predictions(path, *predictions),
-        METRICS_DIR / f"{cfg.name}.json": lambda path: path.write_text(json_text(metrics)),
+    if cfg.fold is None:
+        writers = {
+            MODELS_DIR / f"{cfg.name}.pth": lambda path: save_torch(weights, path),
+            PREDS_DIR / cfg.name: lambda path: write_predictions(path, *predictions),
+        }
+    else:
+        writers = {FOLDS_DIR / cfg.run: lambda path: write_predictions(path, *predictions, weights=weights)}
+    sub = Path() if cfg.fold is None else Path("folds")
+    writers |= {
+        METRICS_DIR / sub / f"{cfg.run}.json": lambda path: path.write_text(json_text(metrics)),
         # A copy, not a move: until the checkpoint is removed, a killed run's rerun resumes from it and needs it.
-        LIVE_DIR / cfg.name: lambda path: shutil.copytree(live_dir, path),
+        LIVE_DIR / sub / cfg.run: lambda path: shutil.copytree(live_dir, path),
     }
     with contextlib.ExitStack() as outputs:
         for target, write in writers.items():
@@ -651,22 +681,19 @@ def write_outputs(root: Path, cfg: StageConfig, learn, predictions: tuple, metri
                 write(outputs.enter_context(atomic_path(root / target)))
 
 
-def write_predictions(preds_dir: Path, test: pd.DataFrame, valid: pd.DataFrame) -> None:
-    preds_dir.mkdir()
+def write_predictions(preds_dir: Path, test: pd.DataFrame, valid: pd.DataFrame, weights: dict | None = None) -> None:
+    """test.csv and valid.csv, and a fold's weights beside them (model.pth)."""
+    preds_dir.mkdir(parents=True)
     test.to_csv(preds_dir / "test.csv", index=False)
     valid.to_csv(preds_dir / "valid.csv", index=False)
+    if weights is not None:
+        save_torch(weights, preds_dir / "model.pth")
 
 
-def write_weights(path: Path, learn, member: MemberConfig) -> None:
-    """The model's state_dict with what is needed to rebuild it (arch, targets, class order)."""
-    payload = dict(
-        arch=member.arch,
-        targets=member.targets,
-        n_out=member.n_out,
-        classes=list(CLASSES),
-        state_dict={k: v.detach().cpu() for k, v in learn.model.state_dict().items()},
-    )
-    save_torch(payload, path)
+def model_weights(member: MemberConfig, **weights) -> dict:
+    """What models/<member>.pth holds: `state_dict` (or a fold model's each, `folds`) and what is needed to rebuild
+    the model (arch, targets, class order)."""
+    return dict(arch=member.arch, targets=member.targets, n_out=member.n_out, classes=list(CLASSES), **weights)
 
 
 def validation_summary(valid: pd.DataFrame) -> dict:
@@ -764,15 +791,15 @@ def run_stage(
         cfg.member, root / vision.probe_decision_path(cfg.name), distributed.process_batch(cfg.bs)
     )
     accum *= 2**oom_retries
-    table = split_table(data_dir, cfg.validation)
-    checkpoints = Checkpoints(root / CHECKPOINTS_DIR / cfg.name, run_fingerprint(cfg, table))
+    table = split_table(data_dir, cfg.validation, cfg.fold)
+    checkpoints = Checkpoints(root / CHECKPOINTS_DIR / cfg.run, run_fingerprint(cfg, table))
     # Before Live: a fresh start empties the folder Live writes into. Rank 0 writes, every rank waits for it.
     distributed.from_rank0(lambda: checkpoints.state() or checkpoints.start())
     live = None
     if distributed.is_rank0():
         live = Live(dir=str(checkpoints.live_dir), resume=True, dvcyaml=None, save_dvc_exp=False, report=None)
     seed_everything(cfg.seed + distributed.rank())
-    log(STAGE, f"{cfg.name}: {cfg.member.arch}, accum {accum} ({accum_source}), {len(table)} images in {data_dir}")
+    log(STAGE, f"{cfg.run}: {cfg.member.arch}, accum {accum} ({accum_source}), {len(table)} images in {data_dir}")
     result = train_with_oom_fallback(cfg, table, accum, checkpoints, live)
     learn = result.learn
 
@@ -783,11 +810,13 @@ def run_stage(
         return None
     test, valid = frames
     summary = validation_summary(valid)
-    log_interpretation(live, valid, table)
+    if cfg.fold is None:  # a fold's held-out share is interpreted with the others, by its member's train@
+        log_interpretation(live, valid, table)
     live.end()
     metrics = dict(
         profile=cfg.profile,
         member=cfg.name,
+        **({} if cfg.fold is None else dict(fold=cfg.fold)),
         arch=cfg.member.arch,
         targets=cfg.member.targets,
         schedule=cfg.member.schedule,
@@ -816,8 +845,61 @@ def run_stage(
         **result.peak_memory,
         most_confused=summary["most_confused"],
     )
-    write_outputs(root, cfg, learn, frames, metrics, checkpoints.live_dir)
+    state_dict = {k: v.detach().cpu() for k, v in learn.model.state_dict().items()}
+    write_outputs(root, cfg, model_weights(cfg.member, state_dict=state_dict), frames, metrics, checkpoints.live_dir)
     checkpoints.remove()
+    return metrics
+
+
+def read_fold(root: Path, cfg: StageConfig, fold: int, held_out: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """fold@<member>-<fold>'s test and held-out probabilities, checked against the rows `held_out` of that fold."""
+    where, rerun = root / FOLDS_DIR / f"{cfg.name}-{fold}", f"run `dvc repro fold@{cfg.name}-{fold}`"
+    try:
+        test, valid = (pd.read_csv(where / f"{part}.csv", dtype={"image_id": str}) for part in ("test", "valid"))
+    except FileNotFoundError as err:
+        raise TrainError(f"{err.filename}: not found; {rerun}") from None
+    if valid["image_id"].tolist() != held_out.tolist():
+        raise TrainError(f"{where}/valid.csv: not the held-out images of fold {fold} of train.csv; {rerun}")
+    return test, valid
+
+
+def gather_folds(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path(".")) -> dict:
+    """train@<member> with K folds: the member is its K fold models. Its test probabilities are their mean, its
+    validation ones every training image's out-of-fold probabilities (in train.csv order), its weights all K models;
+    written as a single model's outputs are, with the accuracy on all OOF rows and the spread over the folds."""
+    root = Path(root)
+    table = split_table(data_dir, cfg.validation)
+    folds = [read_fold(root, cfg, k, table.loc[table["fold"] == k, "image_id"]) for k in cfg.validation.fold_ids]
+    tests = [test for test, _ in folds]
+    if any(test["image_id"].tolist() != tests[0]["image_id"].tolist() for test in tests):
+        raise TrainError(f"{root / FOLDS_DIR}: the folds of {cfg.name} predicted different test images; rerun them")
+    test = tests[0][["image_id"]].join(sum(t[list(CLASSES)] for t in tests) / len(tests))
+    oof = pd.concat([valid for _, valid in folds]).set_index("image_id").loc[table["image_id"]].reset_index()
+    fold_accuracy = {
+        str(k): validation_summary(valid)["valid_accuracy"] for k, (_, valid) in zip(cfg.validation.fold_ids, folds)
+    }
+    live_dir = root / CHECKPOINTS_DIR / cfg.name / "dvclive"
+    shutil.rmtree(live_dir, ignore_errors=True)
+    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    for accuracy in fold_accuracy.values():  # the curve of fold accuracies: one step per fold
+        live.log_metric("fold_accuracy", accuracy)
+        live.next_step()
+    log_interpretation(live, oof, table)
+    live.end()
+    summary = validation_summary(oof)
+    metrics = dict(
+        profile=cfg.profile, member=cfg.name, arch=cfg.member.arch, targets=cfg.member.targets,
+        epochs=cfg.member.epochs, full=False, tta=cfg.tta, folds=cfg.validation.folds, validated_on="oof",
+        valid_error_rate=summary["valid_error_rate"], valid_accuracy=summary["valid_accuracy"],
+        fold_accuracy=fold_accuracy, fold_accuracy_std=round(float(np.std(list(fold_accuracy.values()))), 6),
+        train_images=len(table), most_confused=summary["most_confused"],
+    )
+    fold_models = [
+        torch.load(root / FOLDS_DIR / f"{cfg.name}-{k}" / "model.pth", weights_only=True)["state_dict"]
+        for k in cfg.validation.fold_ids
+    ]
+    write_outputs(root, cfg, model_weights(cfg.member, folds=fold_models), (test, oof), metrics, live_dir)
+    shutil.rmtree(live_dir.parent)
     return metrics
 
 
@@ -826,26 +908,33 @@ def run_stage(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("member", help="a member name under train.members in params.yaml")
+    parser.add_argument("--fold", type=int, help="train this fold's model (validation.fold_ids); without it, with "
+                                                  "validation.folds > 1, gather the member's fold models")
     # Set by the launcher when it restarts every rank after an out-of-memory error (pipeline.distributed).
     parser.add_argument("--oom-retries", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    cfg = load_stage_config(read_params(), args.member)
+    cfg = load_stage_config(read_params(), args.member, args.fold)
     data_dir = member_data_dir(cfg.member.images)
     if not (data_dir / "train.csv").is_file():
         raise TrainError(f"{data_dir}/train.csv: not found; run `dvc repro {WRITTEN_BY[data_dir]}` first")
+    if cfg.validation.cross_validated and cfg.fold is None:
+        with no_space_error(CHECKPOINTS_DIR / cfg.name):  # DVCLive's writes
+            metrics = gather_folds(cfg, data_dir)
+        log(STAGE, f"{cfg.name}: {metrics['folds']} folds, out-of-fold accuracy {metrics['valid_accuracy']:.4f}")
+        return
     if cfg.validation.full and distributed.is_rank0():
         banner(STAGE, f"{cfg.name}: validation.full is true: training on ALL images, no held-out metrics")
     processes = distributed.process_count(cfg.devices)
     if processes > 1 and not distributed.launched():
-        log(STAGE, f"{cfg.name}: starting {processes} processes (train.devices {cfg.devices})")
-        relaunch = [cfg.name]
+        log(STAGE, f"{cfg.run}: starting {processes} processes (train.devices {cfg.devices})")
+        relaunch = [cfg.name, *([] if cfg.fold is None else ["--fold", str(cfg.fold)])]
         distributed.launch_with_oom_retries("pipeline.train", relaunch, processes, lambda m: log(STAGE, m))
         return
     # Writes outside atomic_path (DVCLive's, lr_find's) go into the member's checkpoint folder.
-    with distributed.worker(), no_space_error(CHECKPOINTS_DIR / cfg.name):
+    with distributed.worker(), no_space_error(CHECKPOINTS_DIR / cfg.run):
         metrics = run_stage(cfg, data_dir, oom_retries=args.oom_retries)
     if metrics is not None:
-        log(STAGE, f"{cfg.name}: valid error rate {metrics['valid_error_rate']}, {metrics['train_seconds']} s")
+        log(STAGE, f"{cfg.run}: valid error rate {metrics['valid_error_rate']}, {metrics['train_seconds']} s")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,16 @@ def test_a_deleted_validation_section_is_an_error_as_any_other_section(demo):
         train.load_stage_config(edited(demo, lambda p: p.pop("validation")), "convnext_squish")
 
 
+def test_folds_without_their_fold_ids_are_named_with_the_fix(demo):
+    with pytest.raises(ParamsError, match=r"key 'validation.fold_ids' is \[\]; folds 3 .*needs \[0, 1, 2\] \(`make profile`"):
+        check.check_params(edited(demo, lambda p: p["validation"].update(folds=3)))
+
+
+def test_a_fold_that_params_has_no_stage_for_is_named(demo):
+    with pytest.raises(ParamsError, match=r"key 'validation.fold_ids' is \[\]: no fold 0; set validation.folds"):
+        train.load_stage_config(demo, "convnext_squish", fold=0)
+
+
 def test_a_member_accum_larger_than_bs_is_named(demo):
     bad = edited(demo, lambda p: p["train"]["members"]["convnext_squish"].update(accum=64))
     with pytest.raises(ParamsError, match=r"^params.yaml: key 'train.members.convnext_squish.accum' is 64, more than "

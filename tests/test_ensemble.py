@@ -22,7 +22,7 @@ from pipeline.ensemble import (
     run,
     weighted_average,
 )
-from pipeline.paddy import CLASSES, validation_mask
+from pipeline.paddy import CLASSES, fold_of, validation_mask
 from pipeline.params import ParamsError
 from pipeline.submission import SubmissionError
 
@@ -191,6 +191,28 @@ def test_fitted_weights_are_recorded_and_flagged_as_fitted_on_valid(workspace):
         return log_loss(VALID_LABELS, probs, labels=VOCAB)
 
     assert ensemble_log_loss(weights["alpha"]) < ensemble_log_loss(0.5) - 0.1
+
+
+def test_with_k_folds_every_training_row_is_scored_out_of_fold_with_each_folds_accuracy(workspace):
+    # Two folds: each member's valid.csv is every row of train.csv, out of fold. alpha is right on the blast rows,
+    # beta on the hispa rows, so each fold's accuracy is its share of either.
+    train = pd.read_csv(workspace / "data" / "paddy" / "train.csv")
+    blast = np.array(TRAIN_LABELS) == "blast"
+    right = {"alpha": blast, "beta": ~blast}
+    for member, is_right in right.items():
+        probs = [[0.9, 0.1] if (label == "blast") == ok else [0.1, 0.9] for label, ok in zip(TRAIN_LABELS, is_right)]
+        write_preds(workspace / "preds", member, valid_ids=train["image_id"], labels=TRAIN_LABELS, valid_probs=probs)
+    params = params_for(fit=True)
+    params["validation"] |= {"folds": 2, "fold_ids": [0, 1]}
+    metrics = run_in(workspace, params)
+    fold = fold_of(TRAIN_LABELS, 2, VALIDATION["seed"])
+    assert (metrics["n_valid"], metrics["folds"], metrics["validated_on"]) == (len(TRAIN_LABELS), 2, "oof")
+    assert metrics["weights_fitted_on"] == "oof"
+    for member, is_right in right.items():
+        assert metrics["members"][member]["valid_accuracy"] == pytest.approx(is_right.mean())
+        each = {str(k): pytest.approx(is_right[fold == k].mean()) for k in (0, 1)}
+        assert metrics["members"][member]["fold_accuracy"] == each
+    assert set(metrics["ensemble"]["fold_accuracy"]) == {"0", "1"}
 
 
 def test_fitted_weights_favour_the_better_member():

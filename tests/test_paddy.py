@@ -1,11 +1,12 @@
-"""The shared validation split (pipeline.paddy.validation_mask): seeded and stratified by label."""
+"""The shared validation split (pipeline.paddy.validation_mask) and K folds (fold_of): seeded, stratified by label."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.paddy import CLASSES, validation_mask
+from pipeline.paddy import CLASSES, ValidationConfig, fold_of, validation_mask
+from pipeline.params import ParamsError, from_mapping
 
 # Images per class in the competition's train.csv (10,407 in all): bacterial_panicle_blight is the smallest.
 REAL_COUNTS = dict(
@@ -44,3 +45,32 @@ def test_the_split_is_seeded():
     labels = shuffled_labels(REAL_COUNTS)
     assert (validation_mask(labels, 0.2, seed=1) == validation_mask(labels, 0.2, seed=1)).all()
     assert (validation_mask(labels, 0.2, seed=1) != validation_mask(labels, 0.2, seed=2)).any()
+
+
+@pytest.mark.parametrize("folds", [2, 5])
+def test_every_row_is_in_exactly_one_fold_and_each_fold_keeps_every_class_share_within_one_image(folds):
+    labels = shuffled_labels(REAL_COUNTS)
+    fold = fold_of(labels, folds, seed=42)
+    assert sorted(set(fold)) == list(range(folds))  # one fold per row, every fold used
+    for label, n in REAL_COUNTS.items():
+        per_fold = np.bincount(fold[labels == label], minlength=folds)
+        assert per_fold.max() - per_fold.min() <= 1, (label, per_fold)
+
+
+def test_the_folds_are_seeded():
+    labels = shuffled_labels(REAL_COUNTS)
+    assert (fold_of(labels, 5, seed=1) == fold_of(labels, 5, seed=1)).all()
+    assert (fold_of(labels, 5, seed=1) != fold_of(labels, 5, seed=2)).any()
+
+
+@pytest.mark.parametrize("folds, full, fold_ids", [(1, False, [0]), (3, False, [0, 1]), (3, True, [0, 1, 2])])
+def test_fold_ids_that_do_not_match_folds_are_a_one_line_error_naming_the_fix(folds, full, fold_ids):
+    raw = dict(valid_pct=0.2, seed=0, full=full, folds=folds, fold_ids=fold_ids)
+    with pytest.raises(ParamsError, match=r"key 'validation\.fold_ids' .*needs .*make profile"):
+        from_mapping(ValidationConfig, raw, "validation")
+
+
+def test_k_folds_are_cross_validated_unless_training_on_everything():
+    config = from_mapping(ValidationConfig, dict(valid_pct=0.2, seed=0, full=False, folds=3, fold_ids=[0, 1, 2]), "v")
+    assert config.cross_validated
+    assert not from_mapping(ValidationConfig, dict(valid_pct=0.2, seed=0, full=True, folds=3), "v").cross_validated

@@ -339,6 +339,7 @@ def test_a_forced_reprobe_with_the_same_decision_leaves_the_train_stage_up_to_da
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(ROOT / "folds", repo / "folds")  # a dep of train@tiny (its fold models' folder, none here)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["synthetic"] = {"train_per_class": 8, "n_test": 10, "image_size": [48, 64]}
     params["probe"] = {"accums": [1, 2], "budget_gib": 16, "epochs": 1}

@@ -152,6 +152,14 @@ def test_an_added_member_in_params_local_yaml_joins_the_profiles_members(demo_pa
     assert members["tiny"] == {"arch": "resnet10t"} and "vit_large_640" in members
 
 
+@pytest.mark.parametrize("folds, full, fold_ids", [(1, "false", []), (3, "false", [0, 1, 2]), (3, "true", [])])
+def test_the_fold_stages_ids_are_written_from_validation_folds(demo_params, folds, full, fold_ids):
+    local(demo_params, f"validation:\n  folds: {folds}\n  full: {full}\n")
+    switch_profile("demo", demo_params)
+    assert yaml.safe_load(demo_params.read_text())["validation"]["fold_ids"] == fold_ids
+    assert f"fold_ids: {fold_ids}".replace("'", "") in demo_params.read_text()  # one line, with its comment
+
+
 def test_without_a_name_the_profile_params_yaml_names_is_rendered_again(demo_params):
     switch_profile("competition", demo_params)
     local(demo_params, "seed: 7\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import io
 import shutil
@@ -573,10 +574,56 @@ def test_a_full_disk_while_writing_a_members_outputs_leaves_the_previous_ones_al
     writes = {"models/tiny.pth": (torch, "save"), "preds/tiny": (pd.DataFrame, "to_csv")}
     monkeypatch.setattr(*writes.get(full, (Path, "write_text")), disk_full)  # the metrics: the last text written
     frames = (pd.DataFrame({"image_id": ["a"]}), pd.DataFrame({"image_id": ["a"]}))
-    learn = type("Learner", (), {"model": torch.nn.Linear(2, 2)})()
+    weights = train.model_weights(cfg.member, state_dict=torch.nn.Linear(2, 2).state_dict())
 
     with pytest.raises(NoSpaceError, match=f"^{tmp_path / full}: no space left on device"):
-        train.write_outputs(tmp_path, cfg, learn, frames, {"valid_accuracy": 1}, live_dir)
+        train.write_outputs(tmp_path, cfg, weights, frames, {"valid_accuracy": 1}, live_dir)
 
     assert {name: (tmp_path / name).read_bytes() for name in previous} == previous
     assert not (tmp_path / "dvclive").exists() and not list(tmp_path.rglob("*.partial"))
+
+
+# -- K folds: fold@<member>-<k> trains one fold's model, train@<member> gathers them ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_folds(tiny_paddy, tmp_path_factory):
+    """Both folds of a 2-fold run trained (one epoch, no TTA), then gathered: (config, gathered metrics, root)."""
+    root = tmp_path_factory.mktemp("folds")
+    validation = train.ValidationConfig(valid_pct=0.25, seed=0, full=False, folds=2, fold_ids=(0, 1))
+    cfg = dataclasses.replace(stage_config(epochs=1, tta=False), validation=validation)
+    for fold in validation.fold_ids:
+        train.run_stage(dataclasses.replace(cfg, fold=fold), data_dir=tiny_paddy, root=root)
+    return cfg, train.gather_folds(cfg, tiny_paddy, root), root
+
+
+def test_each_fold_model_predicts_its_own_held_out_fold(two_folds, tiny_paddy):
+    cfg, _, root = two_folds
+    table = train.split_table(tiny_paddy, cfg.validation)
+    for fold in (0, 1):
+        valid = pd.read_csv(root / "folds" / f"tiny-{fold}" / "valid.csv")
+        assert valid["image_id"].tolist() == table.loc[table["fold"] == fold, "image_id"].tolist()
+        assert train.read_json(root / "metrics" / "train" / "folds" / f"tiny-{fold}.json")["fold"] == fold
+        assert (root / "folds" / f"tiny-{fold}" / "model.pth").is_file()
+
+
+def test_the_member_is_the_mean_of_its_folds_on_test_and_their_oof_rows_on_train(two_folds, tiny_paddy):
+    cfg, metrics, root = two_folds
+    folds = [root / "folds" / f"tiny-{fold}" for fold in (0, 1)]
+    test = pd.read_csv(root / "preds" / "tiny" / "test.csv")
+    fold_tests = [pd.read_csv(where / "test.csv")[list(CLASSES)] for where in folds]
+    np.testing.assert_allclose(test[list(CLASSES)], (fold_tests[0] + fold_tests[1]) / 2, atol=1e-6)
+    oof = pd.read_csv(root / "preds" / "tiny" / "valid.csv")
+    assert oof["image_id"].tolist() == pd.read_csv(tiny_paddy / "train.csv")["image_id"].tolist()
+    by_id = pd.concat([pd.read_csv(where / "valid.csv") for where in folds]).set_index("image_id")
+    np.testing.assert_allclose(oof.set_index("image_id")[list(CLASSES)], by_id.loc[oof["image_id"], list(CLASSES)])
+    assert metrics == train.read_json(root / "metrics" / "train" / "tiny.json")
+    assert (metrics["validated_on"], metrics["folds"], set(metrics["fold_accuracy"])) == ("oof", 2, {"0", "1"})
+    assert len(torch.load(root / "models" / "tiny.pth", weights_only=True)["folds"]) == 2
+
+
+def test_a_missing_fold_names_the_stage_to_run(two_folds, tiny_paddy, tmp_path):
+    cfg, _, root = two_folds
+    shutil.copytree(root / "folds" / "tiny-0", tmp_path / "folds" / "tiny-0")
+    with pytest.raises(train.TrainError, match=r"tiny-1/test\.csv: not found; run `dvc repro fold@tiny-1`"):
+        train.gather_folds(cfg, tiny_paddy, tmp_path)

@@ -34,7 +34,7 @@ def project_params() -> dict:
     """The project's params.yaml with one tiny member `tiny`; every other key is kept, so dvc.yaml's params exist."""
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["seed"] = 0
-    params["validation"] = dict(valid_pct=0.25, seed=0, full=False)
+    params["validation"].update(valid_pct=0.25, seed=0, full=False)  # folds: 1, as the project's
     # One process with the main process's loader: the comparisons are byte for byte.
     params["train"].update(bs=16, tta=True, num_workers=0, devices=1, members=dict(tiny=MEMBER))
     if "ensemble" in params:
@@ -117,6 +117,7 @@ def test_dvc_repro_of_a_run_killed_during_tta_finishes_it_then_has_nothing_to_do
     repo = make_project(tmp_path, tiny_paddy)
     shutil.copy(PROJECT / "dvc.yaml", repo)
     shutil.copytree(PROJECT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PROJECT / "folds", repo / "folds")  # a dep of train@tiny (its fold models' folder, none here)
     decision = repo / vision.probe_decision_path("tiny")  # a dep of train@tiny; its accum comes from params here
     decision.parent.mkdir(parents=True)
     decision.write_text(json.dumps(dict(member="tiny", accum=1, accum_source="params")))
