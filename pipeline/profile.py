@@ -165,8 +165,11 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
     if origin is not None:
         local = _load_file(local_file) if local_file.is_file() else {}
         # A value params.local.yaml sets is the user's declared one: it wins over what params.yaml holds there.
-        edits = [path for path in differences(render_params(origin, local_file), YAML(typ="safe").load(text))
-                 if not any(_overlap(path, own) for own in _leaves(local)) and path != FOLD_IDS]
+        current = YAML(typ="safe").load(text)
+        # A key params.yaml lacks is one the profiles gained since it was written (a `git pull`): not the user's.
+        edits = [path for path in differences(render_params(origin, local_file), current)
+                 if not any(_overlap(path, own) for own in _leaves(local)) and path != FOLD_IDS
+                 and _holds(current, path)]
     name = name or origin
     if name is None:
         raise ProfileError(f"{params_file} {problem}; name the profile to write: one of {', '.join(PROFILES)}")
@@ -211,6 +214,14 @@ def _leaves(values: Any, path: tuple = ()) -> Iterator[tuple]:
             yield from _leaves(value, (*path, key))
     else:
         yield path
+
+
+def _holds(values: Any, path: tuple) -> bool:
+    for key in path:
+        if not isinstance(values, dict) or key not in values:
+            return False
+        values = values[key]
+    return True
 
 
 def _overlap(a: tuple, b: tuple) -> bool:  # one path is the other or lies inside it

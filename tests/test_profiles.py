@@ -183,6 +183,13 @@ def test_a_value_changed_in_params_yaml_is_refused_even_when_rendering_the_same_
         switch_profile("demo", demo_params)
 
 
+def test_a_key_the_profiles_gained_since_params_yaml_was_written_is_not_a_change_of_yours(demo_params):
+    # as after a `git pull` that adds member options to base.yaml: params.yaml predates them
+    edit(demo_params, lambda p: [p["train"]["member_defaults"].pop(key) for key in ("min_scale", "accum")])
+    assert switch_profile("demo", demo_params).startswith(f"{demo_params} is now the demo profile")
+    assert yaml.safe_load(demo_params.read_text())["train"]["member_defaults"]["min_scale"] == 0.75
+
+
 def test_a_new_value_in_params_local_yaml_wins_over_the_one_it_wrote_before(demo_params):
     local(demo_params, "train:\n  bs: 16\n")
     switch_profile("demo", demo_params)
