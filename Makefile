@@ -40,7 +40,7 @@ help:
 	@echo "make train-parallel JOBS=2   like make repro, but fold@ then train@ stages run JOBS at a time, one GPU each"
 	@echo "make test      install, then run the test suite (CPU, a few minutes; ARGS=\"-k probe\" to select)"
 	@echo "make test-oldest   the oldest supported stack ($(OLDEST_LOCK): Kaggle's versions) in a venv of its own:"
-	@echo "               every stage end to end, probe, architecture families, train (OLDEST_VENV=$(OLDEST_VENV))"
+	@echo "               every stage end to end, probe, architecture families, train, tricks (OLDEST_VENV=$(OLDEST_VENV))"
 	@echo "make bench     benchmarks: training throughput, DataLoader vs step rate, collab vs collab_learner, demo DAG time, DDP 1 vs 2 processes"
 	@echo "make rehearsal the competition profile's DAG on generated 480x640 photos in a scratch workspace: run it"
 	@echo "               before spending GPU hours (ARGS=\"--members a,b --bs 16 --precision bf16 --keep\")"
@@ -125,7 +125,7 @@ test: install
 # than being deselected.
 OLDEST_VENV ?= $(HOME)/.cache/paddy-pipeline/venv-oldest
 OLDEST_TESTS ?= tests/test_dag.py::test_the_demo_dag_runs_every_stage_of_dvc_yaml tests/test_probe.py \
-	tests/test_arch_families.py tests/test_train.py tests/test_grad_accum.py tests/test_vision.py
+	tests/test_arch_families.py tests/test_train.py tests/test_grad_accum.py tests/test_vision.py tests/test_tricks.py
 test-oldest: $(OLDEST_VENV)/installed-from-lock
 	$(MAKE) install PYTHON=$(OLDEST_VENV)/bin/python
 	@echo ">> running the oldest stack's tests in $(OLDEST_VENV)"
