@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -178,7 +179,7 @@ def follow(api, cfg: RunConfig, kernel: str) -> tuple[str, str]:
 
 def download(api, kernel: str, scratch: Path, paths: list[str]) -> Path:
     """The kernel's output files under `paths` (and its log) into `scratch`; returns the log's path."""
-    pattern = "^" + OUTPUT_ROOT + "(" + "|".join(path.replace(".", r"\.") + "(/|$)" for path in paths) + ")"
+    pattern = "^" + re.escape(OUTPUT_ROOT) + "(" + "|".join(re.escape(path) + "(/|$)" for path in paths) + ")"
     client_call("output download", api.kernels_output, kernel, str(scratch), file_pattern=pattern, force=True)
     return scratch / f"{kernel.split('/')[1]}.log"
 
