@@ -125,6 +125,11 @@ def variety_err(inp, disease, variety):
     return error_rate(inp[:, N_CLASSES:], variety)
 
 
+def cross_entropy(label_smoothing: float):
+    """fastai's flat cross-entropy (its default for a category target), label-smoothed when asked."""
+    return LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
+
+
 class DiseaseVarietyLoss:
     """The seeds' `combine_loss`, as a class so that fastai's get_preds/tta turn logits into per-head probabilities.
 
@@ -135,7 +140,7 @@ class DiseaseVarietyLoss:
     y_int = True
 
     def __init__(self, label_smoothing: float = 0.0):
-        self.ce = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
+        self.ce = cross_entropy(label_smoothing)
 
     reduction = property(lambda self: self.ce.reduction, lambda self, value: setattr(self.ce, "reduction", value))
 
@@ -371,9 +376,7 @@ def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precisi
         loss = DiseaseVarietyLoss(member.label_smoothing)
         metrics = [disease_err, variety_err, disease_loss, variety_loss]
     else:
-        smoothing = member.label_smoothing
-        loss = LabelSmoothingCrossEntropyFlat(eps=smoothing) if smoothing else None  # None: fastai's plain CE
-        metrics = [error_rate]
+        loss, metrics = cross_entropy(member.label_smoothing), [error_rate]
     learn = vision_learner(
         dls,
         member.arch,
