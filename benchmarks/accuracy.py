@@ -148,7 +148,7 @@ def seeds_train(data_dir: Path, truth: Mapping[str, str]) -> dict:
             "train_seconds": round(time.perf_counter() - started, 1)}
 
 
-def run(overrides: Sequence[str] = (), seeds: bool = True, keep: bool = False) -> dict:
+def run(overrides: Sequence[str] = (), seeds: bool = True, keep: bool = False, result_file: Path = RESULT_FILE) -> dict:
     """The whole benchmark (module docstring); writes and returns bench/accuracy.json's content."""
     scratch = Path(tempfile.mkdtemp(prefix="paddy-bench-accuracy."))
     try:
@@ -161,7 +161,7 @@ def run(overrides: Sequence[str] = (), seeds: bool = True, keep: bool = False) -
     finally:
         if not keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    write_json(REPO_ROOT / RESULT_FILE, result)
+    write_json(REPO_ROOT / result_file, result)
     return result
 
 
@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="a params key over the demo profile's, e.g. train.member_defaults.lr=0.01 (repeatable)")
     parser.add_argument("--no-seeds", action="store_true", help="skip the seeds' train() (an ablation of ours)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch data and workspace")
+    parser.add_argument("--result", type=Path, default=RESULT_FILE, help=f"the JSON written (default: {RESULT_FILE})")
     args = parser.parse_args(argv)
-    result = run(args.overrides, seeds=not args.no_seeds, keep=args.keep)
+    result = run(args.overrides, seeds=not args.no_seeds, keep=args.keep, result_file=args.result)
     print(table(result))
 
 
