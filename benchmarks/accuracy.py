@@ -149,12 +149,12 @@ def seeds_train(data_dir: Path, truth: Mapping[str, str]) -> dict:
 
 
 def run(overrides: Sequence[str] = (), seeds: bool = True, keep: bool = False, result_file: Path = RESULT_FILE) -> dict:
-    """The whole benchmark (module docstring); writes and returns bench/accuracy.json's content."""
+    """The whole benchmark (module docstring); writes and returns result_file's content."""
     scratch = Path(tempfile.mkdtemp(prefix="paddy-bench-accuracy."))
     try:
         truth = digits_layout(scratch / "digits")
-        result = {"data": "sklearn load_digits", "train_images": len(list((scratch / "digits").glob("train_images/*/*"))),
-                  "test_images": len(truth), "overrides": list(overrides),
+        n_train = len(list((scratch / "digits").glob("train_images/*/*")))
+        result = {"data": "sklearn load_digits", "train_images": n_train, "test_images": len(truth), "overrides": list(overrides),
                   **demo_dag(scratch / "digits", truth, overrides, scratch / "workspace")}
         if seeds:
             result["rows"]["seeds train()"] = seeds_train(scratch / "digits", truth)
