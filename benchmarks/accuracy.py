@@ -154,7 +154,8 @@ def run(overrides: Sequence[str] = (), seeds: bool = True, keep: bool = False, r
     try:
         truth = digits_layout(scratch / "digits")
         n_train = len(list((scratch / "digits").glob("train_images/*/*")))
-        result = {"data": "sklearn load_digits", "train_images": n_train, "test_images": len(truth), "overrides": list(overrides),
+        result = {"data": "sklearn load_digits", "train_images": n_train, "test_images": len(truth),
+                  "overrides": list(overrides),
                   **demo_dag(scratch / "digits", truth, overrides, scratch / "workspace")}
         if seeds:
             result["rows"]["seeds train()"] = seeds_train(scratch / "digits", truth)
