@@ -26,7 +26,6 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from benchmarks.rehearsal import make_workspace, stage_env
 from pipeline.common import read_json, write_json
 from pipeline.paddy import CLASSES, SUBMISSION_COLUMNS, TRAIN_COLUMNS, VARIETIES
 from pipeline.params import PARAMS_FILE, fold_ids_for
@@ -100,6 +99,8 @@ def test_accuracy(submission: Path, truth: Mapping[str, str]) -> float:
 def demo_dag(source: Path, truth: Mapping[str, str], overrides: Sequence[str], workdir: Path) -> dict:
     """`dvc repro ensemble` on the demo profile with data.source `source`: each member's and the ensemble's
     validation and test accuracy and seconds; the workspace's dvc log in workdir/repro.log."""
+    from benchmarks.rehearsal import make_workspace, stage_env  # torch and fastai: not for the layout's quick test
+
     params = with_overrides(render_params("demo"), [f"data.source={source}", *overrides])
     make_workspace(REPO_ROOT, workdir, params)
     (workdir / PARAMS_FILE).write_text(f"# bench accuracy: the demo profile with {list(overrides)}\n"
