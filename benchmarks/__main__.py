@@ -17,6 +17,7 @@ BENCHMARKS = {
     "loader": "benchmarks.loader",  # each member's DataLoader vs its training step, images/s at 480x640
     "dag": "benchmarks.dag",  # the whole demo DAG from a fresh clone: wall time
     "ddp": "benchmarks.ddp",  # one member in 1 process vs 2 (DDP over gloo): wall time, images/s
+    "accuracy": "benchmarks.accuracy",  # the demo DAG vs the seeds' train() on real digit scans: accuracy, wall time
 }
 RESULTS_DIR = Path("bench")
 

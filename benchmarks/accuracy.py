@@ -1,0 +1,192 @@
+"""Benchmark: accuracy on real images: the demo profile's DAG next to the seeds' plain fastai `train()`, same data.
+
+The data: scikit-learn's load_digits (1,797 real 8x8 scans of handwritten digits, shipped in the sklearn wheel of the
+lock), upsampled and written once in the competition's layout, digit d as the label CLASSES[d]; TEST_PCT of it is
+held out as test_images/ whose labels the benchmark keeps (they never reach the workspace). Then, side by side:
+(a) `dvc repro ensemble` with the demo profile (plus `--set` overrides) in a scratch copy of the repository, as
+benchmarks/rehearsal.py makes one; (b) the seeds' train() on the same train_images/ and CPU: from_folder,
+vision_learner resnet18 (random init), fit_one_cycle(12, 0.01), TTA. Validation and held-out test accuracy of each
+member, the ensemble and the seeds' model, and wall times, in bench/accuracy.json and a table.
+`python -m benchmarks.accuracy --set train.member_defaults.lr=0.01 --no-seeds` runs an ablation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image
+
+from pipeline.common import read_json, write_json
+from pipeline.paddy import CLASSES, SUBMISSION_COLUMNS, TRAIN_COLUMNS, VARIETIES
+from pipeline.params import PARAMS_FILE, fold_ids_for
+from pipeline.profile import render_params
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULT_FILE = Path("bench/accuracy.json")
+TEST_PCT = 0.2
+SEED = 42
+IMAGE_SIDE = 64  # 8x8 scans upsampled (bilinear): the demo members' resize sizes are 96-128
+SEEDS = {"arch": "resnet18", "epochs": 12, "lr": 0.01, "bs": 64, "valid_pct": 0.2, "resize": 96, "size": 64}
+
+
+def write_layout(folder: Path, images: np.ndarray, digits: np.ndarray, test_pct: float = TEST_PCT,
+                 side: int = IMAGE_SIDE, seed: int = SEED) -> dict[str, str]:
+    """The competition's layout in `folder` from grey `images` (values 0-16, as load_digits') and their `digits`:
+    train_images/<label>/<id>.png, train.csv (a seeded random variety and age: the digits have neither),
+    test_images/<id>.png and sample_submission.csv. Returns the held-out test truth, image_id -> label."""
+    from sklearn.model_selection import train_test_split
+
+    rng = np.random.default_rng(seed)
+    labels = np.array(CLASSES)[digits]
+    ids = np.array([f"{100001 + index}.png" for index in range(len(images))])
+    train_rows, test_rows = train_test_split(np.arange(len(images)), test_size=test_pct, stratify=digits,
+                                             random_state=seed)
+    held_out = set(test_rows)
+    for row in range(len(images)):
+        pixels = (np.asarray(images[row], dtype=float) * 255 / 16).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels).resize((side, side), Image.BILINEAR).convert("RGB")
+        path = folder / ("test_images" if row in held_out else f"train_images/{labels[row]}") / ids[row]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    pd.DataFrame({"image_id": ids[train_rows], "label": labels[train_rows],
+                  "variety": rng.choice(VARIETIES, len(train_rows)), "age": rng.integers(45, 82, len(train_rows))}
+                 )[list(TRAIN_COLUMNS)].to_csv(folder / "train.csv", index=False)
+    test_ids = sorted(ids[test_rows])
+    pd.DataFrame({"image_id": test_ids, "label": CLASSES[0]})[list(SUBMISSION_COLUMNS)].to_csv(
+        folder / "sample_submission.csv", index=False)
+    return dict(zip(ids[test_rows], labels[test_rows]))
+
+
+def digits_layout(folder: Path) -> dict[str, str]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return write_layout(folder, digits.images, digits.target)
+
+
+def with_overrides(params: Mapping[str, Any], overrides: Sequence[str]) -> dict:
+    """`params` with each `dotted.key=value` (the value read as YAML) set, as `dvc exp run -S` would."""
+    params = yaml.safe_load(yaml.safe_dump(dict(params)))
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise SystemExit(f"bench accuracy: --set {override!r}: use key=value, e.g. train.member_defaults.lr=0.01")
+        *parents, leaf = key.split(".")
+        section = params
+        for parent in parents:
+            section = section.setdefault(parent, {})
+        section[leaf] = yaml.safe_load(value)
+    validation = params["validation"]  # `make profile` writes fold_ids from folds; a --set of folds must too
+    validation["fold_ids"] = fold_ids_for(validation["folds"], validation["full"])
+    return params
+
+
+def test_accuracy(submission: Path, truth: Mapping[str, str]) -> float:
+    predicted = pd.read_csv(submission, dtype=str).set_index("image_id")["label"]
+    return float(np.mean([predicted[image_id] == label for image_id, label in truth.items()]))
+
+
+def demo_dag(source: Path, truth: Mapping[str, str], overrides: Sequence[str], workdir: Path) -> dict:
+    """`dvc repro ensemble` on the demo profile with data.source `source`: each member's and the ensemble's
+    validation and test accuracy and seconds; the workspace's dvc log in workdir/repro.log."""
+    from benchmarks.rehearsal import make_workspace, stage_env  # torch and fastai: not for the layout's quick test
+
+    params = with_overrides(render_params("demo"), [f"data.source={source}", *overrides])
+    make_workspace(REPO_ROOT, workdir, params)
+    (workdir / PARAMS_FILE).write_text(f"# bench accuracy: the demo profile with {list(overrides)}\n"
+                                       + yaml.safe_dump(params, sort_keys=False))
+    started = time.perf_counter()
+    with open(workdir / "repro.log", "w") as log_file:
+        done = subprocess.run([sys.executable, "-m", "dvc", "repro", "ensemble"], cwd=workdir, env=stage_env(workdir),
+                              stdout=log_file, stderr=subprocess.STDOUT)
+    seconds = round(time.perf_counter() - started, 1)
+    if done.returncode:
+        tail = (workdir / "repro.log").read_text().splitlines()[-5:]
+        raise RuntimeError(f"bench accuracy: dvc repro failed in {workdir}: {' | '.join(tail)}")
+    ensemble = read_json(workdir / "metrics/ensemble.json")
+    rows = {name: {"valid_accuracy": member["valid_accuracy"],
+                   "test_accuracy": test_accuracy(workdir / f"submissions/members/{name}.csv", truth),
+                   "train_seconds": read_json(workdir / f"metrics/train/{name}.json").get("train_seconds")}
+            for name, member in ensemble["members"].items()}
+    rows["ensemble"] = {"valid_accuracy": ensemble["ensemble"]["valid_accuracy"],
+                        "test_accuracy": test_accuracy(workdir / "submissions/submission.csv", truth),
+                        "train_seconds": None, "dag_seconds": seconds}
+    return {"rows": rows, "best_member": ensemble["best_member"], "gain_over_best_member":
+            ensemble["gain_over_best_member"], "weights_fitted_on": ensemble.get("weights_fitted_on")}
+
+
+def seeds_train(data_dir: Path, truth: Mapping[str, str]) -> dict:
+    """The seeds' train() (SEEDS) on data_dir/train_images: its own validation split's and the test's TTA accuracy."""
+    from fastai.vision.all import (ImageDataLoaders, Resize, aug_transforms, error_rate, get_image_files,
+                                   vision_learner)
+    from pipeline.torch_setup import quiet_progress
+
+    started = time.perf_counter()
+    dls = ImageDataLoaders.from_folder(data_dir / "train_images", valid_pct=SEEDS["valid_pct"], seed=SEED,
+                                       item_tfms=Resize(SEEDS["resize"], method="squish"),
+                                       batch_tfms=aug_transforms(size=SEEDS["size"], min_scale=0.75),
+                                       bs=SEEDS["bs"], num_workers=0)
+    learn = vision_learner(dls, SEEDS["arch"], metrics=error_rate, pretrained=False)
+    quiet_progress(learn)
+    learn.unfreeze()
+    learn.fit_one_cycle(SEEDS["epochs"], SEEDS["lr"])
+    probs, targets = learn.tta(dl=dls.valid)
+    test_files = sorted(get_image_files(data_dir / "test_images"))
+    test_probs, _ = learn.tta(dl=dls.test_dl(test_files))
+    predicted = np.array(dls.vocab)[test_probs.argmax(1).numpy()]
+    return {"valid_accuracy": float((probs.argmax(1) == targets).float().mean()),
+            "test_accuracy": float(np.mean([label == truth[path.name] for path, label in zip(test_files, predicted)])),
+            "train_seconds": round(time.perf_counter() - started, 1)}
+
+
+def run(overrides: Sequence[str] = (), seeds: bool = True, keep: bool = False, result_file: Path = RESULT_FILE) -> dict:
+    """The whole benchmark (module docstring); writes and returns result_file's content."""
+    scratch = Path(tempfile.mkdtemp(prefix="paddy-bench-accuracy."))
+    try:
+        truth = digits_layout(scratch / "digits")
+        n_train = len(list((scratch / "digits").glob("train_images/*/*")))
+        result = {"data": "sklearn load_digits", "train_images": n_train, "test_images": len(truth),
+                  "overrides": list(overrides),
+                  **demo_dag(scratch / "digits", truth, overrides, scratch / "workspace")}
+        if seeds:
+            result["rows"]["seeds train()"] = seeds_train(scratch / "digits", truth)
+    finally:
+        if not keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    write_json(REPO_ROOT / result_file, result)
+    return result
+
+
+def table(result: Mapping[str, Any]) -> str:
+    lines = [f"{'model':20s} {'valid':>7s} {'test':>7s} {'seconds':>8s}"]
+    for name, row in result["rows"].items():
+        seconds = row.get("dag_seconds") or row["train_seconds"]
+        lines.append(f"{name:20s} {row['valid_accuracy']:7.3f} {row['test_accuracy']:7.3f} {seconds or 0:8.1f}")
+    return "\n".join(lines + [f"ensemble gain over its best member ({result['best_member']}): "
+                              f"{result['gain_over_best_member']:+.3f}; the ensemble's seconds: the whole DAG"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params key over the demo profile's, e.g. train.member_defaults.lr=0.01 (repeatable)")
+    parser.add_argument("--no-seeds", action="store_true", help="skip the seeds' train() (an ablation of ours)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch data and workspace")
+    parser.add_argument("--result", type=Path, default=RESULT_FILE, help=f"the JSON written (default: {RESULT_FILE})")
+    args = parser.parse_args(argv)
+    result = run(args.overrides, seeds=not args.no_seeds, keep=args.keep, result_file=args.result)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
