@@ -31,7 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small enough for CI, large enough to learn well above chance (0.1), so that matching the 1-process accuracy means
 # something: 24 images a class at 48x64, resnet10t at 32 px, 5 epochs.
 DDP_PADDY = dict(train_per_class=24, n_test=30, image_size=(48, 64), seed=0)
-MEMBER = dict(arch="resnet10t", resize=40, method="squish", size=32, epochs=5, lr=0.01, schedule="fit_one_cycle", accum=1)
+# ema=None: the reference run builds MemberConfig(**MEMBER) with its defaults, the launched ones read params.yaml,
+# whose member_defaults (the demo's ema 0.999) would otherwise make them train a different member.
+MEMBER = dict(arch="resnet10t", resize=40, method="squish", size=32, epochs=5, lr=0.01, schedule="fit_one_cycle",
+              accum=1, ema=None)
 BS, SEED, VALID = 16, 0, dict(valid_pct=0.25, seed=0)
 # The two runs are two samples of the same training, not one computation: each process normalises its own half
 # of the step batch (DDP refuses SyncBatchNorm on CPU; on GPUs it is synchronised), the processes' halves of the
