@@ -28,7 +28,7 @@ from PIL import Image
 
 from pipeline.common import read_json, write_json
 from pipeline.paddy import CLASSES, SUBMISSION_COLUMNS, TRAIN_COLUMNS, VARIETIES
-from pipeline.params import PARAMS_FILE, fold_ids_for
+from pipeline.params import fold_ids_for
 from pipeline.profile import render_params
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -102,9 +102,7 @@ def demo_dag(source: Path, truth: Mapping[str, str], overrides: Sequence[str], w
     from benchmarks.rehearsal import make_workspace, stage_env  # torch and fastai: not for the layout's quick test
 
     params = with_overrides(render_params("demo"), [f"data.source={source}", *overrides])
-    make_workspace(REPO_ROOT, workdir, params)
-    (workdir / PARAMS_FILE).write_text(f"# bench accuracy: the demo profile with {list(overrides)}\n"
-                                       + yaml.safe_dump(params, sort_keys=False))
+    make_workspace(REPO_ROOT, workdir, params, header=f"# bench accuracy: the demo profile with {list(overrides)}\n")
     started = time.perf_counter()
     with open(workdir / "repro.log", "w") as log_file:
         done = subprocess.run([sys.executable, "-m", "dvc", "repro", "ensemble"], cwd=workdir, env=stage_env(workdir),

@@ -184,10 +184,12 @@ def copy_repo(repo: Path, workdir: Path) -> int:
     return len(files)
 
 
-def make_workspace(repo: Path, workdir: Path, params: Mapping[str, Any]) -> None:
-    """A git + DVC repository in workdir: the copy, the rehearsal's params.yaml, one commit."""
+PARAMS_HEADER = f"# The rehearsal's params: the {PROFILE} profile with benchmarks/rehearsal.py's overrides.\n"
+
+
+def make_workspace(repo: Path, workdir: Path, params: Mapping[str, Any], header: str = PARAMS_HEADER) -> None:
+    """A git + DVC repository in workdir: the copy, `params` as its params.yaml under `header`, one commit."""
     copy_repo(repo, workdir)
-    header = f"# The rehearsal's params: the {PROFILE} profile with benchmarks/rehearsal.py's overrides.\n"
     (workdir / PARAMS_FILE).write_text(header + yaml.safe_dump(dict(params), sort_keys=False))
     # Hard links: the large members' weights are not copied a second time into the workspace's DVC cache.
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "rehearsal"],
