@@ -188,7 +188,8 @@ def run(worker_settings=(0, "auto"), names: list[str] | None = None, data_dir: P
             auto = loaders.get("auto", max(loaders.values(), key=lambda rate: rate["images_per_second"]))
             results[name] = dict(
                 arch=member.arch, resize=member.resize, method=member.method, size=member.size, batch=bs,
-                loader=loaders, step=step, loader_to_step=round(auto["images_per_second"] / step["images_per_second"], 2),
+                loader=loaders, step=step,
+                loader_to_step=round(auto["images_per_second"] / step["images_per_second"], 2),
                 breakdown_ms_per_image=breakdown_ms(member, table, train.bs, accum, device),
             )
             if "small" in images:
