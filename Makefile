@@ -54,15 +54,19 @@ help:
 	@echo "make clean     remove caches of Python and pytest (never data, models, preds or submissions)"
 	@echo "Every target runs in .venv; add PYTHON=/path/to/python to use that interpreter instead."
 
-# --no-build-isolation: the editable install is built with the locked setuptools, not whatever pip would fetch.
-# pip itself first: the pip that `python -m venv` bundles (23.2 with Python 3.11) rejects a hashed lock in which a
-# package asks for an extra of a pinned one (python-fasthtml wants uvicorn[standard]) as soon as the index holds a newer
-# release than the pin; pip 23.3 fixed that.
+# $(call install_lock,PYTHON,LOCK): a lock into a venv, hashes checked. pip itself first: the pip that `python -m venv`
+# bundles (23.2 with Python 3.11) rejects a hashed lock in which a package asks for an extra of a pinned one
+# (python-fasthtml wants uvicorn[standard]) as soon as the index holds a newer release than the pin; pip 23.3 fixed that.
 PIP_VERSION = 25.3
+define install_lock
+	$(1) -m pip install --quiet pip==$(PIP_VERSION)
+	$(1) -m pip install --require-hashes -r $(2)
+endef
+
+# --no-build-isolation: the editable install is built with the locked setuptools, not whatever pip would fetch.
 define install_from_lock
 	@echo ">> installing the locked dependencies ($(LOCK), hashes checked) and paddy-pipeline into $(PYTHON)"
-	$(PYTHON) -m pip install --quiet pip==$(PIP_VERSION)
-	$(PYTHON) -m pip install --require-hashes -r $(LOCK)
+	$(call install_lock,$(PYTHON),$(LOCK))
 	$(PYTHON) -m pip install --no-deps --no-build-isolation -e .
 endef
 
@@ -139,8 +143,7 @@ test-oldest: $(OLDEST_VENV)/installed-from-lock
 $(OLDEST_VENV)/installed-from-lock: $(OLDEST_LOCK)
 	@echo ">> creating $(OLDEST_VENV) with $(BASE_PYTHON) and installing $(OLDEST_LOCK) (hashes checked) into it"
 	$(BASE_PYTHON) -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/python -m pip install --quiet pip==$(PIP_VERSION)
-	$(OLDEST_VENV)/bin/python -m pip install --require-hashes -r $(OLDEST_LOCK)
+	$(call install_lock,$(OLDEST_VENV)/bin/python,$(OLDEST_LOCK))
 	touch $@
 
 bench:

@@ -12,10 +12,12 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -167,7 +169,8 @@ class Interrupted(KeyboardInterrupt):
 def stage_main(stage: str, *errors: type[Exception]) -> Callable:
     """Decorate a stage's main(): its `errors` and a full disk end it with their one line, an interrupt (Ctrl-C,
     SIGTERM) with one line after the `finally` blocks ran; a bug raises as itself. On Linux the stage gets SIGTERM
-    when its parent dies (PR_SET_PDEATHSIG): a killed `dvc repro` would otherwise leave it running as an orphan."""
+    when its parent dies (PR_SET_PDEATHSIG), or the shell's parent when its parent is a shell (see
+    `_sigterm_when_the_shells_parent_exits`): a killed `dvc repro` would otherwise leave it running as an orphan."""
 
     def decorate(main: Callable) -> Callable:
         @functools.wraps(main)
@@ -175,6 +178,7 @@ def stage_main(stage: str, *errors: type[Exception]) -> Callable:
             previous = signal.signal(signal.SIGTERM, _raise_interrupted)
             prctl = ctypes.CDLL(None).prctl if sys.platform == "linux" else lambda *_: None
             prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            stop_watching = _sigterm_when_the_shells_parent_exits()
             try:
                 return main(*args, **kwargs)
             except (NoSpaceError, *errors) as err:
@@ -184,12 +188,50 @@ def stage_main(stage: str, *errors: type[Exception]) -> Callable:
                 log(stage, f"interrupted ({name}); the previous outputs are kept, run the stage again to finish")
                 raise SystemExit(128 + signal.Signals[name]) from None
             finally:
+                stop_watching()
                 signal.signal(signal.SIGTERM, previous)
                 prctl(PR_SET_PDEATHSIG, 0)
 
         return run
 
     return decorate
+
+
+SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "fish"}
+
+
+def _sigterm_when_the_shells_parent_exits() -> Callable[[], None]:
+    """dvc runs a stage's cmd as `$SHELL -c cmd` (/bin/sh where SHELL is unset, as under CI runners), and dash,
+    Debian's /bin/sh, forks the command instead of exec'ing it: the stage's parent is then that shell, which outlives
+    a killed dvc, so PR_SET_PDEATHSIG never fires. Where the parent is a shell, a thread waits on a pidfd of the
+    shell's parent and sends SIGTERM to the main thread (the one a blocking call must be interrupted in) when it
+    exits. Returns the function that stops the thread."""
+    parent = psutil.Process().parent()
+    watched = parent.parent() if parent is not None and parent.name() in SHELLS else None
+    if watched is None or watched.pid <= 1 or not hasattr(os, "pidfd_open"):
+        return lambda: None
+    try:
+        watched_fd = os.pidfd_open(watched.pid)
+    except OSError:  # it exited meanwhile, or a kernel older than 5.3: PR_SET_PDEATHSIG alone, as before
+        return lambda: None
+    wake_read, wake_write = os.pipe()
+    main_thread = threading.main_thread().ident
+
+    def wait() -> None:
+        ready, _, _ = select.select([watched_fd, wake_read], [], [])
+        if watched_fd in ready and wake_read not in ready:
+            signal.pthread_kill(main_thread, signal.SIGTERM)
+
+    watcher = threading.Thread(target=wait, name="watch-dvc", daemon=True)
+    watcher.start()
+
+    def stop() -> None:
+        os.write(wake_write, b"\0")
+        watcher.join()
+        for fd in (watched_fd, wake_read, wake_write):
+            os.close(fd)
+
+    return stop
 
 
 def _raise_interrupted(signum, frame):

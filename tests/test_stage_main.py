@@ -42,8 +42,8 @@ def _project(tmp_path: Path) -> Path:
     return project
 
 
-def _start(command: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"}
+def _start(command: list[str], cwd: Path, **env_vars: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1", **env_vars}
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -63,7 +63,10 @@ def test_an_interrupted_paddy_data_says_one_line_and_leaves_no_scratch_folder(tm
 
 
 @pytest.mark.slow
-def test_a_stage_stops_when_the_dvc_repro_that_runs_it_is_killed(tmp_path):
+# dvc runs the cmd with $SHELL -c: bash execs the command (the stage is dvc's child), dash (/bin/sh here, and what dvc
+# uses where SHELL is unset, as under CI) forks it (the stage is the shell's child, and the shell outlives dvc).
+@pytest.mark.parametrize("shell", ["/bin/bash", "/bin/sh"])
+def test_a_stage_stops_when_the_dvc_repro_that_runs_it_is_killed(tmp_path, shell):
     project = _project(tmp_path)
     (project / "slow_paddy_data.py").write_text(SLOW_PADDY_DATA)
     (project / "dvc.yaml").write_text(
@@ -71,7 +74,7 @@ def test_a_stage_stops_when_the_dvc_repro_that_runs_it_is_killed(tmp_path):
         "          persist: true\n"
     )
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
-    dvc = _start(["dvc", "repro"], project)
+    dvc = _start(["dvc", "repro"], project, SHELL=shell)
     while dvc.stdout.readline() != "writing\n":
         pass
     [stage] = _running_script(psutil.Process(dvc.pid), "slow_paddy_data.py")
