@@ -41,9 +41,8 @@ def timed_run(command: list[str], cwd: Path) -> tuple[int, list[tuple[float, str
     started = time.perf_counter()
     # Unbuffered, so each line arrives when it is printed and its time stamp means something.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DVC_NO_ANALYTICS": "1"}
-    process = subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
-    )
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1, env=env)
     lines = []
     for line in process.stdout:
         lines.append((time.perf_counter() - started, line.rstrip("\n")))
@@ -52,15 +51,10 @@ def timed_run(command: list[str], cwd: Path) -> tuple[int, list[tuple[float, str
     return returncode, lines, time.perf_counter() - started
 
 
-def git_head(repo_dir: Path) -> str:
-    return subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=repo_dir, capture_output=True, text=True, check=True
-    ).stdout.strip()
-
-
 def run(repo_dir: Path = Path("."), result_file: Path = RESULT_FILE) -> dict:
     """Clone HEAD of `repo_dir`, `dvc repro` it twice, write and return the timings; raise if a repro fails."""
-    revision = git_head(repo_dir)
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
+                              check=True).stdout.strip()
     workdir = Path(tempfile.mkdtemp(prefix="paddy-bench-dag."))
     clone = workdir / "clone"
     subprocess.run(["git", "clone", "--quiet", str(Path(repo_dir).resolve()), str(clone)], check=True)

@@ -1,16 +1,11 @@
 """Benchmark: one member trained by the stage's own command in 1 process and in 2 processes (DDP over gloo, CPU).
 
 Each run is `python -m pipeline.train <member>` in a scratch project on the demo's synthetic data: one process with
-all the CPU's threads, one process with one thread, and `train.devices: 2`, two processes with half the threads
-each (what the launcher sets). Two one-thread processes against one is the CPU's closest analogue of two GPUs
-against one; against the all-threads process it is the same cores used two ways. Recorded per run: the command's wall time (imports and launch included), the fit's images/s, the
-TTA prediction time (the 2-process run shards it), the optimiser steps and the validation accuracy.
-
-What it shows on a CPU: that DDP trains the same number of optimiser steps to a comparable accuracy, and what the
-second process costs (a second interpreter and import, gradient all-reduce over loopback, smaller per-process
-batches). What it cannot show: a speed-up. Both runs share the same cores, and one process already uses all of them
-through intra-op threads; DDP pays when each process has a device of its own (README, "Several GPUs").
-Writes bench/ddp.json. `python -m benchmarks.ddp [member] [--epochs N]`.
+all the CPU's threads, one with one thread, and `train.devices: 2`, two processes with half the threads each (what
+the launcher sets). Two one-thread processes against one is the CPU's closest analogue of two GPUs against one.
+On a CPU it shows that DDP trains the same optimiser steps to a comparable accuracy and what the second process
+costs, not a speed-up: both share the same cores (docs/benchmarks.md). Writes bench/ddp.json.
+`python -m benchmarks.ddp [member] [--epochs N]`.
 """
 
 from __future__ import annotations
@@ -31,10 +26,8 @@ from pipeline.synthetic import write_synthetic_dataset
 
 RESULT = Path("bench/ddp.json")
 ROOT = Path(__file__).resolve().parents[1]
-RUN_FIELDS = (
-    "processes", "process_step_images", "optimizer_steps", "train_seconds", "images_per_second", "predict_seconds",
-    "valid_accuracy",
-)
+RUN_FIELDS = ("processes", "process_step_images", "optimizer_steps", "train_seconds", "images_per_second",
+              "predict_seconds", "valid_accuracy")
 
 
 def scratch_project(directory: Path, params: dict, data_dir: Path, member: str, devices: int, epochs: int | None):
@@ -68,10 +61,8 @@ def run(member: str | None = None, epochs: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = Path(scratch) / "paddy"
         synthetic = params["data"]["synthetic"]
-        write_synthetic_dataset(
-            data_dir, train_per_class=synthetic["train_per_class"], n_test=synthetic["n_test"],
-            image_size=tuple(synthetic["image_size"]), seed=params["seed"],
-        )
+        write_synthetic_dataset(data_dir, train_per_class=synthetic["train_per_class"], n_test=synthetic["n_test"],
+                                image_size=tuple(synthetic["image_size"]), seed=params["seed"])
         runs = {}
         for name, processes, threads in (
             ("one_process_all_threads", 1, cores), ("one_process_one_thread", 1, 1), ("two_processes", 2, cores // 2)
@@ -79,24 +70,16 @@ def run(member: str | None = None, epochs: int | None = None) -> dict:
             project = scratch_project(Path(scratch) / name, params, data_dir, member, processes, epochs)
             runs[name] = timed_stage(project, member, threads=max(1, threads))
     two = runs["two_processes"]
-    result = dict(
-        member=member,
-        cores=cores,
-        epochs=epochs or params["train"]["members"][member]["epochs"],
-        runs=runs,
-        # Each ratio is the two-process run's gain over a one-process run (above 1: faster with two processes).
-        **{
-            f"vs_{name}": dict(
-                fit_speedup=round(two["images_per_second"] / one["images_per_second"], 2),
-                wall_speedup=round(one["wall_seconds"] / two["wall_seconds"], 2),
-                predict_speedup=round(one["predict_seconds"] / two["predict_seconds"], 2),
-                same_optimizer_steps=one["optimizer_steps"] == two["optimizer_steps"],
-                accuracy_difference=round(two["valid_accuracy"] - one["valid_accuracy"], 4),
-            )
-            for name, one in runs.items()
-            if name != "two_processes"
-        },
-    )
+    # Each ratio is the two-process run's gain over a one-process run (above 1: faster with two processes).
+    comparisons = {f"vs_{name}": dict(
+        fit_speedup=round(two["images_per_second"] / one["images_per_second"], 2),
+        wall_speedup=round(one["wall_seconds"] / two["wall_seconds"], 2),
+        predict_speedup=round(one["predict_seconds"] / two["predict_seconds"], 2),
+        same_optimizer_steps=one["optimizer_steps"] == two["optimizer_steps"],
+        accuracy_difference=round(two["valid_accuracy"] - one["valid_accuracy"], 4),
+    ) for name, one in runs.items() if name != "two_processes"}
+    epochs = epochs or params["train"]["members"][member]["epochs"]
+    result = dict(member=member, cores=cores, epochs=epochs, runs=runs, **comparisons)
     write_json(RESULT, result)
     return result
 

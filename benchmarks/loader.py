@@ -1,19 +1,11 @@
 """Benchmark: each member's DataLoader against its training step (images/s), at the competition's real image size.
 
-For every demo member and one competition member (random init), on generated 480x640 JPEGs (pipeline.synthetic):
-- loader: images/s delivered by the member's own training DataLoader (vision.member_dataloaders: decoding, item
-  transform, collation, batch transforms on the device), with 0 workers and with `auto` workers. fastai starts its
-  workers afresh every epoch; the first batch pays for that and is reported apart (`first_batch_s`), the rate is
-  timed over the batches after it, a few per worker so that the workers run in steady state.
-- step: images/s of the member's training step (forward, backward, optimiser step) on the same device, in the
-  precision train uses, timed by a fastai callback from a batch's arrival to its end, so the loader is not in it.
-- where a batch's time goes with 0 workers: decoding, item transforms, batch transforms (ms per image).
-- with `--images full small`: the loader's images/s again on the same images pre-resized once (stage small_images,
-  longest side 256), as a member with `images: small` reads them; `small_to_full` is the ratio per worker setting.
-Goal on a GPU: loader (auto workers) >= 1.2x the step rate for every member. The device is this machine's (CUDA when
-present). On CPU, the step is timed on a few small batches to keep the run to a couple of minutes.
-
-Writes bench/loader.json. `python -m benchmarks.loader [--workers 0 auto 1 2] [--members NAME ...] [--images full small]`.
+For every demo member and one competition member (random init), on generated 480x640 JPEGs, on this machine's
+device: the member's own training DataLoader per worker setting (its first batch, when fastai starts the workers,
+apart), its training step alone (forward, backward, optimiser step, in train's precision), where a batch's time
+goes with 0 workers, and with `--images small` the loader again on the images pre-resized by stage small_images.
+Goal on a GPU: loader (auto workers) >= 1.2x the step rate. Writes bench/loader.json; docs/benchmarks.md has the
+figures. `python -m benchmarks.loader [--workers 0 auto 1 2] [--members NAME ...] [--images full small]`.
 """
 
 from __future__ import annotations
@@ -92,7 +84,7 @@ def timed_batches(workers: int, bs: int) -> int:
     return max(TIMED_ROUNDS * workers, -(-MIN_TIMED_IMAGES // bs))
 
 
-def loader_rate(member, table, bs: int, accum: int, workers, device) -> dict:
+def loader_rate(member, table, bs: int, accum: int, workers: int, device) -> dict:
     """Images/s of the member's training DataLoader with `workers`, after its first batch (best of LOADER_PASSES)."""
     dls = vision.member_dataloaders(member, table, bs, accum, seed=0, num_workers=workers)
     count = vision.loader_workers(workers, device)
@@ -166,10 +158,14 @@ def step_rate(member, table, bs: int, accum: int, precision: str, device, step_b
                 images_per_second=round(images / seconds, 1))
 
 
-def run(
-    worker_settings: list = (0, "auto"), names: list[str] | None = None, data_dir: Path | None = None,
-    images: list[str] = ("full",),
-) -> dict:
+def loader_rates(member, table, bs: int, accum: int, counts: dict, device) -> dict:
+    """loader_rate per worker setting; settings that resolve to the same count (auto on CPU, say) share figures."""
+    by_count = {count: loader_rate(member, table, bs, accum, count, device) for count in set(counts.values())}
+    return {setting: by_count[count] for setting, count in counts.items()}
+
+
+def run(worker_settings=(0, "auto"), names: list[str] | None = None, data_dir: Path | None = None,
+        images=("full",)) -> dict:
     device = compute_device()
     members = bench_members()
     chosen = names or list(members)
@@ -187,39 +183,25 @@ def run(
             counts = {str(w): vision.loader_workers(w, device) for w in worker_settings}
             table = real_size_table(data_dir, bs * (1 + timed_batches(max(counts.values()), bs)) + 1)
             log(STAGE, f"{name}: {member.arch}, {bs} images per batch, on {device}")
-            # A setting that resolves to a count already timed (auto on CPU, say) shares its figures.
-            by_count = {count: loader_rate(member, table, train.bs, accum, count, device) for count in set(counts.values())}
-            loaders = {setting: by_count[count] for setting, count in counts.items()}
-            if "small" in images:
-                small_table = pre_resized(table, data_dir)
-                by_count = {c: loader_rate(member, small_table, train.bs, accum, c, device) for c in set(counts.values())}
-                small = {setting: by_count[count] for setting, count in counts.items()}
+            loaders = loader_rates(member, table, train.bs, accum, counts, device)
             step = step_rate(member, table, train.bs, accum, train.precision, device, step_bs)
             auto = loaders.get("auto", max(loaders.values(), key=lambda rate: rate["images_per_second"]))
             results[name] = dict(
-                arch=member.arch,
-                resize=member.resize,
-                method=member.method,
-                size=member.size,
-                batch=bs,
-                loader=loaders,
-                step=step,
+                arch=member.arch, resize=member.resize, method=member.method, size=member.size, batch=bs,
+                loader=loaders, step=step,
                 loader_to_step=round(auto["images_per_second"] / step["images_per_second"], 2),
                 breakdown_ms_per_image=breakdown_ms(member, table, train.bs, accum, device),
             )
             if "small" in images:
+                small = loader_rates(member, pre_resized(table, data_dir), train.bs, accum, counts, device)
                 results[name]["loader_small"] = small
                 results[name]["small_to_full"] = {
-                    w: round(small[w]["images_per_second"] / loaders[w]["images_per_second"], 2) for w in loaders
-                }
+                    w: round(small[w]["images_per_second"] / loaders[w]["images_per_second"], 2) for w in loaders}
             log(STAGE, f"{name}: {summary_line(results[name])}")
-    result = dict(device=device_name(device), image_size=list(IMAGE_SIZE), target_ratio=TARGET_RATIO, members=results)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = dict(device=device_name, image_size=list(IMAGE_SIZE), target_ratio=TARGET_RATIO, members=results)
     write_json(RESULT, result)
     return result
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def summary_line(figures: dict) -> str:

@@ -1,13 +1,9 @@
 """`make rehearsal`: the competition profile's DAG end to end, on generated full-size photos, in a scratch workspace.
 
-Run it before spending GPU hours (docs/benchmarks.md). It copies the repository's tracked and untracked-not-ignored
-files (never data/, models/, preds/ or the DVC cache) into a temporary folder, writes there the competition profile's
-params (with params.local.yaml) cut down by rehearsal_params, and runs every stage through `dvc repro` with that
-copy's code; one member's training is killed with SIGKILL after its first epoch and must resume. Real: each member's
-architecture, transforms, precision, 480x640 JPEGs, schedule and TTA. Cut: generated data, as few images as the
-stratified split allows, random weights, one epoch of STEPS_PER_EPOCH steps, and bs CPU_BS on a CPU.
-A copy of our own rather than `dvc exp run --temp -S ...`: a temporary experiment stores its outputs (six large
-members' weights) in the user's DVC cache, and is deleted when its run is killed, so the resume could not be checked.
+What is real and what is cut: docs/benchmarks.md. The stages run by `dvc repro` in a copy of the tracked and
+untracked-not-ignored files (never data/, models/, preds/ or the DVC cache) rather than by `dvc exp run --temp -S`:
+a temporary experiment stores its outputs (six large members' weights) in the user's DVC cache, and is deleted when
+its run is killed, so the resume after one member's SIGKILL could not be checked.
 """
 
 from __future__ import annotations
@@ -38,27 +34,20 @@ from pipeline.submit import SUBMISSION_FILE, check_submission
 from pipeline.vision import precision_for, probe_decision_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULT_FILE = Path("bench/rehearsal.json")
-LOGS_DIR = Path("bench/rehearsal-logs")
-PROFILE = "competition"
-STAGE = "rehearsal"  # the prefix of its log lines, as the stages have theirs
+RESULT_FILE, LOGS_DIR = Path("bench/rehearsal.json"), Path("bench/rehearsal-logs")
+PROFILE, STAGE = "competition", "rehearsal"  # STAGE: the prefix of its log lines, as the stages have theirs
+UPSTREAM = ("params", "paddy_source", "paddy_data", "small_images")  # the members' upstream stages, in DAG order
 IMAGE_SIZE = [480, 640]  # (w, h) as data.synthetic.image_size takes it: the real photos' portrait 480x640
 STEPS_PER_EPOCH = 2  # full batches of bs per training epoch, at least
 CPU_BS = 4  # 28 training images a member (the fewest the split allows) in 7 steps; the probe measures accum 1 and 2
 MIN_IMAGES_PER_STEP = 2  # fastai's head has a BatchNorm1d, which cannot train on a batch of one image
 MIN_SMALLEST_CLASS = 2  # the probe trains on the smallest class and needs at least 2 of its images
 ERROR_CHARS = 300
-KILL_POLL_S = 0.2
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "rehearsal", "GIT_AUTHOR_EMAIL": "rehearsal@localhost",
-                "GIT_COMMITTER_NAME": "rehearsal", "GIT_COMMITTER_EMAIL": "rehearsal@localhost"}
 DVC_FAILURE = "ERROR: "
 
 
 class RehearsalError(RuntimeError):
     """The rehearsal itself cannot start (bad option, no git): one line saying what to fix."""
-
-
-# -- the rehearsal's params: pure functions ------------------------------------------------------------------------
 
 
 def probe_accums_for(accums: Sequence[int], bs: int) -> list[int]:
@@ -109,9 +98,6 @@ def rehearsal_params(profile: Mapping[str, Any], members: Sequence[str], bs: int
     weights = params["ensemble"].get("weights") or {}
     params["ensemble"]["weights"] = {name: weight for name, weight in weights.items() if name in members}
     return params
-
-
-# -- reading the stages' output: pure functions --------------------------------------------------------------------
 
 
 def error_line(lines: Sequence[str], returncode: int) -> str:
@@ -167,9 +153,6 @@ def memory_comparison(probe_metrics: Mapping[str, Any], train_metrics: Mapping[s
     return {"probe_gib": round(predicted, 3), "train_gib": round(measured, 3), "ratio": round(measured / predicted, 3)}
 
 
-# -- the workspace and its stages ------------------------------------------------------------------------------------
-
-
 def copy_repo(repo: Path, workdir: Path) -> int:
     """Copy the repository's tracked and untracked-not-ignored files into workdir; returns how many."""
     try:
@@ -191,8 +174,9 @@ def make_workspace(repo: Path, workdir: Path, params: Mapping[str, Any], header:
     """A git + DVC repository in workdir: the copy, `params` as its params.yaml under `header`, one commit."""
     copy_repo(repo, workdir)
     (workdir / PARAMS_FILE).write_text(header + yaml.safe_dump(dict(params), sort_keys=False))
+    commit = ["git", "-c", "user.name=rehearsal", "-c", "user.email=rehearsal@localhost", "commit", "-qm", "rehearsal"]
     # Hard links: the large members' weights are not copied a second time into the workspace's DVC cache.
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "rehearsal"],
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], commit,
                     [sys.executable, "-m", "dvc", "config", "--local", "cache.type", "hardlink,copy"]):
         done = subprocess.run(command, cwd=workdir, env=stage_env(workdir), capture_output=True, text=True)
         if done.returncode:
@@ -203,8 +187,7 @@ def make_workspace(repo: Path, workdir: Path, params: Mapping[str, Any], header:
 def stage_env(workdir: Path) -> dict:
     """The stages import the workspace's code and run with this interpreter (dvc.yaml says `python -m ...`)."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, **GIT_IDENTITY, "PYTHONPATH": str(workdir), "PATH": path, "PYTHONUNBUFFERED": "1",
-            "DVC_NO_ANALYTICS": "1"}
+    return {**os.environ, "PYTHONPATH": str(workdir), "PATH": path, "PYTHONUNBUFFERED": "1", "DVC_NO_ANALYTICS": "1"}
 
 
 @dataclass
@@ -232,7 +215,7 @@ def run_stage(workdir: Path, stage: str, log_file: Path, kill_when: Callable[[],
                 if kill_when is not None and not killed and kill_when():
                     os.killpg(process.pid, signal.SIGKILL)
                     killed = True
-                time.sleep(KILL_POLL_S)
+                time.sleep(0.2)
         except BaseException:
             os.killpg(process.pid, signal.SIGKILL)
             raise
@@ -316,6 +299,43 @@ def chosen_members(profile: Mapping[str, Any], members: str | None, kill: str | 
     return chosen, kill or chosen[0]
 
 
+def prepare_workdir(workdir: Path | None) -> Path:
+    if workdir is None:
+        return Path(tempfile.mkdtemp(prefix="paddy-rehearsal-"))
+    workdir = workdir.resolve()
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        raise RehearsalError(f"--workdir {workdir}: exists and is not an empty folder; name a new one")
+    if REPO_ROOT == workdir or REPO_ROOT in workdir.parents:
+        raise RehearsalError(f"--workdir {workdir}: inside the repository; name a folder outside it")
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+def run_dag(workdir: Path, members: Sequence[str], kill_member: str, logs: Path) -> tuple[dict, list[MemberRun]]:
+    """The members' upstream, each member, then the ensemble and its submission checked as `make submit` checks it.
+
+    Returns each non-member stage's {seconds, error} and each member's run; the ensemble is skipped (absent) when
+    a member failed, and every member fails with the upstream stage's error when one failed.
+    """
+    stages: dict[str, dict] = {}
+    for stage in UPSTREAM:
+        result = run_stage(workdir, stage, logs / f"{stage}.log")
+        stages[stage] = {"seconds": result.seconds, "error": result.error}
+        if result.error:
+            return stages, [MemberRun(name, error=f"{stage}: {result.error}") for name in members]
+    runs = [rehearse_member(workdir, name, logs, kill=name == kill_member) for name in members]
+    if all(run.ok for run in runs):
+        result = run_stage(workdir, "ensemble", logs / "ensemble.log")
+        error = result.error and f"ensemble: {result.error}"
+        if error is None:
+            try:
+                check_submission(workdir / SUBMISSION_FILE, workdir / "data/paddy")
+            except SubmissionError as err:
+                error = str(err)
+        stages["ensemble"] = {"seconds": result.seconds, "error": error}
+    return stages, runs
+
+
 def rehearse(args: argparse.Namespace) -> bool:
     """The whole rehearsal; True when every stage of every member passed."""
     profile = render_params(PROFILE, REPO_ROOT / LOCAL_FILE)
@@ -333,36 +353,17 @@ def rehearse(args: argparse.Namespace) -> bool:
     logs = REPO_ROOT / LOGS_DIR
     shutil.rmtree(logs, ignore_errors=True)
     started = time.perf_counter()
-    runs: list[MemberRun] = []
-    stages: dict[str, Any] = {}
     try:
         make_workspace(REPO_ROOT, workdir, params)
-        upstream_error = None
-        for stage in ("params", "paddy_source", "paddy_data", "small_images"):  # the members' upstream, in DAG order
-            result = run_stage(workdir, stage, logs / f"{stage}.log")
-            stages[stage] = {"seconds": result.seconds, "error": result.error}
-            if result.error:
-                upstream_error = f"{stage}: {result.error}"
-                break
-        for name in members:
-            runs.append(MemberRun(name, error=upstream_error) if upstream_error
-                        else rehearse_member(workdir, name, logs, kill=name == kill_member))
-        if all(run.ok for run in runs):
-            result = run_stage(workdir, "ensemble", logs / "ensemble.log")
-            stages["ensemble"] = {"seconds": result.seconds, "error": result.error and f"ensemble: {result.error}"}
-            if result.error is None:
-                try:  # as `make submit` checks it
-                    check_submission(workdir / SUBMISSION_FILE, workdir / "data/paddy")
-                except SubmissionError as err:
-                    stages["ensemble"]["error"] = str(err)
+        stages, runs = run_dag(workdir, members, kill_member, logs)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     total = round(time.perf_counter() - started, 1)
     ensemble = stages.get("ensemble")
-    ok = bool(runs) and all(run.ok for run in runs) and ensemble is not None and ensemble["error"] is None
+    ok = ensemble is not None and ensemble["error"] is None  # there is an ensemble only when every member passed
 
-    width = max(len(run.name) for run in runs) if runs else 0
+    width = max(len(run.name) for run in runs)
     for run in runs:
         print(summary_line(run, width))
     print("ensemble: skipped (a member failed)" if ensemble is None else f"ensemble: {ensemble['seconds']:.1f} s, "
@@ -376,18 +377,6 @@ def rehearse(args: argparse.Namespace) -> bool:
         "killed_member": kill_member, "total_seconds": total, "workspace": str(workdir) if args.keep else None,
     })
     return ok
-
-
-def prepare_workdir(workdir: Path | None) -> Path:
-    if workdir is None:
-        return Path(tempfile.mkdtemp(prefix="paddy-rehearsal-"))
-    workdir = workdir.resolve()
-    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
-        raise RehearsalError(f"--workdir {workdir}: exists and is not an empty folder; name a new one")
-    if REPO_ROOT == workdir or REPO_ROOT in workdir.parents:
-        raise RehearsalError(f"--workdir {workdir}: inside the repository; name a folder outside it")
-    workdir.mkdir(parents=True, exist_ok=True)
-    return workdir
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ that depend on it (to run after it) never rerun because of it.
 
 from __future__ import annotations
 
+from collections import UserDict
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from pipeline import collab_config, ensemble, members, movielens_data, paddy_data, small_images
 from pipeline.common import atomic_path, log, stage_main
@@ -21,21 +22,16 @@ OUTPUT = Path("checks/params.txt")
 VERDICT = f"{PARAMS_FILE}: every key passed the loader of the stage that reads it (python -m pipeline.check_params)\n"
 
 
-class ReadRecorder(Mapping):
-    """The top level of params.yaml, remembering which keys the loaders asked for."""
+class ReadRecorder(UserDict):
+    """The top level of params.yaml, remembering which keys the loaders asked for (`get` reads through here too)."""
 
     def __init__(self, params: Mapping[str, Any]):
-        self._params, self.read = params, set()
+        super().__init__(params)
+        self.read: set[str] = set()
 
     def __getitem__(self, key: str) -> Any:
         self.read.add(key)
-        return self._params[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._params)
-
-    def __len__(self) -> int:
-        return len(self._params)
+        return super().__getitem__(key)
 
 
 def check_params(params: Mapping[str, Any]) -> None:

@@ -188,8 +188,10 @@ def predict(trained: TrainedCollab, users, movies) -> pd.DataFrame:
     """Predicted ratings for (user, movie) pairs of raw ids; an unknown id (cold start) has no factors and the mean
     bias of the known ones. Column `basis` says which case each row is."""
     users, movies = np.asarray(users), np.asarray(movies)
-    user_rows, known_user = _rows(trained.user_ids, users)
-    movie_rows, known_movie = _rows(trained.movie_ids, movies)
+    # Embedding row i + 1 is ids[i] (row 0 is fastai's '#na#'); get_indexer gives -1 for an unknown id.
+    user_rows, movie_rows = (pd.Index(ids).get_indexer(wanted) + 1 for ids, wanted in
+                             ((trained.user_ids, users), (trained.movie_ids, movies)))
+    known_user, known_movie = user_rows > 0, movie_rows > 0
     both = known_user & known_movie
     dot = np.where(both, (trained.user_factors[user_rows] * trained.movie_factors[movie_rows]).sum(axis=1), 0.0)
     user_bias = np.where(known_user, trained.user_bias[user_rows], trained.user_bias[1:].mean())
@@ -202,15 +204,6 @@ def predict(trained: TrainedCollab, users, movies) -> pd.DataFrame:
         "mean biases (unknown user and movie)",
     )
     return pd.DataFrame({"user": users, "movie": movies, "rating": rating, "basis": basis})
-
-
-def _rows(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Embedding rows of `wanted` ids (0, fastai's '#na#', when unknown) and which were known."""
-    order = np.argsort(ids)
-    positions = np.searchsorted(ids, wanted, sorter=order).clip(0, len(ids) - 1)
-    found = order[positions]
-    known = ids[found] == wanted
-    return np.where(known, found + 1, 0), known
 
 
 def movie_table(trained: TrainedCollab, ratings: pd.DataFrame, movies: pd.DataFrame) -> pd.DataFrame:
@@ -271,12 +264,6 @@ def plot_pca_map(trained: TrainedCollab, table: pd.DataFrame, path: Path, n_fit:
     figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
 
 
-def plot_training_curves(learn, path: Path) -> None:
-    figure = Figure()
-    learn.recorder.plot_loss(ax=figure.subplots())
-    figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
-
-
 def write_reports(learn, trained: TrainedCollab, ratings, movies, min_ratings: int, reports_dir: Path = REPORTS_DIR) -> None:
     table = movie_table(trained, ratings, movies)
     with atomic_path(reports_dir) as staging:
@@ -284,7 +271,9 @@ def write_reports(learn, trained: TrainedCollab, ratings, movies, min_ratings: i
         movie_bias_ranking(table, min_ratings=min_ratings).to_csv(staging / "movie_bias.csv", index=False)
         similar_movies(trained, table, query_titles(table), min_ratings=min_ratings).to_csv(staging / "similar_movies.csv", index=False)
         plot_pca_map(trained, table[table["n_ratings"] >= min_ratings], staging / "pca_movies.png")
-        plot_training_curves(learn, staging / "training_curves.png")
+        curves = Figure()
+        learn.recorder.plot_loss(ax=curves.subplots())
+        curves.savefig(staging / "training_curves.png", format="png", dpi=100, bbox_inches="tight")
 
 
 @stage_main(STAGE, ParamsError, CollabError)

@@ -222,14 +222,11 @@ def describe(processes: int) -> str:
     return f"{processes} process(es) over gloo on the CPU" if processes > 1 else "1 process on the CPU"
 
 
-def devices_argument(text: str) -> int | str:
-    return text if text == "auto" else int(text)
-
-
 @stage_main("distributed", ParamsError)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print the processes and devices train@<member> would use here.")
-    parser.add_argument("--devices", type=devices_argument, help="instead of params.yaml's train.devices: auto or N")
+    parser.add_argument("--devices", type=lambda text: text if text == "auto" else int(text),
+                        help="instead of params.yaml's train.devices: auto or N")
     args = parser.parse_args(argv)
     devices = load_train_config(read_params()).devices if args.devices is None else args.devices
     print(f"train.devices={devices}: {describe(process_count(devices))}")

@@ -1,16 +1,11 @@
 """Stage `ensemble`: average the members' TTA probabilities and write the submissions.
 
-Reads preds/<member>/{test,valid}.csv for every member in params `train.members` and checks each against the truth
-(the competition's classes, sample_submission's test ids, and the validation ids and labels of the shared split of
-data/paddy/train.csv with params `validation`), averages their probabilities with the weights of params `ensemble`
-(or weights fitted on the validation probabilities), and writes:
-- submissions/members/<member>.csv: each member's own submission,
-- submissions/submission.csv: the ensemble's,
-each validated against data/paddy/sample_submission.csv before anything is written;
-- metrics/ensemble.json: every member's and the ensemble's accuracy on the shared validation set, and the gain of
-  the ensemble over its best member.
-With `validation.folds` K > 1 each member's validation rows are every training image's out-of-fold (OOF) prediction:
-the accuracies are on all of them, with each fold's beside them, and fitted weights are fitted on them.
+Checks every member's preds/<member>/{test,valid}.csv against the truth (the competition's classes, sample_submission's
+test ids, the shared validation split of train.csv), averages them with params `ensemble`'s weights (or weights
+fitted on validation), and writes submissions/members/<member>.csv, submissions/submission.csv (each validated
+against sample_submission.csv before anything is written) and metrics/ensemble.json (each member's and the
+ensemble's validation accuracy, the gain over the best member). With `validation.folds` K > 1 the validation rows
+are every training image's out-of-fold (OOF) prediction, with each fold's accuracy beside the whole.
 """
 
 from __future__ import annotations
@@ -39,6 +34,10 @@ STAGE = "ensemble"
 PREDS_DIR = Path("preds")
 SUBMISSIONS_DIR = Path("submissions")
 METRICS_FILE = Path("metrics/ensemble.json")
+FIT_NEEDS_VALIDATION = (
+    "params.yaml: key 'ensemble.fit_weights' needs a validation set, but validation.full is true; "
+    "set one of them to false"
+)
 # Rows of TTA probabilities sum to 1 up to the rounding of the CSV they were written to.
 PROB_SUM_TOLERANCE = 1e-3
 
@@ -68,10 +67,7 @@ def load_config(params: Mapping) -> StageConfig:
     config = load_section(EnsembleConfig, params, "ensemble")
     validation = load_section(ValidationConfig, params, "validation")
     if config.fit_weights and validation.full:
-        raise ParamsError(
-            "params.yaml: key 'ensemble.fit_weights' needs a validation set, but validation.full is true; "
-            "set one of them to false"
-        )
+        raise ParamsError(FIT_NEEDS_VALIDATION)
     weights = resolve_weights(member_names(params), config.weights)
     return StageConfig(
         profile=profile_of(params), weights=weights, fit_weights=config.fit_weights, validation=validation
@@ -85,12 +81,11 @@ class MemberPredsError(ValueError):
 
 @dataclass(frozen=True)
 class MemberPreds:
-    """One member's TTA probabilities; columns of the arrays are in CLASSES order."""
+    """One member's TTA probabilities, columns in CLASSES order, rows in sample_submission's and the shared split's
+    order."""
 
     name: str
-    test_ids: tuple[str, ...]
     test_probs: np.ndarray
-    valid_ids: tuple[str, ...]
     valid_labels: tuple[str, ...]
     valid_probs: np.ndarray
 
@@ -115,26 +110,6 @@ def resolve_weights(members: Sequence[str], weights: Mapping[str, float]) -> dic
     if sum(resolved.values()) <= 0:
         raise ParamsError("params.yaml: key 'ensemble.weights': every weight is 0; give at least one member weight > 0")
     return resolved
-
-
-def read_member_preds(preds_dir: Path, name: str) -> MemberPreds:
-    """preds/<name>/test.csv and valid.csv as written by train@<name>: the competition's classes, probabilities."""
-    member_dir = Path(preds_dir) / name
-    test_file, valid_file = member_dir / "test.csv", member_dir / "valid.csv"
-    rerun = f"rerun dvc repro train@{name}"
-    for path in (test_file, valid_file):
-        if not path.is_file():
-            raise MemberPredsError(f"{path}: missing predictions of member '{name}'; run dvc repro train@{name}")
-    test, test_probs = _read_probabilities(test_file, ("image_id",), rerun)
-    valid, valid_probs = _read_probabilities(valid_file, ("image_id", "label"), rerun)
-    return MemberPreds(
-        name=name,
-        test_ids=tuple(test["image_id"]),
-        test_probs=test_probs,
-        valid_ids=tuple(valid["image_id"]),
-        valid_labels=tuple(valid["label"]),
-        valid_probs=valid_probs,
-    )
 
 
 def _read_probabilities(path: Path, id_columns: tuple[str, ...], fix: str) -> tuple[pd.DataFrame, np.ndarray]:
@@ -162,74 +137,69 @@ def _read_probabilities(path: Path, id_columns: tuple[str, ...], fix: str) -> tu
             f"{path}: row {row + 1}, column {column!r} holds {cells.iloc[row][column]!r}, not a probability; {fix}"
         )
     probs = numbers.to_numpy(dtype=float)
-    _check_probabilities(path, probs, fix)
+    if not np.isfinite(probs).all() or (probs < 0).any():
+        raise MemberPredsError(f"{path}: probabilities must be finite and >= 0; {fix}")
+    sums = probs.sum(axis=1)
+    off = np.flatnonzero(np.abs(sums - 1) > PROB_SUM_TOLERANCE)
+    if len(off):
+        row = int(off[0])
+        raise MemberPredsError(f"{path}: row {row + 1} sums to {sums[row]:.4f}, not 1; are these logits? {fix}")
     duplicated = table["image_id"][table["image_id"].duplicated()]
     if len(duplicated):
         raise MemberPredsError(f"{path}: image_id {duplicated.iloc[0]!r} appears more than once; {fix}")
     return table, probs
 
 
-def _check_probabilities(path: Path, probs: np.ndarray, fix: str) -> None:
-    if not np.isfinite(probs).all() or (probs < 0).any():
-        raise MemberPredsError(f"{path}: probabilities must be finite and >= 0; {fix}")
-    sums = probs.sum(axis=1)
-    off = np.flatnonzero(np.abs(sums - 1) > PROB_SUM_TOLERANCE)
-    if len(off):
-        raise MemberPredsError(
-            f"{path}: row {int(off[0]) + 1} sums to {sums[off[0]]:.4f}, not 1; are these logits? {fix}"
-        )
-
-
-def align_member(
-    member: MemberPreds, test_ids: Sequence[str], truth: pd.DataFrame, preds_dir: Path, train_file: Path
+def read_member(
+    preds_dir: Path, name: str, test_ids: Sequence[str], truth: pd.DataFrame, train_file: Path
 ) -> MemberPreds:
-    """The member with test rows in `test_ids` order and validation rows in `truth` order.
+    """preds/<name>/{test,valid}.csv as train@<name> wrote them, test rows in `test_ids` order and validation rows
+    in `truth` order.
 
     Each member is checked against the truth, never against another member, so the error names the file that is
     wrong: its test ids must be `test_ids` (sample_submission.csv's), its validation ids and labels those of `truth`
     (the shared split of `train_file`).
     """
-    split = f"{train_file} with params validation"
-    where = Path(preds_dir) / member.name
-    test_file, valid_file = where / "test.csv", where / "valid.csv"
-    rerun = f"rerun dvc repro train@{member.name}"
-    if set(member.test_ids) != set(test_ids) or len(member.test_ids) != len(test_ids):
+    test_file, valid_file = Path(preds_dir) / name / "test.csv", Path(preds_dir) / name / "valid.csv"
+    rerun, split = f"rerun dvc repro train@{name}", f"{train_file} with params validation"
+    for path in (test_file, valid_file):
+        if not path.is_file():
+            raise MemberPredsError(f"{path}: missing predictions of member '{name}'; run dvc repro train@{name}")
+    test, test_probs = _read_probabilities(test_file, ("image_id",), rerun)
+    valid, valid_probs = _read_probabilities(valid_file, ("image_id", "label"), rerun)
+    if set(test["image_id"]) != set(test_ids) or len(test) != len(test_ids):
         raise MemberPredsError(f"{test_file}: test image ids differ from sample_submission.csv; {rerun}")
-    missing = [image_id for image_id in truth["image_id"] if image_id not in set(member.valid_ids)]
+    valid_ids = set(valid["image_id"])
+    missing = [image_id for image_id in truth["image_id"] if image_id not in valid_ids]
     if missing:
         raise MemberPredsError(
             f"{valid_file}: {len(missing)} image(s) of the shared validation split are missing (first: {missing[0]!r}; "
             f"the split: {split}); {rerun}"
         )
     true_label = dict(zip(truth["image_id"], truth["label"]))
-    strangers = [image_id for image_id in member.valid_ids if image_id not in true_label]
+    strangers = [image_id for image_id in valid["image_id"] if image_id not in true_label]
     if strangers:
         raise MemberPredsError(
             f"{valid_file}: image {strangers[0]!r} is not in the shared validation split ({split}); {rerun}"
         )
-    for image_id, label in zip(member.valid_ids, member.valid_labels):
+    for image_id, label in zip(valid["image_id"], valid["label"]):
         if label != true_label[image_id]:
             raise MemberPredsError(
                 f"{valid_file}: image {image_id!r} is labelled {label!r} where {train_file} says "
                 f"{true_label[image_id]!r}; {rerun}"
             )
-    test_rows = pd.Index(member.test_ids).get_indexer(list(test_ids))
-    valid_rows = pd.Index(member.valid_ids).get_indexer(list(truth["image_id"]))
     return MemberPreds(
-        name=member.name,
-        test_ids=tuple(test_ids),
-        test_probs=member.test_probs[test_rows],
-        valid_ids=tuple(truth["image_id"]),
+        name=name,
+        test_probs=test_probs[pd.Index(test["image_id"]).get_indexer(list(test_ids))],
         valid_labels=tuple(truth["label"]),
-        valid_probs=member.valid_probs[valid_rows],
+        valid_probs=valid_probs[pd.Index(valid["image_id"]).get_indexer(list(truth["image_id"]))],
     )
 
 
 def weighted_average(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """sum_i w_i p_i / sum_i w_i: rows still sum to 1 when each member's do."""
+    """sum_i w_i p_i / sum_i w_i: rows still sum to 1 when each member's do (resolve_weights and fit_weights make
+    the weights >= 0 with a positive sum)."""
     weights = np.asarray(weights, dtype=float)
-    if len(weights) != len(probs) or weights.sum() <= 0 or (weights < 0).any():
-        raise ValueError(f"need one weight >= 0 per member with a positive sum; got {weights.tolist()}")
     return np.tensordot(weights, np.stack(probs), axes=1) / weights.sum()
 
 
@@ -249,10 +219,7 @@ def fit_weights(valid_probs: Sequence[np.ndarray], labels: Sequence[str], vocab:
     plentiful (every training image), so only the few weights themselves are fitted in-sample.
     """
     if len(labels) == 0:
-        raise ParamsError(
-            "params.yaml: key 'ensemble.fit_weights' needs a validation set, but validation.full is true; "
-            "set one of them to false"
-        )
+        raise ParamsError(FIT_NEEDS_VALIDATION)
     truth = pd.Index(list(vocab)).get_indexer(list(labels))
     if (truth < 0).any():
         raise MemberPredsError(f"validation label {labels[int(np.flatnonzero(truth < 0)[0])]!r} is not in the vocab")
@@ -264,10 +231,7 @@ def fit_weights(valid_probs: Sequence[np.ndarray], labels: Sequence[str], vocab:
 
     n_members = len(valid_probs)
     result = minimize(
-        log_loss,
-        np.full(n_members, 1 / n_members),
-        method="SLSQP",
-        bounds=[(0.0, 1.0)] * n_members,
+        log_loss, np.full(n_members, 1 / n_members), method="SLSQP", bounds=[(0.0, 1.0)] * n_members,
         constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
     )
     weights = np.clip(result.x, 0, None)
@@ -283,21 +247,9 @@ class EnsembleResult:
     metrics: dict
 
 
-def fold_accuracy(probs: np.ndarray, labels: Sequence[str], folds: np.ndarray, vocab: Sequence[str]) -> dict:
-    """Accuracy on each fold's OOF rows (keyed by fold id) and their spread (population std)."""
-    labels = np.asarray(labels, dtype=object)
-    each = {str(k): accuracy(probs[folds == k], labels[folds == k], vocab) for k in np.unique(folds)}
-    return dict(each=each, std=round(float(np.std(list(each.values()))), 6))
-
-
 def ensemble(
-    members: Sequence[MemberPreds],
-    sample: pd.DataFrame,
-    weights: Mapping[str, float],
-    fit: bool,
-    profile: str,
-    submissions_dir: Path = SUBMISSIONS_DIR,
-    folds: np.ndarray | None = None,
+    members: Sequence[MemberPreds], sample: pd.DataFrame, weights: Mapping[str, float], fit: bool, profile: str,
+    submissions_dir: Path = SUBMISSIONS_DIR, folds: np.ndarray | None = None,
 ) -> EnsembleResult:
     """Average aligned members, build and validate every submission, and compute the metrics; `folds`: each
     validation row's fold when they are OOF predictions (validation.folds > 1)."""
@@ -305,30 +257,32 @@ def ensemble(
     labels = members[0].valid_labels
     test_ids = list(sample["image_id"])
     if fit:
-        used_weights = dict(zip([m.name for m in members], fit_weights([m.valid_probs for m in members], labels, vocab)))
+        weight_list = fit_weights([m.valid_probs for m in members], labels, vocab)
     else:
-        used_weights = {m.name: weights[m.name] for m in members}
-    weight_list = [used_weights[m.name] for m in members]
+        weight_list = [weights[m.name] for m in members]
+    used_weights = dict(zip([m.name for m in members], weight_list))
     test_probs = weighted_average([m.test_probs for m in members], weight_list)
     valid_probs = weighted_average([m.valid_probs for m in members], weight_list)
 
-    member_submissions = {}
-    for member in members:
-        submission = build_submission(test_ids, member.test_probs, vocab)
-        validate_submission(submission, sample, vocab, str(submissions_dir / "members" / f"{member.name}.csv"))
-        member_submissions[member.name] = submission
-    submission = build_submission(test_ids, test_probs, vocab)
-    validate_submission(submission, sample, vocab, str(submissions_dir / "submission.csv"))
+    def checked_submission(probs: np.ndarray, name: str) -> pd.DataFrame:
+        submission = build_submission(test_ids, probs, vocab)
+        validate_submission(submission, sample, vocab, str(submissions_dir / name))
+        return submission
+
+    member_submissions = {m.name: checked_submission(m.test_probs, f"members/{m.name}.csv") for m in members}
+    submission = checked_submission(test_probs, "submission.csv")
 
     member_accuracy = {m.name: accuracy(m.valid_probs, labels, vocab) for m in members}
     ensemble_accuracy = accuracy(valid_probs, labels, vocab)
     best_member = None if ensemble_accuracy is None else max(member_accuracy, key=member_accuracy.get)
 
     def spread(probs: np.ndarray) -> dict:
+        """Accuracy on each fold's OOF rows (keyed by fold id) and their spread (population std)."""
         if folds is None:
             return {}
-        by_fold = fold_accuracy(probs, labels, folds, vocab)
-        return {"fold_accuracy": by_fold["each"], "fold_accuracy_std": by_fold["std"]}
+        in_fold = {str(k): folds == k for k in np.unique(folds)}
+        each = {k: accuracy(probs[rows], np.asarray(labels, dtype=object)[rows], vocab) for k, rows in in_fold.items()}
+        return {"fold_accuracy": each, "fold_accuracy_std": round(float(np.std(list(each.values()))), 6)}
 
     metrics = {
         "profile": profile,
@@ -341,9 +295,9 @@ def ensemble(
         },
         "ensemble": {"valid_accuracy": ensemble_accuracy, **spread(valid_probs)},
         "best_member": best_member,
-        "gain_over_best_member": None
-        if best_member is None
-        else round(ensemble_accuracy - member_accuracy[best_member], 6),
+        "gain_over_best_member": (
+            None if best_member is None else round(ensemble_accuracy - member_accuracy[best_member], 6)
+        ),
         "weights_fitted_on": ("valid" if folds is None else "oof") if fit else None,
     }
     return EnsembleResult(member_submissions, submission, metrics)
@@ -360,10 +314,7 @@ def write_outputs(result: EnsembleResult, submissions_dir: Path, metrics_file: P
 
 
 def run(
-    params: Mapping,
-    preds_dir: Path = PREDS_DIR,
-    data_dir: Path = DATA_DIR,
-    submissions_dir: Path = SUBMISSIONS_DIR,
+    params: Mapping, preds_dir: Path = PREDS_DIR, data_dir: Path = DATA_DIR, submissions_dir: Path = SUBMISSIONS_DIR,
     metrics_file: Path = METRICS_FILE,
 ) -> dict:
     """The whole stage on `params` (params.yaml as a dict); returns the metrics it wrote."""
@@ -373,10 +324,7 @@ def run(
     if not train_file.is_file():
         raise MemberPredsError(f"{train_file}: not found; run `dvc repro paddy_data` to fetch or generate the data")
     truth = validation_rows(data_dir, config.validation)
-    members = [
-        align_member(read_member_preds(preds_dir, name), sample["image_id"], truth, preds_dir, train_file)
-        for name in config.weights
-    ]
+    members = [read_member(preds_dir, name, sample["image_id"], truth, train_file) for name in config.weights]
     folds = truth["fold"].to_numpy() if config.validation.cross_validated else None
     result = ensemble(members, sample, config.weights, config.fit_weights, config.profile, submissions_dir, folds)
     write_outputs(result, submissions_dir, metrics_file)

@@ -125,13 +125,10 @@ def upload_code(api, cfg: RunConfig, user: str) -> None:
     (folder / "dataset-metadata.json").write_text(json.dumps(meta))
     try:
         api.dataset_status(ref)
-        exists = True
-    except kaggle_client.CLIENT_ERRORS:
-        exists = False
-    if exists:
-        response = client_call("code upload", api.dataset_create_version, str(folder), "make kaggle-run", quiet=True)
-    else:
+    except kaggle_client.CLIENT_ERRORS:  # no such dataset yet
         response = client_call("code upload", api.dataset_create_new, str(folder), public=False, quiet=True)
+    else:
+        response = client_call("code upload", api.dataset_create_version, str(folder), "make kaggle-run", quiet=True)
     refused("code upload", response)
     # Kaggle processes a new version before a kernel can mount it.
     while (status := client_call("code upload", api.dataset_status, ref)) != "ready":
@@ -188,24 +185,6 @@ def read_lock(path: Path) -> dict:
     return yaml.safe_load(path.read_text()).get("stages", {}) if path.is_file() else {}
 
 
-def ran_stages(kernel_lock: dict, pushed_lock: dict) -> list[str]:
-    """Stages whose lock entry the kernel changed: what it ran (or resumed) there."""
-    return [stage for stage, entry in kernel_lock.items() if pushed_lock.get(stage) != entry]
-
-
-def outs_of(kernel_lock: dict, stages: list[str]) -> dict[str, int | None]:
-    """Each output of `stages` (metrics and plots among them) -> its file count if a folder (dvc.lock's nfiles)."""
-    return {out["path"]: out.get("nfiles") for stage in stages for out in kernel_lock[stage].get("outs", [])}
-
-
-def incomplete(project: Path, outs: dict[str, int | None]) -> list[str]:
-    def count(folder: Path) -> int:
-        return sum(1 for path in folder.rglob("*") if path.is_file())
-
-    return [path for path, nfiles in outs.items()
-            if not (project / path).exists() or (nfiles is not None and count(project / path) != nfiles)]
-
-
 def swap_in(project: Path, paths: list[str], replaced: Path) -> None:
     """Each path from the downloaded project replaces the workspace's (kept in `replaced`), one rename each."""
     shutil.rmtree(replaced, ignore_errors=True)
@@ -236,12 +215,15 @@ def collect(api, cfg: RunConfig, kernel: str) -> list[str]:
         raise KaggleRunError(f"{kernel} stopped before the end ({marker.get('failed') or 'time is up'}; stale: "
                              f"{', '.join(marker.get('stale', [])) or 'none'}); its checkpoints are in its output: "
                              f"make kaggle-run again resumes them; {where}; nothing here was changed")
-    kernel_lock = read_lock(project / "dvc.lock")
-    stages = ran_stages(kernel_lock, read_lock(cfg.work / "pushed.lock"))
-    outs = outs_of(kernel_lock, stages)
+    # The stages whose lock entry the kernel changed (what it ran or resumed there), and each of their outputs
+    # (metrics and plots among them) with its file count if a folder (dvc.lock's nfiles).
+    kernel_lock, pushed_lock = read_lock(project / "dvc.lock"), read_lock(cfg.work / "pushed.lock")
+    stages = [stage for stage, entry in kernel_lock.items() if pushed_lock.get(stage) != entry]
+    outs = {out["path"]: out.get("nfiles") for stage in stages for out in kernel_lock[stage].get("outs", [])}
     if outs:
         download(api, kernel, scratch, list(outs))
-    missing = incomplete(project, outs)
+    missing = [path for path, nfiles in outs.items() if not (project / path).exists()
+               or (nfiles is not None and sum(1 for file in (project / path).rglob("*") if file.is_file()) != nfiles)]
     if missing:
         raise KaggleRunError(f"{kernel}'s output is partial: {', '.join(missing[:5])} missing or incomplete; {where}; "
                              "nothing here was changed")

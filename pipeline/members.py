@@ -1,9 +1,8 @@
 """The ensemble members' configs (`train`, `probe`): what probe@<member> and train@<member> read, apart from their code.
 
-The params stage checks every key of params.yaml with these loaders, and they import no torch, so that check takes
-a moment rather than half a minute. Only the names that timm and albumentations know (a member's `arch`, its
-albumentations transforms and their arguments) need those libraries, and through them torch: vision.load_train_config
-checks them for every member at the start of every probe and train, before anything is trained.
+No torch here, so that the params stage checks every key in a moment rather than half a minute. The names only timm
+and albumentations know (a member's `arch`, its albumentations transforms) are checked by vision.load_train_config,
+for every member at the start of every probe and train.
 """
 
 from __future__ import annotations

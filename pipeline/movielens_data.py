@@ -106,12 +106,10 @@ def read_local(path: Path) -> MovieLens:
     """Any of the layouts a local path may hold: a zip or wheel, GroupLens' folder or ours (ratings.csv, movies.csv)."""
     if not path.exists():
         raise MovielensDataError(f"{path}: not found; set movielens.source to auto, grouplens, recbole or an existing path")
-    if path.is_file() and not zipfile.is_zipfile(path):
-        raise MovielensDataError(f"{path}: not a zip file; {LOCAL_LAYOUTS}")
-    if path.is_file() and path.suffix == ".whl":
-        return read_recbole_wheel(path)
     if path.is_file():
-        return read_grouplens_zip(path)
+        if not zipfile.is_zipfile(path):
+            raise MovielensDataError(f"{path}: not a zip file; {LOCAL_LAYOUTS}")
+        return read_recbole_wheel(path) if path.suffix == ".whl" else read_grouplens_zip(path)
     if (path / "u.data").is_file() and (path / "u.item").is_file():
         files = [path / "u.data", path / "u.item"]
         return _grouplens(*[(file.read_bytes(), file) for file in files], f"grouplens:{path}")

@@ -60,18 +60,11 @@ def test_image_ids(data_dir: Path = DATA_DIR) -> list[str]:
 
 
 def validation_mask(labels: pd.Series | np.ndarray, valid_pct: float, seed: int) -> np.ndarray:
-    """Boolean mask of the rows held out for validation: seeded and stratified by label.
-
-    Every member and the ensemble use this one split, so their validation accuracies are comparable.
-    """
-    labels = np.asarray(labels)
-    if not 0 < valid_pct < 1:
-        raise ValueError(f"valid_pct must be between 0 and 1, got {valid_pct}")
-    indices = np.arange(len(labels))
-    _, valid_idx = train_test_split(indices, test_size=valid_pct, random_state=seed, stratify=labels)
-    mask = np.zeros(len(labels), dtype=bool)
-    mask[valid_idx] = True
-    return mask
+    """Boolean mask of the rows held out for validation, seeded and stratified by label: every member and the
+    ensemble use this one split, so their validation accuracies are comparable."""
+    rows = np.arange(len(labels))
+    _, held_out = train_test_split(rows, test_size=valid_pct, random_state=seed, stratify=np.asarray(labels))
+    return np.isin(rows, held_out)
 
 
 def fold_of(labels: pd.Series | np.ndarray, folds: int, seed: int) -> np.ndarray:

@@ -1,11 +1,9 @@
 """Stage `probe@<member>`: the memory a member needs to train, and the gradient accumulation that fits a budget.
 
-As in the seeds ("Road to the Top", part 3): a short fit on the smallest class of the data loaded, every step the
-real run's images, so its peak memory is the real run's. The chosen accum is the smallest whose peak fits
-`probe.budget_gib`. On CUDA the peak is torch.cuda's (memory freed between runs); on CPU, the peak RSS of a fresh
-child process per run. Outputs: metrics/probe/<member>.json (peaks, seconds), metrics/probe/<member>.accum.json (the
-decision alone, the only probe file train reads: a re-probe with the same outcome retrains nothing) and
-plots/probe/<member>.{csv,png} (peak vs accum, with the budget line).
+As in the seeds ("Road to the Top", part 3): a short fit on the smallest class, every step the real run's images, so
+its peak memory is the real run's; the chosen accum is the smallest whose peak fits `probe.budget_gib`. Outputs:
+metrics/probe/<member>.json, metrics/probe/<member>.accum.json (the decision alone, the only probe file train reads:
+a re-probe with the same outcome retrains nothing) and plots/probe/<member>.{csv,png} (peak vs accum, budget line).
 """
 
 from __future__ import annotations
@@ -50,11 +48,8 @@ class ProbeError(RuntimeError):
 
 
 def smallest_class_table(table: pd.DataFrame, bs: int, seed: int) -> pd.DataFrame:
-    """The smallest class's rows with an `is_valid` column, the training rows repeated to at least 2 * bs.
-
-    fastai drops an incomplete last batch, and the demo's smallest class is smaller than bs. Two batches: the second
-    step is the first to hold the optimiser's state too (the real run's peak).
-    """
+    """The smallest class's rows with an `is_valid` column, the training rows repeated to at least 2 * bs: fastai
+    drops an incomplete last batch, and the second step is the first to hold the optimiser's state (the real peak)."""
     label, count = smallest_class(table["label"])
     if count < 2:
         raise ProbeError(f"train.csv has {count} {label} image(s), its smallest class; the probe needs at least 2")
@@ -90,9 +85,8 @@ def measure_peak(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int,
 def peak_rss_in_child(fit: Callable[[], None], what: str) -> dict:
     """Peak resident memory of a fresh child process running `fit` (picklable), with its baseline and duration.
 
-    A process's peak never falls, so each run gets its own, forked from a server that only imported the libraries
-    (forkserver: no other run's memory, no ten seconds of imports). A child killed by the kernel (out of memory) did
-    not fit; any other failure fails the probe.
+    A process's peak never falls: each run gets its own, forked from a server that only imported the libraries. A
+    child killed by the kernel (out of memory) did not fit; any other failure fails the probe.
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["fastai.vision.all", "timm", "pipeline.probe"])
@@ -135,11 +129,8 @@ def _peak_rss_bytes() -> int:
 
 
 def cuda_peak(fit: Callable[[], None]) -> dict:
-    """Peak CUDA memory of `fit` from an emptied cache, and the GPU's process list once freed again.
-
-    `peak_gib` is the caching allocator's peak reserved (what the GPU must have); `above_baseline_gib` the peak
-    allocated above what was before. Out of memory is recorded as not fitting.
-    """
+    """Peak CUDA memory of `fit` from an emptied cache (`peak_gib`: the allocator's peak reserved, what the GPU must
+    have), and the GPU's process list once freed again. Out of memory is recorded as not fitting."""
     free_cuda_memory()
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
@@ -211,15 +202,12 @@ def _shown_peak(run: Mapping[str, Any]) -> str:
     return (f"peak {run['peak_gib']:.3f} GiB ({run['above_baseline_gib']:.3f} GiB above baseline), "
             f"{'fits' if run['fits'] else 'over budget'}, {run['seconds']} s")
 
+
 def plot_rows(result: Mapping[str, Any]) -> pd.DataFrame:
     """One row per measured accum: what dvc plots draws (peak and budget vs accum)."""
     return pd.DataFrame([{"member": result["member"], "accum": int(accum), "peak_gib": run["peak_gib"],
                           "above_baseline_gib": run.get("above_baseline_gib"), "budget_gib": result["budget_gib"]}
                          for accum, run in result["peaks"].items()])
-
-
-def device_name(device: torch.device) -> str:
-    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
 
 
 def write_budget_chart(result: Mapping[str, Any], path: Path) -> None:
@@ -267,12 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     if not train_csv(data_dir).is_file():
         raise ProbeError(f"{train_csv(data_dir)}: not found; run `dvc repro {WRITTEN_BY[data_dir]}` first")
     table = read_train_table(data_dir)
-    device = compute_device()
+    cuda = compute_device().type == "cuda"
     started = time.perf_counter()
     # The probe measures in the precision train will use: fp16 and fp32 activations differ twofold.
     measure = functools.partial(measure_peak, precision=train.precision)
-    result = {"profile": profile_of(params), "device": device_name(device), "processes": processes,
-              "memory": "torch.cuda peak reserved" if device.type == "cuda" else "peak RSS of a fresh child process",
+    result = {"profile": profile_of(params), "device": f"cuda ({torch.cuda.get_device_name()})" if cuda else "cpu",
+              "processes": processes, "memory": "torch.cuda peak reserved" if cuda else "peak RSS of a fresh child process",
               **probe_member(name, member, table, config, bs, seed_of(params), measure),
               "seconds": round(time.perf_counter() - started, 1)}
     write_outputs(result, METRICS_DIR / f"{name}.json", probe_decision_path(name), PLOTS_DIR / f"{name}.csv",

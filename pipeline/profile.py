@@ -16,7 +16,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
@@ -141,13 +141,11 @@ def _tidy(text: str) -> str:
     return "\n".join(tidy) + "\n"
 
 
-def differences(old: Any, new: Any, path: tuple = ()) -> Iterator[tuple]:
-    """Each path of keys where `new` differs from `old` (a list compared whole), as JSON: `1`, `1.0`, `true` differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in [*old, *(key for key in new if key not in old)]:
-            yield from differences(old.get(key), new.get(key), (*path, key))
-    elif json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True, default=str):
-        yield path
+def _leaves(values: Any, path: tuple = ()) -> dict[tuple, Any]:
+    """{path of keys: value} for every value in nested mappings (a list is one value)."""
+    if not isinstance(values, dict):
+        return {path: values}
+    return {leaf: value for key in values for leaf, value in _leaves(values[key], (*path, key)).items()}
 
 
 def dotted(path: tuple) -> str:
@@ -163,13 +161,14 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
     text, origin, problem = _current(params_file)
     edits = []
     if origin is not None:
-        local = _load_file(local_file) if local_file.is_file() else {}
+        local = _leaves(_load_file(local_file)) if local_file.is_file() else {}
+        rendered = render_params(origin, local_file)
+        # Only what params.yaml holds: a key it lacks is one the profiles gained since it was written (a `git pull`).
         # A value params.local.yaml sets is the user's declared one: it wins over what params.yaml holds there.
-        current = YAML(typ="safe").load(text)
-        # A key params.yaml lacks is one the profiles gained since it was written (a `git pull`): not the user's.
-        edits = [path for path in differences(render_params(origin, local_file), current)
-                 if not any(_overlap(path, own) for own in _leaves(local)) and path != FOLD_IDS
-                 and _holds(current, path)]
+        # Compared as JSON: `1`, `1.0`, `true` differ.
+        edits = [path for path, value in _leaves(YAML(typ="safe").load(text)).items()
+                 if _json(value) != _json(_get(rendered, path)) and path != FOLD_IDS
+                 and not any(_overlap(path, own) for own in local)]
     name = name or origin
     if name is None:
         raise ProfileError(f"{params_file} {problem}; name the profile to write: one of {', '.join(PROFILES)}")
@@ -207,21 +206,15 @@ def _current(params_file: Path) -> tuple[str | None, str | None, str]:
     return text, origin if origin in PROFILES else None, f"names no profile (profile: {origin!r})"
 
 
-def _leaves(values: Any, path: tuple = ()) -> Iterator[tuple]:
-    """The path of every value in nested mappings (a list is one value)."""
-    if isinstance(values, dict):
-        for key, value in values.items():
-            yield from _leaves(value, (*path, key))
-    else:
-        yield path
-
-
-def _holds(values: Any, path: tuple) -> bool:
+def _get(values: Any, path: tuple) -> Any:
+    """The value at `path` of nested mappings; None where there is none."""
     for key in path:
-        if not isinstance(values, dict) or key not in values:
-            return False
-        values = values[key]
-    return True
+        values = values.get(key) if isinstance(values, dict) else None
+    return values
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _overlap(a: tuple, b: tuple) -> bool:  # one path is the other or lies inside it

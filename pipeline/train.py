@@ -1,13 +1,10 @@
 """train@<member>: one ensemble member, a fastai Learner on a timm architecture ("Road to the Top").
 
-`python -m pipeline.train <member>` trains the member named under `train.members` of params.yaml on the shared
-validation split (or on everything when `validation.full` is true), then writes its weights, its TTA probabilities
-on the test and validation images, its metrics and its DVCLive plots, all together or none. With `validation.folds`
-K > 1, `--fold k` trains fold k's model (stage fold@<member>-<k>) and the plain command gathers the K models into
-the member (train@<member>): test probabilities averaged, every training image's out-of-fold ones. A killed run
-resumes from its last completed epoch unless something that changes training changed (run_fingerprint), a damaged
-checkpoint restarts the member, a CUDA out-of-memory error doubles the gradient accumulation and carries on
-(docs/recovery.md).
+`python -m pipeline.train <member>` trains a member of `train.members` on the shared validation split (or on
+everything: `validation.full`) and writes its weights, TTA probabilities, metrics and DVCLive plots, all or none.
+With `validation.folds` K > 1, `--fold k` trains fold k's model (fold@<member>-<k>) and the plain command gathers
+the K into the member: test probabilities averaged, out-of-fold ones for every training image. A killed run resumes
+from its last epoch unless its fingerprint changed; a CUDA out-of-memory error doubles accum (docs/recovery.md).
 """
 
 from __future__ import annotations
@@ -34,20 +31,17 @@ from dvclive import Live
 from dvclive.fastai import DVCLiveCallback
 from dvclive.utils import standardize_metric_name
 from fastai.callback.core import Callback, CancelTrainException
-from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.torch_core import get_model, get_random_states, set_random_states
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline.common import (
-    atomic_path, banner, json_text, log, no_space_error, read_json, stage_main, write_json,
-)
+from pipeline.common import atomic_path, banner, json_text, log, no_space_error, read_json, stage_main, write_json
 from pipeline.torch_setup import compute_device, seed_everything
 from pipeline.paddy import (
     CLASSES, DATA_DIR, VARIETIES, WRITTEN_BY, ValidationConfig, fold_of, member_data_dir, read_train_table,
     test_image_dir, test_image_ids, validation_mask,
 )
-from pipeline.params import FieldError, ParamsError, load_section, profile_of, read_params, seed_of
+from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of
 from pipeline import distributed, vision
 from pipeline.vision import MemberConfig
 
@@ -97,17 +91,9 @@ def load_stage_config(params: Mapping[str, Any], name: str, fold: int | None = N
             "set validation.folds (> 1) and run `make profile`"
         )
     return StageConfig(
-        profile=profile_of(params),
-        seed=seed_of(params),
-        name=name,
-        member=train.member(name),
-        bs=train.bs,
-        tta=train.tta,
-        validation=validation,
-        precision=train.precision,
-        num_workers=train.num_workers,
-        devices=train.devices,
-        fold=fold,
+        profile=profile_of(params), seed=seed_of(params), name=name, member=train.member(name), bs=train.bs,
+        tta=train.tta, validation=validation, precision=train.precision, num_workers=train.num_workers,
+        devices=train.devices, fold=fold,
     )
 
 
@@ -160,15 +146,10 @@ def split_table(data_dir: Path, validation: ValidationConfig, fold: int | None =
 def run_fingerprint(cfg: StageConfig, table: pd.DataFrame) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: everything that changes what training computes, part by part so
     that a mismatch can say which changed. Not accum: the effective batch is bs, and the OOM fallback resumes with
-    a doubled accum.
-
-    The images are hashed here rather than taken from SOURCE.json: a direct run may train on images that paddy_data
-    never recorded. The code is the train stage's own deps in dvc.yaml, the list DVC reruns the stage for.
-    """
+    a doubled accum. The images are hashed, not taken from SOURCE.json: a direct run may train on images paddy_data
+    never recorded. The code is the train stage's deps in dvc.yaml, the list DVC reruns the stage for."""
     config = dict(
-        member=dataclasses.asdict(cfg.member) | {"accum": None},
-        bs=cfg.bs,
-        seed=cfg.seed,
+        member=dataclasses.asdict(cfg.member) | {"accum": None}, bs=cfg.bs, seed=cfg.seed,
         validation=dataclasses.asdict(cfg.validation),
         rows=table[["image_id", "label", "variety", "is_valid"]].to_csv(index=False),
     )
@@ -205,18 +186,14 @@ class Phase:
     size: Any = None  # the batch size of its images (a progressive phase's); None: the member's
 
 
-def progressive_split(member: MemberConfig, epochs: int) -> list[tuple[int, Any]]:
-    """(epochs, size) of each progressive phase: `epochs` split evenly, the later (larger) phases taking the rest."""
-    sizes = member.progressive or (None,)
-    return [(epochs // len(sizes) + (i >= len(sizes) - epochs % len(sizes)), size) for i, size in enumerate(sizes)]
-
-
 def schedule_phases(member: MemberConfig, lr: float) -> list[Phase]:
     """The member's schedule as fit_one_cycle phases; fine_tune matches fastai's own (freeze_epochs=1, lr/2 after).
 
     With progressive sizes, the member's epochs (fine_tune's unfrozen ones) are split across them, a one-cycle each
     (fastbook's progressive resizing); fine_tune's frozen epoch is at the first size."""
-    split = progressive_split(member, member.epochs)
+    sizes, epochs = member.progressive or (None,), member.epochs
+    # (epochs, size) of each phase: split evenly, the later (larger) phases taking the rest
+    split = [(epochs // len(sizes) + (i >= len(sizes) - epochs % len(sizes)), size) for i, size in enumerate(sizes)]
     if member.schedule == "fit_one_cycle":
         return [Phase(frozen=False, epochs=n, lr=lr, kwargs={}, size=size) for n, size in split]
     base_lr = lr / 2
@@ -263,31 +240,24 @@ def save_torch(payload: Any, path: Path) -> None:
 
 class Checkpoints:
     """A member's resumable progress: `state.json` names the last completed epoch, whose `epoch_<n>.pth` beside it
-    holds all of it (model, optimiser, every rank's random states): one file, written whole before state.json
-    points at it.
-
+    holds all of it (model, optimiser, every rank's random states), written whole before state.json points at it.
     DVCLive writes into `live_dir` inside it, so that a resumed run carries on the killed run's history and the
-    published plots (dvclive/train/<member>) are only replaced by a finished run's.
-    """
+    published plots (dvclive/train/<member>) are only replaced by a finished run's."""
 
     def __init__(self, directory: Path, fingerprint: dict[str, Any]):
         self.directory, self.fingerprint = Path(directory), fingerprint
-
-    @property
-    def live_dir(self) -> Path:
-        return self.directory / "dvclive"
+        self.live_dir, self.state_file = self.directory / "dvclive", self.directory / "state.json"
 
     def state(self) -> dict | None:
         """The saved progress if it is this run's and readable; else None, after a line saying why it is not used."""
-        state_file = self.directory / "state.json"
-        if not state_file.is_file():
+        if not self.state_file.is_file():
             return None
         try:
-            state = read_json(state_file)
+            state = read_json(self.state_file)
             changed = fingerprint_changes(state["fingerprint"], self.fingerprint)
             completed = int(state["completed_epochs"])
         except DAMAGED_FILE_ERRORS as err:
-            return self.unreadable(state_file, err)
+            return self.unreadable(self.state_file, err)
         if changed:
             log(STAGE, f"{self.directory}: a checkpoint of another run ({', '.join(changed)} changed); starting fresh")
             return None
@@ -313,18 +283,17 @@ class Checkpoints:
         return self.directory / f"epoch_{completed_epochs}.pth"
 
     def start(self, lr: float | None = None, lr_suggestion: float | None = None) -> dict:
-        """A fresh run's progress (anything of another run is removed); lr None: not chosen yet (record_lr)."""
+        """A fresh run's progress (anything of another run is removed); lr None: not chosen yet."""
         if self.directory.exists():
             shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True)
         state = dict(fingerprint=self.fingerprint, completed_epochs=0, lr=lr, lr_suggestion=lr_suggestion)
-        write_json(self.directory / "state.json", state)
+        write_json(self.state_file, state)
         return state
 
-    def record_lr(self, lr: float, lr_suggestion: float | None) -> dict:
-        """Keep the lr the schedule uses, so that a resumed run does not run lr_find again."""
-        state = read_json(self.directory / "state.json") | dict(lr=lr, lr_suggestion=lr_suggestion)
-        write_json(self.directory / "state.json", state)
+    def update(self, **changes) -> dict:
+        state = read_json(self.state_file) | changes
+        write_json(self.state_file, state)
         return state
 
     def save(self, learn, completed_epochs: int) -> None:
@@ -338,8 +307,7 @@ class Checkpoints:
             checkpoint["ema"] = ema.state()
         with atomic_path(self.epoch_file(completed_epochs)) as tmp:
             save_torch(checkpoint, tmp)
-        state = read_json(self.directory / "state.json") | dict(completed_epochs=completed_epochs)
-        write_json(self.directory / "state.json", state)  # the one rename that moves the checkpoint on
+        self.update(completed_epochs=completed_epochs)  # the one rename that moves the checkpoint on
         for older in self.directory.glob("epoch_*.pth"):
             if older != self.epoch_file(completed_epochs):
                 older.unlink()
@@ -364,9 +332,6 @@ class Checkpoints:
             learn.dls.train.rng.setstate(states.pop("loader"))
             set_random_states(**states)
 
-    def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-
 
 class SaveEpoch(Callback):
     """Checkpoint after each trained epoch of a phase that starts at `first_epoch` of the whole schedule."""
@@ -382,12 +347,9 @@ class SaveEpoch(Callback):
 
 
 class LiveEpoch(DVCLiveCallback):
-    """DVCLive's fastai callback, made to log once per trained epoch across fine_tune's explicit phases.
-
-    DVCLive's own after_epoch fails on the None validation metrics of a `full` run, and fastai still calls it on
-    skipped epochs; its after_fit would end the Live run after the first phase: the stage ends it once, after the
-    last.
-    """
+    """DVCLive's fastai callback, made to log once per trained epoch across fine_tune's explicit phases: DVCLive's
+    own after_epoch fails on the None validation metrics of a `full` run, and fastai still calls it on skipped
+    epochs; its after_fit would end the Live run after the first phase (the stage ends it once, after the last)."""
 
     def __init__(self, live: Live, start_epoch: int):
         super().__init__(live=live)
@@ -406,11 +368,9 @@ class LiveEpoch(DVCLiveCallback):
 
 
 class StepCap(Callback):
-    """End each training epoch after `max_steps` optimiser steps; validation still runs whole.
-
-    fastai's ShortEpochCallback cuts by a share of the epoch and cuts validation too; a rehearsal wants a fixed
-    number of real steps (each `accum` batches, as GradientAccumulation steps) followed by the real validation.
-    """
+    """End each training epoch after `max_steps` optimiser steps; validation still runs whole. (fastai's
+    ShortEpochCallback cuts by a share of the epoch and cuts validation too; a rehearsal wants a fixed number of
+    real steps, each `accum` batches as GradientAccumulation steps, followed by the real validation.)"""
 
     def __init__(self, max_steps: int, accum: int):
         self.max_batches = max_steps * accum
@@ -425,20 +385,14 @@ def epoch_callbacks(
 ) -> list:
     """SaveEpoch on every rank (saving gathers every rank's random states), LiveEpoch where there is a logger, and
     the member's step cap if it has one."""
-    cbs = [SaveEpoch(checkpoints, first_epoch, start_epoch)]
-    if live is not None:
-        cbs.append(LiveEpoch(live, start_epoch))
-    if step_cap is not None:
-        cbs.append(step_cap)
-    return cbs
+    live_epoch = None if live is None else LiveEpoch(live, start_epoch)
+    return [cb for cb in (SaveEpoch(checkpoints, first_epoch, start_epoch), live_epoch, step_cap) if cb is not None]
 
 
 def rewind_live(live: Live, completed_epochs: int) -> None:
-    """Point DVCLive at the checkpoint: step = completed epochs, and no history rows from later epochs.
-
-    LiveEpoch writes an epoch's rows just before SaveEpoch checkpoints it, so a kill in between leaves rows of an
-    epoch that the resumed run trains and logs again.
-    """
+    """Point DVCLive at the checkpoint: step = completed epochs, and no history rows from later epochs (LiveEpoch
+    writes an epoch's rows just before SaveEpoch checkpoints it: a kill in between leaves rows of an epoch that the
+    resumed run trains and logs again)."""
     live.step = completed_epochs
     for history in Path(live.plots_dir, "metrics").rglob("*.tsv"):
         header, *rows = history.read_text().splitlines(keepends=True)
@@ -452,28 +406,14 @@ def rewind_live(live: Live, completed_epochs: int) -> None:
 # -- training ------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainResult:
-    learn: Any
-    accum: int
-    oom_retries: int
-    lr: float
-    lr_suggestion: float | None
-    resumed_from_epoch: int
-    train_seconds: float
-    images_trained: int
-    peak_memory: dict  # peak_reserved_gib, peak_allocated_gib: CUDA's peaks while training (rank 0's); None on CPU
-
-
 def fit_member(
     cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live: Live | None
-) -> TrainResult:
+) -> tuple[Any, dict]:
     """Build the member's DataLoaders and Learner and run its schedule, resuming from the checkpoint run_stage found
-    or started.
+    or started; returns the learner and what its training measured, as metrics. `live`: rank 0's DVCLive logger.
 
     Under DDP each process loads bs // (accum * processes) images per step (pipeline.distributed says why), seeds its
     augmentations with seed + rank (rank 0's shuffled order is everyone's), and all resume from what rank 0 read.
-    `live` is rank 0's DVCLive logger (None on the other ranks).
     """
     process_bs = distributed.process_batch(cfg.bs)
     seed = cfg.seed + distributed.rank()
@@ -484,7 +424,8 @@ def fit_member(
     state = distributed.from_rank0(checkpoints.state)
     if state["lr"] is None:
         lr, suggestion = learning_rate(learn, cfg.member)  # on every rank: fastai's lr_find gathers their losses
-        state = distributed.from_rank0(lambda: checkpoints.record_lr(lr, suggestion))
+        # Kept, so that a resumed run does not run lr_find again.
+        state = distributed.from_rank0(lambda: checkpoints.update(lr=lr, lr_suggestion=suggestion))
     completed = state["completed_epochs"]  # 0 for a fresh run
     if completed:
         log(STAGE, f"{cfg.name}: resuming after epoch {completed} from {checkpoints.directory}")
@@ -496,7 +437,8 @@ def fit_member(
     cap = cfg.member.max_steps_per_epoch
     step_cap = None if cap is None else StepCap(cap, accum)
     epoch_images = len(dls.train.items) if cap is None else min(len(dls.train.items), cap * cfg.bs)
-    reset_peak_memory()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     started, images, size = time.perf_counter(), 0, first_size
 
     def resize(phase: Phase) -> None:  # progressive resizing: the phase's loaders (their seed from the random state)
@@ -508,49 +450,28 @@ def fit_member(
     with distributed.distrib_ctx(learn):
         for index, phase in enumerate(phases[resume_phase:], start=resume_phase):
             start_epoch = resume_epoch if index == resume_phase else 0
-            resume_after = completed if index == resume_phase else 0
-            enter_phase(learn, phase, checkpoints, resume_after, start_epoch, lambda: resize(phase))
+            # Resize, freeze or unfreeze; when resuming into this phase, restore the checkpoint too, on every rank,
+            # also with no epoch left (a run killed while predicting). freeze/unfreeze clear the optimiser state and
+            # new loaders draw from the random state, so the order matters: at a phase boundary the uninterrupted run
+            # did both from the last epoch's state (restore first), inside a phase it goes on with them (restore last).
+            steps = [lambda: resize(phase), learn.freeze if phase.frozen else learn.unfreeze]
+            if index == resume_phase and completed:
+                steps.insert(0 if start_epoch == 0 else len(steps), lambda: checkpoints.restore(learn, completed))
+            for step in steps:
+                step()
             if start_epoch < phase.epochs:
                 cbs = epoch_callbacks(checkpoints, live, first_epoch, start_epoch, step_cap)
                 learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=start_epoch, cbs=cbs, **phase.kwargs)
                 images += (phase.epochs - start_epoch) * epoch_images
             first_epoch += phase.epochs
+    seconds = time.perf_counter() - started
     if ema := vision.ema_of(learn):
         ema.use_averaged()  # what is predicted with and saved (a checkpoint keeps both)
-    return TrainResult(
-        learn=learn,
-        accum=accum,
-        oom_retries=0,
-        lr=state["lr"],
-        lr_suggestion=state["lr_suggestion"],
-        resumed_from_epoch=completed,
-        train_seconds=time.perf_counter() - started,
-        images_trained=images,
-        peak_memory=peak_memory_gib() if images else dict(peak_reserved_gib=None, peak_allocated_gib=None),
+    return learn, dict(
+        accum=accum, lr=state["lr"], lr_suggestion=state["lr_suggestion"], resumed_from_epoch=completed,
+        train_seconds=round(seconds, 2), images_per_second=round(images / seconds, 2) if images else None,
+        **peak_memory_gib(trained=images > 0),
     )
-
-
-def enter_phase(
-    learn, phase: Phase, checkpoints: Checkpoints, resume_after: int, start_epoch: int, resize=lambda: None
-) -> None:
-    """Resize (`resize`: the phase's loaders), freeze or unfreeze the body for `phase`; when resuming into it
-    (resume_after > 0), restore the checkpoint too: on every rank, the same file, also when no epoch is left to
-    train (a run killed while predicting).
-
-    fastai's freeze/unfreeze clear the optimiser state and new loaders draw from the random state, so the order
-    matters: at a phase boundary the uninterrupted run does both from the last epoch's state (restore, then set),
-    inside a phase, or after its last epoch, it goes on with them (set, then restore).
-    """
-    set_frozen = learn.freeze if phase.frozen else learn.unfreeze
-    if resume_after and start_epoch == 0:
-        checkpoints.restore(learn, resume_after)
-        resize()
-        set_frozen()
-    else:
-        resize()
-        set_frozen()
-        if resume_after:
-            checkpoints.restore(learn, resume_after)
 
 
 def learning_rate(learn, member: MemberConfig) -> tuple[float, float | None]:
@@ -563,14 +484,10 @@ def learning_rate(learn, member: MemberConfig) -> tuple[float, float | None]:
     return suggestion, suggestion
 
 
-def reset_peak_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory_gib() -> dict:
-    """CUDA's peak reserved and allocated memory since reset_peak_memory, in GiB as the probe reports them."""
-    if not torch.cuda.is_available():
+def peak_memory_gib(trained: bool) -> dict:
+    """CUDA's peak reserved and allocated memory since fit_member reset them, in GiB as the probe reports them; None
+    on a CPU, or when no epoch was trained."""
+    if not (trained and torch.cuda.is_available()):
         return dict(peak_reserved_gib=None, peak_allocated_gib=None)
     return dict(
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3),
@@ -579,18 +496,17 @@ def peak_memory_gib() -> dict:
 
 
 def train_with_oom_fallback(
-    cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live
-) -> TrainResult:
-    """fit_member, doubling accum (halving the step's images) after each CUDA out-of-memory error, up to accum = bs.
+    cfg: StageConfig, table: pd.DataFrame, accum: int, checkpoints: Checkpoints, live, retries: int = 0
+) -> tuple[Any, dict]:
+    """fit_member, doubling accum (halving the step's images) after each CUDA out-of-memory error, up to accum = bs;
+    `retries`: the doublings before this call (the launcher's), counted in the metrics' oom_retries.
 
     Progress is kept: the retry resumes from the last completed epoch's checkpoint.
     """
-    retries = 0
     while True:
         try:
-            result = fit_member(cfg, table, accum, checkpoints, live)
-            result.oom_retries = retries
-            return result
+            learn, trained = fit_member(cfg, table, accum, checkpoints, live)
+            return learn, trained | dict(oom_retries=retries)
         except torch.OutOfMemoryError as err:
             if accum * 2 > distributed.process_batch(cfg.bs):
                 raise
@@ -608,25 +524,18 @@ def train_with_oom_fallback(
 # -- outputs -------------------------------------------------------------------------------------------------------
 
 
-def tta_disease_probs(learn, dl=None, ds_idx: int = 1, use_tta: bool = True) -> np.ndarray:
-    """Disease probabilities (rows sum to 1, columns in CLASSES order), with fastai's TTA unless told otherwise."""
-    if use_tta:
-        probs, _ = learn.tta(dl=dl, ds_idx=ds_idx)
-    else:
-        probs, _ = learn.get_preds(dl=dl, ds_idx=ds_idx)
-    return vision.disease_probs(probs).float().numpy()
-
-
 def sharded_disease_probs(learn, items: pd.DataFrame, use_tta: bool) -> np.ndarray | None:
-    """tta_disease_probs of `items` (a `path` column), each rank predicting its contiguous share, gathered on rank 0
-    in the items' order (None on the other ranks).
+    """Disease probabilities of `items` (a `path` column; rows sum to 1, columns in CLASSES order), with fastai's
+    TTA unless told otherwise, each rank predicting its contiguous share, gathered on rank 0 in the items' order
+    (None on the other ranks).
 
     Not fastai's distributed get_preds: its DistributedDL pads the last batch and gathers batch by batch, rank by
     rank, which interleaves the ranks' rows; sharding by hand covers every row exactly once, in order.
     """
     share = items.iloc[distributed.shard(len(items))]
     if len(share):
-        probs = tta_disease_probs(learn, dl=distributed.local_dl(learn.dls, share), use_tta=use_tta)
+        predict = learn.tta if use_tta else learn.get_preds
+        probs = vision.disease_probs(predict(dl=distributed.local_dl(learn.dls, share))[0]).float().numpy()
     else:
         probs = np.zeros((0, len(CLASSES)), dtype=np.float32)
     return distributed.gather_rows(probs)
@@ -646,10 +555,8 @@ def prediction_frames(
     valid_probs = sharded_disease_probs(learn, valid_rows[["path"]], use_tta)
     if test_probs is None:
         return None
-    test = pd.concat([pd.DataFrame({"image_id": test_ids}), pd.DataFrame(test_probs, columns=list(CLASSES))], axis=1)
-    valid = pd.concat(
-        [valid_rows[["image_id", "label"]], pd.DataFrame(valid_probs, columns=list(CLASSES))], axis=1
-    )
+    test = pd.DataFrame({"image_id": test_ids}).join(pd.DataFrame(test_probs, columns=list(CLASSES)))
+    valid = valid_rows[["image_id", "label"]].join(pd.DataFrame(valid_probs, columns=list(CLASSES)))
     return test, valid
 
 
@@ -658,9 +565,9 @@ def write_outputs(
 ) -> None:
     """The run's weights, predictions, metrics and plots, all replaced or none (a full disk, a failed write).
 
-    Each is written to a scratch sibling of its target (on its volume, so a full one fails here), and only once all
-    are complete do their renames swap them in, together. Each write names its own target when its disk is full.
-    A fold's weights and predictions are one folder, folds/<member>-<k>: the one dep of its member's train@ stage.
+    Each is written to a scratch sibling of its target (on its volume, so a full one fails here, naming its target)
+    and only once all are complete do their renames swap them in, together. A fold's weights and predictions are
+    one folder, folds/<member>-<k>: the one dep of its member's train@ stage.
     """
     if cfg.fold is None:
         writers = {
@@ -702,13 +609,10 @@ def validation_summary(valid: pd.DataFrame) -> dict:
         return dict(valid_error_rate=None, valid_accuracy=None, most_confused=[])
     predicted = np.asarray(CLASSES)[valid[list(CLASSES)].to_numpy().argmax(axis=1)]
     accuracy = float((predicted == valid["label"].to_numpy()).mean())
-    pairs = (
-        pd.DataFrame({"actual": valid["label"], "predicted": predicted})
-        .query("actual != predicted")
-        .value_counts()
-        .head(MOST_CONFUSED)
-    )
-    most_confused = [dict(actual=a, predicted=p, count=int(n)) for (a, p), n in pairs.items()]
+    pairs = pd.DataFrame({"actual": valid["label"], "predicted": predicted}).query("actual != predicted")
+    most_confused = [
+        dict(actual=a, predicted=p, count=int(n)) for (a, p), n in pairs.value_counts().head(MOST_CONFUSED).items()
+    ]
     return dict(valid_error_rate=1 - accuracy, valid_accuracy=accuracy, most_confused=most_confused)
 
 
@@ -716,39 +620,34 @@ def log_interpretation(live, valid: pd.DataFrame, table: pd.DataFrame) -> None:
     """Confusion matrix and the top-losses image grid (the seeds' data-cleaning step) as DVC plots.
 
     Hand-written rather than fastai's ClassificationInterpretation: that does not handle the multi-target model, and
-    these use the TTA probabilities the ensemble will use.
+    these use the TTA probabilities the ensemble will use. A bare Figure, not pyplot's: it draws without a display
+    and without choosing a GUI backend.
     """
     if valid.empty:
         return
     probs = valid[list(CLASSES)].to_numpy()
-    predicted = np.asarray(CLASSES)[probs.argmax(axis=1)]
-    live.log_sklearn_plot("confusion_matrix", valid["label"].tolist(), predicted.tolist(), name="confusion_matrix.json")
-    live.log_image("top_losses.png", top_losses_figure(valid, table))
-
-
-def top_losses_figure(valid: pd.DataFrame, table: pd.DataFrame) -> Figure:
-    # A bare Figure, not pyplot's: it draws without a display and without choosing a GUI backend.
-    probs = valid[list(CLASSES)].to_numpy()
-    true_idx = valid["label"].map(CLASSES.index).to_numpy()
-    losses = -np.log(np.clip(probs[np.arange(len(valid)), true_idx], 1e-12, None))
+    predicted = probs.argmax(axis=1)
+    live.log_sklearn_plot(
+        "confusion_matrix", valid["label"].tolist(), [CLASSES[i] for i in predicted], name="confusion_matrix.json"
+    )
+    losses = -np.log(np.clip(probs[np.arange(len(valid)), valid["label"].map(CLASSES.index).to_numpy()], 1e-12, None))
     paths = dict(zip(table["image_id"], table["path"]))
     worst = np.argsort(-losses)[:TOP_LOSSES]
-    cols = 3
-    rows = max(1, int(np.ceil(len(worst) / cols)))
+    cols, rows = 3, max(1, int(np.ceil(len(worst) / 3)))
     fig = Figure(figsize=(3 * cols, 3.4 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
+    axes = fig.subplots(rows, cols, squeeze=False).flat
+    for ax in axes:
         ax.axis("off")
-    for ax, i in zip(axes.flat, worst):
+    for ax, i in zip(axes, worst):
         ax.imshow(Image.open(paths[valid["image_id"].iloc[i]]))
-        predicted = probs[i].argmax()
+        guess = predicted[i]
         ax.set_title(
-            f"{CLASSES[predicted]}\nactual {valid['label'].iloc[i]}\nloss {losses[i]:.2f} p {probs[i, predicted]:.2f}",
+            f"{CLASSES[guess]}\nactual {valid['label'].iloc[i]}\nloss {losses[i]:.2f} p {probs[i, guess]:.2f}",
             fontsize=7,
         )
     fig.suptitle("top losses (predicted / actual / loss / probability)", fontsize=9)
     fig.tight_layout()
-    return fig
+    live.log_image("top_losses.png", fig)
 
 
 def variety_error(learn, table: pd.DataFrame) -> float | None:
@@ -766,31 +665,22 @@ def optimizer_steps(learn) -> int:
     return max((int(state.get("step", 0)) for state in learn.opt.state.values()), default=0)
 
 
-def precision_used(learn) -> str:
-    amp = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
-    if amp is None:
-        return "fp32"
-    return "bf16" if amp.amp_mode == AMPMode.BF16 else "fp16"
-
-
 # -- the stage -----------------------------------------------------------------------------------------------------
 
 
 def run_stage(
     cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path("."), oom_retries: int = 0
 ) -> dict | None:
-    """Train one member and write all its outputs under `root`; returns its metrics.
-
-    In a DDP run every rank trains and predicts, and rank 0 alone writes (the others return None). `oom_retries`:
-    the launcher's restarts after an out-of-memory error, each of which doubled accum.
-    Until the last step nothing published is touched: a failed or killed run leaves the previous outputs and plots
-    in place, and its rerun resumes from the checkpoint (after the last epoch too: it then only predicts again).
-    """
+    """Train one member and write all its outputs under `root`; returns its metrics (None on the ranks but 0 of a
+    DDP run: all train and predict, rank 0 alone writes). `oom_retries`: the launcher's restarts after an
+    out-of-memory error, each of which doubled accum. Until the last step nothing published is touched: a failed
+    or killed run leaves the previous outputs and plots, and its rerun resumes from the checkpoint (after the last
+    epoch too: it then only predicts again)."""
     root = Path(root)
     accum, accum_source = member_accum(
         cfg.member, root / vision.probe_decision_path(cfg.name), distributed.process_batch(cfg.bs)
     )
-    accum *= 2**oom_retries
+    accum *= 2**oom_retries  # the launcher's restarts doubled it
     table = split_table(data_dir, cfg.validation, cfg.fold)
     checkpoints = Checkpoints(root / CHECKPOINTS_DIR / cfg.run, run_fingerprint(cfg, table))
     # Before Live: a fresh start empties the folder Live writes into. Rank 0 writes, every rank waits for it.
@@ -800,8 +690,7 @@ def run_stage(
         live = Live(dir=str(checkpoints.live_dir), resume=True, dvcyaml=None, save_dvc_exp=False, report=None)
     seed_everything(cfg.seed + distributed.rank())
     log(STAGE, f"{cfg.run}: {cfg.member.arch}, accum {accum} ({accum_source}), {len(table)} images in {data_dir}")
-    result = train_with_oom_fallback(cfg, table, accum, checkpoints, live)
-    learn = result.learn
+    learn, trained = train_with_oom_fallback(cfg, table, accum, checkpoints, live, retries=oom_retries)
 
     predicting = time.perf_counter()
     frames = prediction_frames(learn, table, data_dir, use_tta=cfg.tta)
@@ -809,58 +698,42 @@ def run_stage(
     if frames is None:
         return None
     test, valid = frames
-    summary = validation_summary(valid)
     if cfg.fold is None:  # a fold's held-out share is interpreted with the others, by its member's train@
         log_interpretation(live, valid, table)
     live.end()
     metrics = dict(
-        profile=cfg.profile,
-        member=cfg.name,
-        **({} if cfg.fold is None else dict(fold=cfg.fold)),
-        arch=cfg.member.arch,
-        targets=cfg.member.targets,
-        schedule=cfg.member.schedule,
-        accum=result.accum,
-        accum_source=accum_source,
-        oom_retries=oom_retries + result.oom_retries,
-        device=str(compute_device()),
-        processes=distributed.world_size(),
-        process_step_images=vision.batch_size(distributed.process_batch(cfg.bs), result.accum),
+        profile=cfg.profile, member=cfg.name, **({} if cfg.fold is None else dict(fold=cfg.fold)),
+        arch=cfg.member.arch, targets=cfg.member.targets, schedule=cfg.member.schedule, epochs=cfg.member.epochs,
+        full=cfg.validation.full, tta=cfg.tta, accum_source=accum_source,
+        device=str(compute_device()), processes=distributed.world_size(),
+        process_step_images=vision.batch_size(distributed.process_batch(cfg.bs), trained["accum"]),
         optimizer_steps=optimizer_steps(learn),
-        precision=precision_used(learn),
+        precision=vision.precision_for(cfg.precision, torch.cuda.is_available()),
         num_workers=vision.loader_workers(cfg.num_workers, compute_device()),
-        epochs=cfg.member.epochs,
-        lr=result.lr,
-        lr_suggestion=result.lr_suggestion,
-        full=cfg.validation.full,
-        tta=cfg.tta,
-        valid_error_rate=summary["valid_error_rate"],
-        valid_accuracy=summary["valid_accuracy"],
-        valid_variety_error_rate=variety_error(learn, table),
-        train_images=int((~table["is_valid"]).sum()),
-        resumed_from_epoch=result.resumed_from_epoch,
-        train_seconds=round(result.train_seconds, 2),
-        images_per_second=round(result.images_trained / result.train_seconds, 2) if result.images_trained else None,
+        **trained,  # accum, oom_retries, lr, resumed_from_epoch, train_seconds, peak memory, ...
         predict_seconds=round(predict_seconds, 2),
-        **result.peak_memory,
-        most_confused=summary["most_confused"],
+        train_images=int((~table["is_valid"]).sum()),
+        valid_variety_error_rate=variety_error(learn, table),
+        **validation_summary(valid),
     )
     state_dict = {k: v.detach().cpu() for k, v in learn.model.state_dict().items()}
     write_outputs(root, cfg, model_weights(cfg.member, state_dict=state_dict), frames, metrics, checkpoints.live_dir)
-    checkpoints.remove()
+    shutil.rmtree(checkpoints.directory, ignore_errors=True)
     return metrics
 
 
-def read_fold(root: Path, cfg: StageConfig, fold: int, held_out: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """fold@<member>-<fold>'s test and held-out probabilities, checked against the rows `held_out` of that fold."""
+def read_fold(root: Path, cfg: StageConfig, fold: int, held_out: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """fold@<member>-<fold>'s test and held-out probabilities, checked against the rows `held_out` of that fold, and
+    its model's state_dict."""
     where, rerun = root / FOLDS_DIR / f"{cfg.name}-{fold}", f"run `dvc repro fold@{cfg.name}-{fold}`"
     try:
         test, valid = (pd.read_csv(where / f"{part}.csv", dtype={"image_id": str}) for part in ("test", "valid"))
+        state_dict = torch.load(where / "model.pth", weights_only=True)["state_dict"]
     except FileNotFoundError as err:
         raise TrainError(f"{err.filename}: not found; {rerun}") from None
     if valid["image_id"].tolist() != held_out.tolist():
         raise TrainError(f"{where}/valid.csv: not the held-out images of fold {fold} of train.csv; {rerun}")
-    return test, valid
+    return test, valid, state_dict
 
 
 def gather_folds(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path(".")) -> dict:
@@ -870,14 +743,12 @@ def gather_folds(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path(
     root = Path(root)
     table = split_table(data_dir, cfg.validation)
     folds = [read_fold(root, cfg, k, table.loc[table["fold"] == k, "image_id"]) for k in cfg.validation.fold_ids]
-    tests = [test for test, _ in folds]
+    tests, valids, fold_models = zip(*folds)
     if any(test["image_id"].tolist() != tests[0]["image_id"].tolist() for test in tests):
         raise TrainError(f"{root / FOLDS_DIR}: the folds of {cfg.name} predicted different test images; rerun them")
     test = tests[0][["image_id"]].join(sum(t[list(CLASSES)] for t in tests) / len(tests))
-    oof = pd.concat([valid for _, valid in folds]).set_index("image_id").loc[table["image_id"]].reset_index()
-    fold_accuracy = {
-        str(k): validation_summary(valid)["valid_accuracy"] for k, (_, valid) in zip(cfg.validation.fold_ids, folds)
-    }
+    oof = pd.concat(valids).set_index("image_id").loc[table["image_id"]].reset_index()
+    fold_accuracy = {str(k): validation_summary(v)["valid_accuracy"] for k, v in zip(cfg.validation.fold_ids, valids)}
     live_dir = root / CHECKPOINTS_DIR / cfg.name / "dvclive"
     shutil.rmtree(live_dir, ignore_errors=True)
     live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
@@ -886,19 +757,13 @@ def gather_folds(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path(
         live.next_step()
     log_interpretation(live, oof, table)
     live.end()
-    summary = validation_summary(oof)
     metrics = dict(
         profile=cfg.profile, member=cfg.name, arch=cfg.member.arch, targets=cfg.member.targets,
         epochs=cfg.member.epochs, full=False, tta=cfg.tta, folds=cfg.validation.folds, validated_on="oof",
-        valid_error_rate=summary["valid_error_rate"], valid_accuracy=summary["valid_accuracy"],
         fold_accuracy=fold_accuracy, fold_accuracy_std=round(float(np.std(list(fold_accuracy.values()))), 6),
-        train_images=len(table), most_confused=summary["most_confused"],
+        train_images=len(table), **validation_summary(oof),
     )
-    fold_models = [
-        torch.load(root / FOLDS_DIR / f"{cfg.name}-{k}" / "model.pth", weights_only=True)["state_dict"]
-        for k in cfg.validation.fold_ids
-    ]
-    write_outputs(root, cfg, model_weights(cfg.member, folds=fold_models), (test, oof), metrics, live_dir)
+    write_outputs(root, cfg, model_weights(cfg.member, folds=list(fold_models)), (test, oof), metrics, live_dir)
     shutil.rmtree(live_dir.parent)
     return metrics
 

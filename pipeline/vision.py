@@ -189,25 +189,16 @@ class AlbumentationsItem(ItemTransform):
         return (PILImage.create(augmented), *targets)
 
 
-def albumentations_transform(member: MemberConfig) -> AlbumentationsItem | None:
-    """The member's albumentations pipeline as a fastai item transform on training items (None without one)."""
-    return AlbumentationsItem(member.albumentations) if member.albumentations else None
-
-
 def member_datablock(member: MemberConfig, size: Size | None = None) -> DataBlock:
     """The DataBlock for a table with `path`, `label`, `variety` and boolean `is_valid` columns; `size`: a
     progressive phase's batch size instead of the member's."""
     multi = member.targets == "label+variety"
     blocks = (ImageBlock, CategoryBlock(vocab=list(CLASSES))) + ((CategoryBlock(vocab=list(VARIETIES)),) if multi else ())
     get_y = [ColReader("label"), ColReader("variety")] if multi else ColReader("label")
-    item_tfms = [t for t in (albumentations_transform(member), item_transform(member)) if t is not None]
+    augment = [AlbumentationsItem(member.albumentations)] if member.albumentations else []
     return DataBlock(
-        blocks=blocks,
-        n_inp=1,
-        get_x=ColReader("path"),
-        get_y=get_y,
-        splitter=ColSplitter("is_valid"),
-        item_tfms=item_tfms,
+        blocks=blocks, n_inp=1, get_x=ColReader("path"), get_y=get_y, splitter=ColSplitter("is_valid"),
+        item_tfms=augment + [item_transform(member)],
         batch_tfms=aug_transforms(size=size or member.size, min_scale=member.min_scale),
     )
 
@@ -229,17 +220,12 @@ def member_dataloaders(
     size: Size | None = None,
 ):
     """DataLoaders with `bs // accum` images per step (the seeds' memory trick), seeded shuffling (seed None: drawn
-    from the random state, as a progressive phase's loaders are), batches of `size` (None: the member's).
+    from the random state, as a progressive phase's loaders are), batches of `size` (None: the member's),
+    `num_workers` processes (or `auto`: loader_workers), pinned memory on CUDA.
 
-    `num_workers`: worker processes, or `auto` (loader_workers). On CUDA, batches come from pinned memory (faster
-    copies to the GPU).
-
-    Workers are not persistent: fastai's DataLoader.__iter__ (2.8) instantiates torch's
-    _MultiProcessingDataLoaderIter itself every epoch, bypassing the torch DataLoader that would keep workers, so it
-    starts new workers every epoch whatever `persistent_workers` says, and we do not pass it. That is what keeps
-    runs reproducible: each epoch's workers are seeded from the main process's torch random state, which the
-    train stage's checkpoints save, so a run killed and resumed matches an uninterrupted one with the same seed
-    and worker count (not across counts: item augmentations are drawn in the workers).
+    No `persistent_workers`: fastai 2.8 starts new workers every epoch whatever it says, each seeded from the main
+    process's torch random state, which the checkpoints save: so a resumed run matches an uninterrupted one with
+    the same seed and worker count (not across counts: item augmentations are drawn in the workers).
     """
     device = compute_device()
     if seed is not None:
@@ -276,36 +262,31 @@ def with_channels_first_body(network: nn.Sequential) -> nn.Sequential:
 def timm_overlay(member: MemberConfig) -> dict:
     """What timm's pretrained config is told about the member (timm's `pretrained_cfg_overlay`).
 
-    - input_size: the member's `size`. Models with a fixed input size (vit, swin, swinv2: `fixed_input_size` in
-      their config) are built for it, as timm does from this entry (it becomes their `img_size`), and pretrained
-      weights are resampled to it by timm's loader (position embeddings, relative position tables); other models
-      ignore it.
-    - file: a local weights file (a PyTorch state dict), the offline mechanism Kaggle kernels without internet use;
-      custom_load=False, because the registry's weights of some models (vit's augreg: JAX .npz) set custom_load,
-      which timm <= 1.0.30 keeps for a file too and reads the .pth with its .npz loader (timm 1.0.31 resets it).
+    - input_size: the member's `size`: fixed-size models (vit, swin) are built for it (their `img_size`) and timm
+      resamples their pretrained position embeddings to it; other models ignore it.
+    - file: a local weights file (a PyTorch state dict), for Kaggle kernels without internet; custom_load=False,
+      because some registry weights (vit's augreg: JAX .npz) set custom_load, which timm <= 1.0.30 keeps for a
+      file too and reads the .pth with its .npz loader.
     """
-    height, width = member.size if isinstance(member.size, tuple) else (member.size, member.size)
-    overlay: dict[str, Any] = dict(input_size=(3, height, width))
+    overlay: dict[str, Any] = dict(input_size=(3, *members.sides(member.size)))
     if isinstance(member.pretrained, str):
         overlay |= dict(file=str(Path(member.pretrained).resolve()), custom_load=False)
     return overlay
 
 
 def member_network(member: MemberConfig, pretrained: bool | None = None) -> nn.Sequential:
-    """The member's network as member_learner builds it (timm body, fastai head), without a Learner.
-
-    `pretrained`: None loads the member's own weights (if any); False builds it randomly initialised.
-    """
+    """The member's network as member_learner builds it (timm body, fastai head), without a Learner; `pretrained`
+    None loads the member's own weights (if any), False builds it randomly initialised."""
     weights = bool(member.pretrained) if pretrained is None else pretrained
-    network, _ = create_timm_model(member.arch, member.n_out, pretrained=weights, pretrained_cfg_overlay=timm_overlay(member))
+    network, _ = create_timm_model(
+        member.arch, member.n_out, pretrained=weights, pretrained_cfg_overlay=timm_overlay(member)
+    )
     return with_channels_first_body(network)
 
 
 def precision_for(requested: bool | str | None, cuda: bool) -> str:
-    """The precision a learner trains in: fp32 on CPU whatever was asked; on CUDA fp16 unless bf16/fp32 is asked.
-
-    `requested` is a TrainConfig.precision, or a bool (True: fp16, False: fp32), or None (auto).
-    """
+    """The precision a learner trains in: fp32 on CPU whatever was asked; on CUDA fp16 unless bf16/fp32 is asked
+    (`requested`: a TrainConfig.precision, a bool (True: fp16, False: fp32) or None: auto)."""
     if not cuda or requested is False or requested == "fp32":
         return "fp32"
     return "bf16" if requested == "bf16" else "fp16"
@@ -360,7 +341,8 @@ class TargetsMixUp(MixUp):
 
 def trick_callbacks(member: MemberConfig) -> list[Callback]:
     """The member's MixUp or CutMix (fastai's) and EmaWeights, each only when set."""
-    return [cb(on) for on, cb in ((member.mixup, TargetsMixUp), (member.cutmix, CutMix), (member.ema, EmaWeights)) if on]
+    tricks = ((member.mixup, TargetsMixUp), (member.cutmix, CutMix), (member.ema, EmaWeights))
+    return [cb(setting) for setting, cb in tricks if setting]
 
 
 def ema_of(learn) -> EmaWeights | None:
@@ -368,22 +350,15 @@ def ema_of(learn) -> EmaWeights | None:
 
 
 def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precision: bool | str | None = None):
-    """A fastai Learner on the member's timm architecture, with GradientAccumulation(bs) and, on CUDA, fp16.
-
-    `mixed_precision`: None or "auto" (fp16 on CUDA), True/"fp16", "bf16", False/"fp32"; always fp32 on CPU.
-    """
+    """A fastai Learner on the member's timm architecture, with GradientAccumulation(bs), its tricks, and the
+    precision precision_for chooses for `mixed_precision`."""
     if member.targets == "label+variety":
         loss = DiseaseVarietyLoss(member.label_smoothing)
         metrics = [disease_err, variety_err, disease_loss, variety_loss]
     else:
         loss, metrics = cross_entropy(member.label_smoothing), [error_rate]
     learn = vision_learner(
-        dls,
-        member.arch,
-        n_out=member.n_out,
-        pretrained=bool(member.pretrained),
-        loss_func=loss,
-        metrics=metrics,
+        dls, member.arch, n_out=member.n_out, pretrained=bool(member.pretrained), loss_func=loss, metrics=metrics,
         # GradientAccumulation(bs) steps the optimiser once `bs` images have been seen, whatever the step size.
         cbs=([GradientAccumulation(bs)] if accum > 1 else []) + trick_callbacks(member),
         pretrained_cfg_overlay=timm_overlay(member),
@@ -402,28 +377,21 @@ def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precisi
 
 
 def choose_accum(peaks: Mapping[int, float | None], budget_gib: float) -> int | None:
-    """The smallest accum whose measured peak memory fits `budget_gib`; None when none does.
-
-    A peak of None means that run did not finish (out of memory), so it does not fit.
-    """
-    fitting = [accum for accum, peak in peaks.items() if peak is not None and peak <= budget_gib]
-    return min(fitting, default=None)
+    """The smallest accum whose measured peak memory fits `budget_gib` (None: that run ran out of memory); None when
+    none does."""
+    return min((accum for accum, peak in peaks.items() if peak is not None and peak <= budget_gib), default=None)
 
 
 def probe_decision_path(member_name: str) -> Path:
-    """The probe's decision for a member, the only probe output train reads (and depends on in dvc.yaml).
-
-    {"member": name, "accum": int or null, "accum_source": "probe" | "params" | null}: nothing measured, so a re-probe
-    with the same outcome leaves it byte-identical and DVC retrains nothing.
-    """
+    """The probe's decision for a member, the only probe output train reads (and depends on in dvc.yaml): {"member",
+    "accum": int or null, "accum_source": "probe" | "params" | null}, nothing measured, so that a re-probe with the
+    same outcome leaves it byte-identical and DVC retrains nothing."""
     return Path("metrics/probe") / f"{member_name}.accum.json"
 
 
 def accum_to_use(member: MemberConfig, decision: Mapping[str, Any]) -> tuple[int, str]:
-    """The accum a member trains with and where it comes from: its explicit `accum` in params, else the probe's.
-
-    `decision` is the member's probe decision (probe_decision_path) as a dict.
-    """
+    """The accum a member trains with and where it comes from: its explicit `accum` in params, else the probe's
+    `decision` (probe_decision_path's, as a dict)."""
     if member.accum is not None:
         return member.accum, "params"
     if decision.get("accum") is None:
