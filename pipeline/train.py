@@ -418,8 +418,12 @@ def fit_member(
     learn = vision.member_learner(cfg.member, dls, process_bs, accum, mixed_precision=cfg.precision)
     learn.path, learn.model_dir = checkpoints.directory, "."  # lr_find's temporary weights go there too
     state = distributed.from_rank0(checkpoints.state)
-    if state["lr"] is None:
-        lr, suggestion = learning_rate(learn, cfg.member)  # on every rank: fastai's lr_find gathers their losses
+    if state["lr"] is None:  # the member's lr, or lr_find's `valley` suggestion when it is `find`
+        lr, suggestion = cfg.member.lr, None
+        if lr == "find":  # on every rank: fastai's lr_find gathers their losses
+            if cfg.member.schedule == "fit_one_cycle":
+                learn.unfreeze()
+            lr = suggestion = float(learn.lr_find(show_plot=False).valley)
         # Kept, so that a resumed run does not run lr_find again.
         state = distributed.from_rank0(lambda: checkpoints.update(lr=lr, lr_suggestion=suggestion))
     completed = state["completed_epochs"]  # 0 for a fresh run
@@ -469,16 +473,6 @@ def fit_member(
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3) if peaks else None,
         peak_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 3) if peaks else None,
     )
-
-
-def learning_rate(learn, member: MemberConfig) -> tuple[float, float | None]:
-    """The member's lr, or lr_find's `valley` suggestion when it is `find` (returned twice: used and suggested)."""
-    if member.lr != "find":
-        return member.lr, None
-    if member.schedule == "fit_one_cycle":
-        learn.unfreeze()
-    suggestion = float(learn.lr_find(show_plot=False).valley)
-    return suggestion, suggestion
 
 
 def train_with_oom_fallback(
