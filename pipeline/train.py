@@ -615,7 +615,7 @@ def log_interpretation(live, valid: pd.DataFrame, table: pd.DataFrame) -> None:
     worst = np.argsort(-losses)[:TOP_LOSSES]
     cols, rows = 3, max(1, int(np.ceil(len(worst) / 3)))
     fig = Figure(figsize=(3 * cols, 3.4 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False).flat
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()  # not .flat: an iterator, empty after the first loop
     for ax in axes:
         ax.axis("off")
     for ax, i in zip(axes, worst):
