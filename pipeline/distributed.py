@@ -204,15 +204,10 @@ def gather_to_rank0(value: T) -> list[T] | None:
 
 
 def shard(n_rows: int) -> slice:
-    """This rank's contiguous share of n_rows (all of them in one process); the shares cover each row once."""
+    """This rank's contiguous share of n_rows (all of them in one process); the shares, in rank order (as
+    gather_to_rank0 gives them), cover each row once, in order."""
     bounds = np.linspace(0, n_rows, world_size() + 1).round().astype(int)
     return slice(int(bounds[rank()]), int(bounds[rank() + 1]))
-
-
-def gather_rows(local: np.ndarray) -> np.ndarray | None:
-    """The ranks' row blocks stacked in rank order on rank 0 (with `shard`: every row once, in order); None else."""
-    blocks = gather_to_rank0(local)
-    return None if blocks is None else np.concatenate(blocks)
 
 
 def describe(processes: int) -> str:

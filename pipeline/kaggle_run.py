@@ -97,19 +97,17 @@ def kernel_metadata(cfg: RunConfig, user: str, resume: bool) -> dict:
 
 
 def client_call(what: str, call, *args, **kwargs):
-    """A call of the official client; its failures become one secret-free KaggleRunError."""
+    """A call of the official client; its failures, and a response's `error` (Kaggle refusing an upload or push),
+    become one secret-free KaggleRunError."""
     try:
-        return call(*args, **kwargs)
+        response = call(*args, **kwargs)
     except kaggle_client.CLIENT_ERRORS as err:
         raise KaggleRunError(f"kaggle: {kaggle_client.failure_message(err, COMPETITION, what)}") from None
     except ValueError as err:  # the client's own checks (metadata, a kernel it may not read)
         raise KaggleRunError(f"kaggle: the {what} failed: {err}") from None
-
-
-def refused(what: str, response) -> None:
-    error = getattr(response, "error", None)
-    if error:
-        raise KaggleRunError(f"kaggle: Kaggle refused the {what}: {error}")
+    if getattr(response, "error", None):
+        raise KaggleRunError(f"kaggle: Kaggle refused the {what}: {response.error}")
+    return response
 
 
 def upload_code(api, cfg: RunConfig, user: str) -> None:
@@ -126,10 +124,9 @@ def upload_code(api, cfg: RunConfig, user: str) -> None:
     try:
         api.dataset_status(ref)
     except kaggle_client.CLIENT_ERRORS:  # no such dataset yet
-        response = client_call("code upload", api.dataset_create_new, str(folder), public=False, quiet=True)
+        client_call("code upload", api.dataset_create_new, str(folder), public=False, quiet=True)
     else:
-        response = client_call("code upload", api.dataset_create_version, str(folder), "make kaggle-run", quiet=True)
-    refused("code upload", response)
+        client_call("code upload", api.dataset_create_version, str(folder), "make kaggle-run", quiet=True)
     # Kaggle processes a new version before a kernel can mount it.
     while (status := client_call("code upload", api.dataset_status, ref)) != "ready":
         if status == "failed":
@@ -137,7 +134,7 @@ def upload_code(api, cfg: RunConfig, user: str) -> None:
         time.sleep(cfg.poll_s)
 
 
-def push_kernel(api, cfg: RunConfig, user: str) -> str:
+def push_kernel(api, cfg: RunConfig, user: str) -> None:
     kernel = f"{user}/{cfg.name}"
     try:
         api.kernels_status(kernel)
@@ -150,10 +147,8 @@ def push_kernel(api, cfg: RunConfig, user: str) -> str:
     (folder / "script.py").write_text(kernel_script(cfg))
     (folder / "kernel-metadata.json").write_text(json.dumps(kernel_metadata(cfg, user, resume)))
     response = client_call("kernel push", api.kernels_push, str(folder))
-    refused("kernel push", response)
     log(STAGE, f"pushed {kernel} version {response.version_number}: {response.url} (cancel it there; "
                f"follow it again with make kaggle-run ARGS=--collect)")
-    return kernel
 
 
 def follow(api, cfg: RunConfig, kernel: str) -> tuple[str, str]:
@@ -271,8 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     user = api.get_config_value("username")
     kernel = f"{user}/{cfg.name}"
     if not cfg.collect:
-        cfg.work.mkdir(parents=True, exist_ok=True)
-        upload_code(api, cfg, user)
+        upload_code(api, cfg, user)  # makes cfg.work
         shutil.copy2("dvc.lock", cfg.work / "pushed.lock")  # what the kernel started from: tells what it ran
         push_kernel(api, cfg, user)
     if cfg.wait or cfg.collect:

@@ -56,6 +56,7 @@ FOLDS_DIR = Path("folds")  # fold@<member>-<k>'s folds/<member>-<k>/{model.pth,t
 METRICS_DIR = Path("metrics/train")
 LIVE_DIR = Path("dvclive/train")
 GIB = 1024**3
+LIVE_OPTIONS = dict(dvcyaml=None, save_dvc_exp=False, report=None)  # dvc.yaml declares the plots; no experiments
 TOP_LOSSES = 9
 MOST_CONFUSED = 10
 
@@ -205,13 +206,13 @@ def schedule_phases(member: MemberConfig, lr: float) -> list[Phase]:
 
 
 def resume_point(phases: list[Phase], completed_epochs: int) -> tuple[int, int]:
-    """(index of the phase to go on with, its epochs already done); after the last epoch: (last, its epochs)."""
+    """(index of the phase to go on with, the schedule's epochs before it); after the last epoch: the last phase."""
     first_epoch = 0
-    for index, phase in enumerate(phases):
+    for index, phase in enumerate(phases[:-1]):
         if completed_epochs < first_epoch + phase.epochs:
-            return index, completed_epochs - first_epoch
+            return index, first_epoch
         first_epoch += phase.epochs
-    return len(phases) - 1, phases[-1].epochs
+    return len(phases) - 1, first_epoch
 
 
 # -- checkpoints: model, optimiser and every random state after each completed epoch ---------------------------------
@@ -252,32 +253,27 @@ class Checkpoints:
         """The saved progress if it is this run's and readable; else None, after a line saying why it is not used."""
         if not self.state_file.is_file():
             return None
+        reading = self.state_file  # the file being read, named if it is damaged
         try:
-            state = read_json(self.state_file)
+            state = read_json(reading)
             changed = fingerprint_changes(state["fingerprint"], self.fingerprint)
             completed = int(state["completed_epochs"])
-        except DAMAGED_FILE_ERRORS as err:
-            return self.unreadable(self.state_file, err)
+            if completed and not changed:
+                reading = self.epoch_file(completed)
+                self.load(completed, "cpu")  # now, so that a damaged file is found before any training
+                # DVCLive rewrites its params.yaml in place (not atomically) as each fit starts: a kill there leaves
+                # it empty, and Live(resume=True) then fails on every rerun. Its history belongs to the checkpoint.
+                reading = self.live_dir / "params.yaml"
+                if reading.is_file() and not isinstance(yaml.safe_load(reading.read_text()), dict):
+                    raise ValueError("not a mapping of params")
+        except (*DAMAGED_FILE_ERRORS, yaml.YAMLError) as err:
+            why = f"{type(err).__name__}: {str(err)[:80]}"
+            log(STAGE, f"{reading}: unreadable checkpoint ({why}); training from the start")
+            return None
         if changed:
             log(STAGE, f"{self.directory}: a checkpoint of another run ({', '.join(changed)} changed); starting fresh")
             return None
-        if completed:
-            try:
-                self.load(completed, "cpu")  # now, so that a damaged file is found before any training
-            except DAMAGED_FILE_ERRORS as err:
-                return self.unreadable(self.epoch_file(completed), err)
-            # DVCLive rewrites its params.yaml in place (not atomically) when each fit starts: a kill there leaves it
-            # empty, and Live(resume=True) then fails on every rerun. Its history belongs to the checkpoint.
-            live_params = self.live_dir / "params.yaml"
-            try:
-                if live_params.is_file() and not isinstance(yaml.safe_load(live_params.read_text()), dict):
-                    raise ValueError("not a mapping of params")
-            except (ValueError, yaml.YAMLError) as err:
-                return self.unreadable(live_params, err)
         return state
-
-    def unreadable(self, damaged: Path, err: Exception) -> None:
-        log(STAGE, f"{damaged}: unreadable checkpoint ({type(err).__name__}: {str(err)[:80]}); training from the start")
 
     def epoch_file(self, completed_epochs: int) -> Path:
         return self.directory / f"epoch_{completed_epochs}.pth"
@@ -422,8 +418,12 @@ def fit_member(
     learn = vision.member_learner(cfg.member, dls, process_bs, accum, mixed_precision=cfg.precision)
     learn.path, learn.model_dir = checkpoints.directory, "."  # lr_find's temporary weights go there too
     state = distributed.from_rank0(checkpoints.state)
-    if state["lr"] is None:
-        lr, suggestion = learning_rate(learn, cfg.member)  # on every rank: fastai's lr_find gathers their losses
+    if state["lr"] is None:  # the member's lr, or lr_find's `valley` suggestion when it is `find`
+        lr, suggestion = cfg.member.lr, None
+        if lr == "find":  # on every rank: fastai's lr_find gathers their losses
+            if cfg.member.schedule == "fit_one_cycle":
+                learn.unfreeze()
+            lr = suggestion = float(learn.lr_find(show_plot=False).valley)
         # Kept, so that a resumed run does not run lr_find again.
         state = distributed.from_rank0(lambda: checkpoints.update(lr=lr, lr_suggestion=suggestion))
     completed = state["completed_epochs"]  # 0 for a fresh run
@@ -432,8 +432,7 @@ def fit_member(
     if live is not None:
         rewind_live(live, completed)
     phases = schedule_phases(cfg.member, state["lr"])
-    resume_phase, resume_epoch = resume_point(phases, completed)
-    first_epoch = sum(phase.epochs for phase in phases[:resume_phase])
+    resume_phase, first_epoch = resume_point(phases, completed)
     cap = cfg.member.max_steps_per_epoch
     step_cap = None if cap is None else StepCap(cap, accum)
     epoch_images = len(dls.train.items) if cap is None else min(len(dls.train.items), cap * cfg.bs)
@@ -449,7 +448,7 @@ def fit_member(
 
     with distributed.distrib_ctx(learn):
         for index, phase in enumerate(phases[resume_phase:], start=resume_phase):
-            start_epoch = resume_epoch if index == resume_phase else 0
+            start_epoch = completed - first_epoch if index == resume_phase else 0
             # Resize, freeze or unfreeze; when resuming into this phase, restore the checkpoint too, on every rank,
             # also with no epoch left (a run killed while predicting). freeze/unfreeze clear the optimiser state and
             # new loaders draw from the random state, so the order matters: at a phase boundary the uninterrupted run
@@ -467,31 +466,12 @@ def fit_member(
     seconds = time.perf_counter() - started
     if ema := vision.ema_of(learn):
         ema.use_averaged()  # what is predicted with and saved (a checkpoint keeps both)
+    peaks = images > 0 and torch.cuda.is_available()  # CUDA's, since the reset above, in GiB as the probe's
     return learn, dict(
         accum=accum, lr=state["lr"], lr_suggestion=state["lr_suggestion"], resumed_from_epoch=completed,
         train_seconds=round(seconds, 2), images_per_second=round(images / seconds, 2) if images else None,
-        **peak_memory_gib(trained=images > 0),
-    )
-
-
-def learning_rate(learn, member: MemberConfig) -> tuple[float, float | None]:
-    """The member's lr, or lr_find's `valley` suggestion when it is `find` (returned twice: used and suggested)."""
-    if member.lr != "find":
-        return member.lr, None
-    if member.schedule == "fit_one_cycle":
-        learn.unfreeze()
-    suggestion = float(learn.lr_find(show_plot=False).valley)
-    return suggestion, suggestion
-
-
-def peak_memory_gib(trained: bool) -> dict:
-    """CUDA's peak reserved and allocated memory since fit_member reset them, in GiB as the probe reports them; None
-    on a CPU, or when no epoch was trained."""
-    if not (trained and torch.cuda.is_available()):
-        return dict(peak_reserved_gib=None, peak_allocated_gib=None)
-    return dict(
-        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3),
-        peak_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
+        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3) if peaks else None,
+        peak_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 3) if peaks else None,
     )
 
 
@@ -538,7 +518,8 @@ def sharded_disease_probs(learn, items: pd.DataFrame, use_tta: bool) -> np.ndarr
         probs = vision.disease_probs(predict(dl=distributed.local_dl(learn.dls, share))[0]).float().numpy()
     else:
         probs = np.zeros((0, len(CLASSES)), dtype=np.float32)
-    return distributed.gather_rows(probs)
+    blocks = distributed.gather_to_rank0(probs)
+    return None if blocks is None else np.concatenate(blocks)
 
 
 def prediction_frames(
@@ -570,13 +551,12 @@ def write_outputs(
     one folder, folds/<member>-<k>: the one dep of its member's train@ stage.
     """
     if cfg.fold is None:
-        writers = {
+        sub, writers = Path(), {
             MODELS_DIR / f"{cfg.name}.pth": lambda path: save_torch(weights, path),
             PREDS_DIR / cfg.name: lambda path: write_predictions(path, *predictions),
         }
     else:
-        writers = {FOLDS_DIR / cfg.run: lambda path: write_predictions(path, *predictions, weights=weights)}
-    sub = Path() if cfg.fold is None else Path("folds")
+        sub, writers = Path("folds"), {FOLDS_DIR / cfg.run: lambda path: write_predictions(path, *predictions, weights)}
     writers |= {
         METRICS_DIR / sub / f"{cfg.run}.json": lambda path: path.write_text(json_text(metrics)),
         # A copy, not a move: until the checkpoint is removed, a killed run's rerun resumes from it and needs it.
@@ -635,7 +615,7 @@ def log_interpretation(live, valid: pd.DataFrame, table: pd.DataFrame) -> None:
     worst = np.argsort(-losses)[:TOP_LOSSES]
     cols, rows = 3, max(1, int(np.ceil(len(worst) / 3)))
     fig = Figure(figsize=(3 * cols, 3.4 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False).flat
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()  # not .flat: an iterator, empty after the first loop
     for ax in axes:
         ax.axis("off")
     for ax, i in zip(axes, worst):
@@ -659,12 +639,6 @@ def variety_error(learn, table: pd.DataFrame) -> float | None:
     return float((varieties != table.loc[table["is_valid"], "variety"].to_numpy()).mean())
 
 
-def optimizer_steps(learn) -> int:
-    """The optimiser's own count of its steps (fastai's step_stat), over its last phase: all epochs of
-    fit_one_cycle, the unfrozen ones of fine_tune (freezing builds a new optimiser)."""
-    return max((int(state.get("step", 0)) for state in learn.opt.state.values()), default=0)
-
-
 # -- the stage -----------------------------------------------------------------------------------------------------
 
 
@@ -685,9 +659,7 @@ def run_stage(
     checkpoints = Checkpoints(root / CHECKPOINTS_DIR / cfg.run, run_fingerprint(cfg, table))
     # Before Live: a fresh start empties the folder Live writes into. Rank 0 writes, every rank waits for it.
     distributed.from_rank0(lambda: checkpoints.state() or checkpoints.start())
-    live = None
-    if distributed.is_rank0():
-        live = Live(dir=str(checkpoints.live_dir), resume=True, dvcyaml=None, save_dvc_exp=False, report=None)
+    live = Live(dir=str(checkpoints.live_dir), resume=True, **LIVE_OPTIONS) if distributed.is_rank0() else None
     seed_everything(cfg.seed + distributed.rank())
     log(STAGE, f"{cfg.run}: {cfg.member.arch}, accum {accum} ({accum_source}), {len(table)} images in {data_dir}")
     learn, trained = train_with_oom_fallback(cfg, table, accum, checkpoints, live, retries=oom_retries)
@@ -707,7 +679,9 @@ def run_stage(
         full=cfg.validation.full, tta=cfg.tta, accum_source=accum_source,
         device=str(compute_device()), processes=distributed.world_size(),
         process_step_images=vision.batch_size(distributed.process_batch(cfg.bs), trained["accum"]),
-        optimizer_steps=optimizer_steps(learn),
+        # The optimiser's own count (fastai's step_stat), over its last phase: all epochs of fit_one_cycle, the
+        # unfrozen ones of fine_tune (freezing builds a new optimiser).
+        optimizer_steps=max((int(state.get("step", 0)) for state in learn.opt.state.values()), default=0),
         precision=vision.precision_for(cfg.precision, torch.cuda.is_available()),
         num_workers=vision.loader_workers(cfg.num_workers, compute_device()),
         **trained,  # accum, oom_retries, lr, resumed_from_epoch, train_seconds, peak memory, ...
@@ -751,7 +725,7 @@ def gather_folds(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path(
     fold_accuracy = {str(k): validation_summary(v)["valid_accuracy"] for k, v in zip(cfg.validation.fold_ids, valids)}
     live_dir = root / CHECKPOINTS_DIR / cfg.name / "dvclive"
     shutil.rmtree(live_dir, ignore_errors=True)
-    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    live = Live(dir=str(live_dir), **LIVE_OPTIONS)
     for accuracy in fold_accuracy.values():  # the curve of fold accuracies: one step per fold
         live.log_metric("fold_accuracy", accuracy)
         live.next_step()

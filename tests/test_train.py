@@ -90,6 +90,24 @@ def test_a_finished_run_leaves_weights_plots_and_no_checkpoints(trained):
     assert not (root / "models" / "checkpoints" / cfg.name).exists()
 
 
+def test_the_top_losses_grid_shows_the_worst_validation_images(tiny_paddy):
+    table = train.split_table(tiny_paddy, train.ValidationConfig(valid_pct=0.25, seed=0, full=False))
+    valid = table.loc[table["is_valid"], ["image_id", "label"]].reset_index(drop=True)
+    valid = valid.join(pd.DataFrame(np.full((len(valid), len(CLASSES)), 1 / len(CLASSES)), columns=list(CLASSES)))
+    logged = {}
+
+    class Live:
+        def log_sklearn_plot(self, *args, **kwargs):
+            pass
+
+        def log_image(self, name, figure):
+            logged[name] = figure
+
+    train.log_interpretation(Live(), valid, table)
+    shown = [ax for ax in logged["top_losses.png"].axes if ax.images]
+    assert len(shown) == min(train.TOP_LOSSES, len(valid)) > 0
+
+
 class Killed(Exception):
     """Stands in for a kill after a checkpoint is on disk."""
 
