@@ -1,15 +1,10 @@
 """One member on several devices: DistributedDataParallel through accelerate and fastai's `distrib_ctx`.
 
-When `train.devices` asks for more than one process, `python -m pipeline.train <member>` relaunches itself through
-torch's launcher (`torch.distributed.run`, as `accelerate launch --multi_gpu`), one process per device (nccl on
-CUDA, gloo on CPU). With P processes each loads bs // (accum * P) images per pass and steps after accum passes;
-DDP averages the P gradients, so every optimiser step sees bs images, as the seeds' GradientAccumulation(bs) (rounded
-down unless bs is a multiple of accum * P, as the seeds' bs // accum); the probe measures at this per-process batch.
-An out-of-memory rank cannot tell the others (they are blocked in DDP's all-reduce): it exits with OOM_EXIT_CODE,
-torch's launcher stops the rest, and ours restarts them all with accum doubled, from the last checkpoint.
-Multi-node runs use accelerate's launcher on every node; a process it starts trains directly.
+`python -m pipeline.train <member>` relaunches itself through torch's launcher, one process per device, when
+`train.devices` asks for more than one; docs/gpus.md says how bs, accum and the processes combine, and how an
+out-of-memory rank (OOM_EXIT_CODE) restarts them all with accum doubled. A process accelerate's launcher started
+(several machines) trains directly.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -142,9 +137,8 @@ class DistributedTrainer(fastai_distributed.DistributedTrainer):
     """fastai's DistributedTrainer (accelerate's DDP, SyncBatchNorm), wrapping loaders in the DistributedDL above."""
 
     def _wrap_dl(self, dl):
-        if isinstance(dl, fastai_distributed.DistributedDL):
-            return dl
-        return DistributedDL(dl, device=self.learn.model.device)
+        wrapped = isinstance(dl, fastai_distributed.DistributedDL)
+        return dl if wrapped else DistributedDL(dl, device=self.learn.model.device)
 
 
 @contextmanager
