@@ -274,20 +274,18 @@ def timm_overlay(member: MemberConfig) -> dict:
     return overlay
 
 
-def member_network(member: MemberConfig, pretrained: bool | None = None) -> nn.Sequential:
-    """The member's network as member_learner builds it (timm body, fastai head), without a Learner; `pretrained`
-    None loads the member's own weights (if any), False builds it randomly initialised."""
-    weights = bool(member.pretrained) if pretrained is None else pretrained
+def member_network(member: MemberConfig) -> nn.Sequential:
+    """The member's network as member_learner builds it (timm body, fastai head, its weights), without a Learner."""
     network, _ = create_timm_model(
-        member.arch, member.n_out, pretrained=weights, pretrained_cfg_overlay=timm_overlay(member)
+        member.arch, member.n_out, pretrained=bool(member.pretrained), pretrained_cfg_overlay=timm_overlay(member)
     )
     return with_channels_first_body(network)
 
 
-def precision_for(requested: bool | str | None, cuda: bool) -> str:
-    """The precision a learner trains in: fp32 on CPU whatever was asked; on CUDA fp16 unless bf16/fp32 is asked
-    (`requested`: a TrainConfig.precision, a bool (True: fp16, False: fp32) or None: auto)."""
-    if not cuda or requested is False or requested == "fp32":
+def precision_for(requested: str, cuda: bool) -> str:
+    """The precision a learner trains in for a TrainConfig.precision: fp32 on CPU whatever was asked; on CUDA fp16
+    unless bf16/fp32 is asked."""
+    if not cuda or requested == "fp32":
         return "fp32"
     return "bf16" if requested == "bf16" else "fp16"
 
@@ -349,7 +347,7 @@ def ema_of(learn) -> EmaWeights | None:
     return next((cb for cb in learn.cbs if isinstance(cb, EmaWeights)), None)
 
 
-def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precision: bool | str | None = None):
+def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precision: str = "auto"):
     """A fastai Learner on the member's timm architecture, with GradientAccumulation(bs), its tricks, and the
     precision precision_for chooses for `mixed_precision`."""
     if member.targets == "label+variety":

@@ -49,12 +49,9 @@ def test_activation_gives_each_head_probabilities_and_decodes_to_the_disease(mul
         ("auto", False, "fp32"),
         ("fp16", False, "fp32"),
         ("bf16", False, "fp32"),
-        (None, True, "fp16"),
         ("auto", True, "fp16"),
-        (True, True, "fp16"),
         ("bf16", True, "bf16"),
         ("fp32", True, "fp32"),
-        (False, True, "fp32"),
     ],
 )
 def test_precision_is_fp32_on_cpu_and_fp16_on_cuda_unless_asked(requested, cuda, expected):
