@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import hashlib
 import importlib
+import itertools
 import json
 import pickle
 import shutil
@@ -145,10 +146,9 @@ def split_table(data_dir: Path, validation: ValidationConfig, fold: int | None =
 
 
 def run_fingerprint(cfg: StageConfig, table: pd.DataFrame) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: everything that changes what training computes, part by part so
-    that a mismatch can say which changed. Not accum: the effective batch is bs, and the OOM fallback resumes with
-    a doubled accum. The images are hashed, not taken from SOURCE.json: a direct run may train on images paddy_data
-    never recorded. The code is the train stage's deps in dvc.yaml, the list DVC reruns the stage for."""
+    """What a checkpoint must match to be resumed (docs/recovery.md), part by part so that a mismatch names its part.
+    Not accum: the OOM fallback resumes with a doubled one. The images are hashed, not read from SOURCE.json: a
+    direct run may train on images paddy_data never recorded."""
     config = dict(
         member=dataclasses.asdict(cfg.member) | {"accum": None}, bs=cfg.bs, seed=cfg.seed,
         validation=dataclasses.asdict(cfg.validation),
@@ -207,12 +207,9 @@ def schedule_phases(member: MemberConfig, lr: float) -> list[Phase]:
 
 def resume_point(phases: list[Phase], completed_epochs: int) -> tuple[int, int]:
     """(index of the phase to go on with, the schedule's epochs before it); after the last epoch: the last phase."""
-    first_epoch = 0
-    for index, phase in enumerate(phases[:-1]):
-        if completed_epochs < first_epoch + phase.epochs:
-            return index, first_epoch
-        first_epoch += phase.epochs
-    return len(phases) - 1, first_epoch
+    ends = list(itertools.accumulate(phase.epochs for phase in phases))
+    index = next((i for i, end in enumerate(ends[:-1]) if completed_epochs < end), len(phases) - 1)
+    return index, ends[index] - phases[index].epochs
 
 
 # -- checkpoints: model, optimiser and every random state after each completed epoch ---------------------------------
@@ -278,12 +275,12 @@ class Checkpoints:
     def epoch_file(self, completed_epochs: int) -> Path:
         return self.directory / f"epoch_{completed_epochs}.pth"
 
-    def start(self, lr: float | None = None, lr_suggestion: float | None = None) -> dict:
-        """A fresh run's progress (anything of another run is removed); lr None: not chosen yet."""
+    def start(self) -> dict:
+        """A fresh run's progress (anything of another run is removed), its lr not chosen yet."""
         if self.directory.exists():
             shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True)
-        state = dict(fingerprint=self.fingerprint, completed_epochs=0, lr=lr, lr_suggestion=lr_suggestion)
+        state = dict(fingerprint=self.fingerprint, completed_epochs=0, lr=None, lr_suggestion=None)
         write_json(self.state_file, state)
         return state
 
@@ -381,8 +378,8 @@ def epoch_callbacks(
 ) -> list:
     """SaveEpoch on every rank (saving gathers every rank's random states), LiveEpoch where there is a logger, and
     the member's step cap if it has one."""
-    live_epoch = None if live is None else LiveEpoch(live, start_epoch)
-    return [cb for cb in (SaveEpoch(checkpoints, first_epoch, start_epoch), live_epoch, step_cap) if cb is not None]
+    logger = [] if live is None else [LiveEpoch(live, start_epoch)]
+    return [SaveEpoch(checkpoints, first_epoch, start_epoch), *logger, *([] if step_cap is None else [step_cap])]
 
 
 def rewind_live(live: Live, completed_epochs: int) -> None:
@@ -407,10 +404,7 @@ def fit_member(
 ) -> tuple[Any, dict]:
     """Build the member's DataLoaders and Learner and run its schedule, resuming from the checkpoint run_stage found
     or started; returns the learner and what its training measured, as metrics. `live`: rank 0's DVCLive logger.
-
-    Under DDP each process loads bs // (accum * processes) images per step (pipeline.distributed says why), seeds its
-    augmentations with seed + rank (rank 0's shuffled order is everyone's), and all resume from what rank 0 read.
-    """
+    Under DDP (docs/gpus.md) every rank resumes from what rank 0 read."""
     process_bs = distributed.process_batch(cfg.bs)
     seed = cfg.seed + distributed.rank()
     first_size = (cfg.member.progressive or (None,))[0]
@@ -505,13 +499,9 @@ def train_with_oom_fallback(
 
 
 def sharded_disease_probs(learn, items: pd.DataFrame, use_tta: bool) -> np.ndarray | None:
-    """Disease probabilities of `items` (a `path` column; rows sum to 1, columns in CLASSES order), with fastai's
-    TTA unless told otherwise, each rank predicting its contiguous share, gathered on rank 0 in the items' order
-    (None on the other ranks).
-
-    Not fastai's distributed get_preds: its DistributedDL pads the last batch and gathers batch by batch, rank by
-    rank, which interleaves the ranks' rows; sharding by hand covers every row exactly once, in order.
-    """
+    """Disease probabilities of `items` (a `path` column; columns in CLASSES order), with fastai's TTA unless told
+    otherwise, each rank predicting its contiguous share, gathered on rank 0 in the items' order (None on the other
+    ranks). Not fastai's distributed get_preds: it pads the last batch and interleaves the ranks' rows."""
     share = items.iloc[distributed.shard(len(items))]
     if len(share):
         predict = learn.tta if use_tta else learn.get_preds
@@ -525,10 +515,8 @@ def sharded_disease_probs(learn, items: pd.DataFrame, use_tta: bool) -> np.ndarr
 def prediction_frames(
     learn, table: pd.DataFrame, data_dir: Path, use_tta: bool
 ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """(test, valid) probability tables in the ensemble's contract: image_id[, label], then one column per class.
-
-    On rank 0; None on the other ranks of a DDP run, which only predict their share.
-    """
+    """(test, valid) probability tables in the ensemble's contract: image_id[, label], then one column per class;
+    None on the ranks but 0 of a DDP run, which only predict their share."""
     test_ids = test_image_ids(data_dir)
     test_items = pd.DataFrame({"path": [test_image_dir(data_dir) / image_id for image_id in test_ids]})
     test_probs = sharded_disease_probs(learn, test_items, use_tta)
@@ -544,12 +532,9 @@ def prediction_frames(
 def write_outputs(
     root: Path, cfg: StageConfig, weights: dict, predictions: tuple, metrics: dict, live_dir: Path
 ) -> None:
-    """The run's weights, predictions, metrics and plots, all replaced or none (a full disk, a failed write).
-
-    Each is written to a scratch sibling of its target (on its volume, so a full one fails here, naming its target)
-    and only once all are complete do their renames swap them in, together. A fold's weights and predictions are
-    one folder, folds/<member>-<k>: the one dep of its member's train@ stage.
-    """
+    """The run's weights, predictions, metrics and plots, all replaced or none (docs/recovery.md): each written to a
+    scratch sibling of its target, all renamed once all are complete. A fold's weights and predictions are one
+    folder, folds/<member>-<k>: the one dep of its member's train@ stage."""
     if cfg.fold is None:
         sub, writers = Path(), {
             MODELS_DIR / f"{cfg.name}.pth": lambda path: save_torch(weights, path),
@@ -647,9 +632,8 @@ def run_stage(
 ) -> dict | None:
     """Train one member and write all its outputs under `root`; returns its metrics (None on the ranks but 0 of a
     DDP run: all train and predict, rank 0 alone writes). `oom_retries`: the launcher's restarts after an
-    out-of-memory error, each of which doubled accum. Until the last step nothing published is touched: a failed
-    or killed run leaves the previous outputs and plots, and its rerun resumes from the checkpoint (after the last
-    epoch too: it then only predicts again)."""
+    out-of-memory error, each of which doubled accum. A failed or killed run leaves the published outputs as they
+    were, and its rerun resumes from the checkpoint (after the last epoch too: it then only predicts again)."""
     root = Path(root)
     accum, accum_source = member_accum(
         cfg.member, root / vision.probe_decision_path(cfg.name), distributed.process_batch(cfg.bs)
