@@ -275,12 +275,12 @@ class Checkpoints:
     def epoch_file(self, completed_epochs: int) -> Path:
         return self.directory / f"epoch_{completed_epochs}.pth"
 
-    def start(self) -> dict:
-        """A fresh run's progress (anything of another run is removed), its lr not chosen yet."""
+    def start(self, lr: float | None = None, lr_suggestion: float | None = None) -> dict:
+        """A fresh run's progress (anything of another run is removed); lr None: not chosen yet."""
         if self.directory.exists():
             shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True)
-        state = dict(fingerprint=self.fingerprint, completed_epochs=0, lr=None, lr_suggestion=None)
+        state = dict(fingerprint=self.fingerprint, completed_epochs=0, lr=lr, lr_suggestion=lr_suggestion)
         write_json(self.state_file, state)
         return state
 
