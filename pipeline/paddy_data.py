@@ -281,11 +281,11 @@ def verify_dataset(data_dir: Path, skip_bad_images: bool = False, origin: str | 
             raise DataError(f"{where}: {folder}/ is missing; the data is incomplete, expected {LAYOUT}")
 
     bad = _bad_rows(train, data_dir) + _stray_train_images(train, data_dir) + _test_mismatches(submission, data_dir)
-    unusable = {bad_file.drop_row for bad_file in bad if bad_file.drop_row}
-    readable = train[~train["image_id"].isin(unusable)]
-    images = [Path("train_images") / lbl / iid for lbl, iid in zip(readable["label"], readable["image_id"])]
-    present_test_ids = [iid for iid in submission["image_id"] if (test_image_dir(data_dir) / iid).is_file()]
-    images += [Path("test_images") / iid for iid in present_test_ids]
+    unusable = {bad_file.drop_row for bad_file in bad}
+    images = [Path("train_images") / label / iid for label, iid in zip(train["label"], train["image_id"])
+              if iid not in unusable]
+    images += [Path("test_images") / iid for iid in submission["image_id"]
+               if (test_image_dir(data_dir) / iid).is_file()]
     unreadable, images_sha256 = _read_images(data_dir, images)
     bad += unreadable
 
