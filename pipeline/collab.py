@@ -1,9 +1,7 @@
 """Stage `collab`: collaborative filtering on MovieLens 100k, the seeds' DotProductBias trained with fastai.
 
 Written out as in fastbook chapter 8, not fastai's EmbeddingDotBias, so the reader sees every parameter (fastai's
-collab_learner is the reference in benchmarks/collab.py); fit_one_cycle with weight decay on a seeded split.
-Outputs: models/collab.pth (weights + id vocabularies), metrics/collab.json, dvclive/collab and reports/collab/
-(movie-bias ranking, PCA map of movie factors, "movies like X").
+collab_learner is the reference in benchmarks/collab.py). Params and outputs: docs/stages.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Stage `movielens_data`: the MovieLens 100k ratings and titles in data/movielens/, verified.
 
-`movielens.source`: `grouplens` (ml-100k.zip, as the seeds read it), `recbole` (the same files inside the recbole
-wheel, from PyPI with `pip download --no-deps`: PyPI is reachable where GroupLens is not), `auto` (GroupLens with a
-short timeout, else recbole), or a local path (LOCAL_LAYOUTS). Downloads are cached in data/downloads/. Output:
-ratings.csv, movies.csv and SOURCE.json, swapped in atomically; metrics/movielens_data.json.
+Sources and checks: docs/stages.md. The recbole wheel carries the same files because PyPI is reachable where
+GroupLens is not; `auto` tries GroupLens with a short timeout first.
 """
 
 from __future__ import annotations
@@ -58,7 +56,6 @@ class MovielensConfig:
 
 
 def load_config(params: Mapping[str, Any]) -> MovielensConfig:
-    """Everything this stage reads from params.yaml: the `movielens` section."""
     return load_section(MovielensConfig, params, "movielens")
 
 

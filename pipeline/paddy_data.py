@@ -1,8 +1,7 @@
 """Stage `paddy_data`: the Paddy Doctor data in data/paddy/, verified, in the competition's own layout.
 
-`data.source`: `kaggle` (an attached competition in a Kaggle notebook, in place; else the official client, the zip
-cached in data/downloads/), a local zip or folder, or `synthetic` (from `seed`, announced loudly). Built and verified
-beside data/paddy and swapped in with one rename: a killed run or a failed check leaves the previous data in place.
+Built and verified beside data/paddy and swapped in with one rename: a killed run or a failed check leaves the
+previous data in place. Sources and checks: docs/stages.md#paddy_data-the-competitions-data-verified.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ OTHER_SOURCES = "set data.source to synthetic or to a local copy of the competit
 NO_CREDENTIALS = f"{kaggle_client.NO_CREDENTIALS}, or {OTHER_SOURCES}"
 LAYOUT = "train.csv, sample_submission.csv, train_images/<label>/, test_images/"
 MAX_LISTED = 20  # bad files logged one per line before the error
+_OR_SKIP = ", or set data.skip_bad_images: true to leave it out"
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,6 @@ def source_fingerprint(source: str) -> dict:
 
 def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: Path) -> dict:
     """Fetch or generate the data, verify it, write SOURCE.json, swap it into `data_dir`; return the SOURCE record."""
-    data_dir = Path(data_dir)
     mounted = kaggle_mount(COMPETITION) if config.source == "kaggle" else None
     if config.source == "synthetic":
         synthetic, where = asdict(config.synthetic), "synthetic data"
@@ -139,7 +138,7 @@ def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: P
         fill, where = functools.partial(link_in_place, mounted), str(mounted)
     else:
         if config.source == "kaggle":
-            archive = download_competition(COMPETITION, Path(downloads_dir))
+            archive = download_competition(COMPETITION, downloads_dir)
             origin = {"source": "kaggle", "competition": COMPETITION}
         else:
             archive = _local_source(config.source, data_dir)
@@ -210,9 +209,9 @@ def data_metrics(record: dict, profile: str) -> dict:
             "n_skipped": len(record["skipped"]), "skipped": record["skipped"]}
 
 
-def download_competition(competition: str, downloads_dir: Path, quiet: bool = True) -> Path:
+def download_competition(competition: str, downloads_dir: Path) -> Path:
     """The competition zip, from the download cache or else from the Kaggle API (then cached)."""
-    archive = Path(downloads_dir) / f"{competition}.zip"
+    archive = downloads_dir / f"{competition}.zip"
     if archive.is_file():
         log(STAGE, f"using the cached download {archive} (delete it to download again)")
         return archive
@@ -223,11 +222,12 @@ def download_competition(competition: str, downloads_dir: Path, quiet: bool = Tr
     # Into atomic_path's scratch folder (a killed run's is removed by the next): only a complete zip is cached.
     with atomic_path(archive) as staged:
         try:
-            kaggle_client.authenticated_api().competition_download_files(competition, path=str(staged.parent), quiet=quiet)
+            kaggle_client.authenticated_api().competition_download_files(competition, path=str(staged.parent))
         except kaggle_client.KaggleError as err:
             raise DataError(f"{err}, or {OTHER_SOURCES}") from None
         except kaggle_client.CLIENT_ERRORS as err:
-            raise DataError(f"{kaggle_client.failure_message(err, competition, 'download')}; or {OTHER_SOURCES}") from None
+            failure = kaggle_client.failure_message(err, competition, "download")
+            raise DataError(f"{failure}; or {OTHER_SOURCES}") from None
         zips = sorted(staged.parent.glob("*.zip"))
         if not zips or not zipfile.is_zipfile(zips[0]):
             raise DataError(f"the Kaggle API did not deliver a complete zip of {competition}; run the stage again")
@@ -279,31 +279,26 @@ def verify_dataset(data_dir: Path, skip_bad_images: bool = False, origin: str | 
     for folder in ("train_images", "test_images"):
         if not (data_dir / folder).is_dir():
             raise DataError(f"{where}: {folder}/ is missing; the data is incomplete, expected {LAYOUT}")
-    for table, name in ((train, "train.csv"), (submission, "sample_submission.csv")):
-        repeated = table["image_id"][table["image_id"].duplicated()]
-        if len(repeated):
-            raise DataError(f"{where}: {name}: image_id {repeated.iloc[0]!r} appears more than once; keep one row per "
-                            "image")
 
     bad = _bad_rows(train, data_dir) + _stray_train_images(train, data_dir) + _test_mismatches(submission, data_dir)
-    unusable = {bad_file.drop_row for bad_file in bad if bad_file.drop_row}
-    readable = train[~train["image_id"].isin(unusable)]
-    images = [Path("train_images") / lbl / iid for lbl, iid in zip(readable["label"], readable["image_id"])]
-    present_test_ids = [iid for iid in submission["image_id"] if (test_image_dir(data_dir) / iid).is_file()]
-    images += [Path("test_images") / iid for iid in present_test_ids]
+    unusable = {bad_file.drop_row for bad_file in bad}
+    images = [Path("train_images") / label / iid for label, iid in zip(train["label"], train["image_id"])
+              if iid not in unusable]
+    images += [Path("test_images") / iid for iid in submission["image_id"]
+               if (test_image_dir(data_dir) / iid).is_file()]
     unreadable, images_sha256 = _read_images(data_dir, images)
     bad += unreadable
 
-    if bad and not (skip_bad_images and all(bad_file.skippable for bad_file in bad)):
-        blocking = next((bad_file for bad_file in bad if not bad_file.skippable), bad[0]) if skip_bad_images else bad[0]
+    # The first bad file, or with skip_bad_images the first that cannot be skipped.
+    blocking = next((bad_file for bad_file in bad if not (skip_bad_images and bad_file.skippable)), None)
+    if blocking:
         for bad_file in bad[:MAX_LISTED]:
             log(STAGE, bad_file.line())
         shown = "all listed above" if len(bad) <= MAX_LISTED else f"the first {MAX_LISTED} listed above"
         more = f" ({len(bad)} bad files, {shown})" if len(bad) > 1 else ""
         raise DataError(f"{where}: {blocking.line()}{more}")
     if bad:
-        _skip(bad, train, data_dir)
-        train = _read_table(train_csv(data_dir), TRAIN_COLUMNS, where)
+        train = _skip(bad, train, data_dir)
     empty = [label for label in CLASSES if not (train["label"] == label).any()]
     if empty:
         raise DataError(f"{where}: train.csv has no images of class {empty[0]!r}; the data is incomplete, download it "
@@ -326,6 +321,9 @@ def _read_table(path: Path, columns: tuple[str, ...], where: str) -> pd.DataFram
                         f"{', '.join(columns)}")
     if table.empty:
         raise DataError(f"{name}: no rows; restore it from the competition zip")
+    repeated = table["image_id"][table["image_id"].duplicated()]
+    if len(repeated):
+        raise DataError(f"{name}: image_id {repeated.iloc[0]!r} appears more than once; keep one row per image")
     return table
 
 
@@ -345,23 +343,16 @@ def _bad_rows(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
     return bad
 
 
-_OR_SKIP = ", or set data.skip_bad_images: true to leave it out"
-
-
 def _stray_train_images(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
-    listed = set(zip(train["label"], train["image_id"]))
+    rows = zip(train["label"], train["image_id"])
+    listed = {f"train_images/{label}/{image_id}" for label, image_id in rows if label in CLASSES}
     bad = []
-    for path in sorted((data_dir / "train_images").rglob("*")):
-        if not path.is_file():
-            continue
-        relative = path.relative_to(data_dir)
-        label = path.parent.name if path.parent.parent == data_dir / "train_images" else None
-        if label in CLASSES and (label, path.name) in listed:
-            continue
-        problem = ("is not listed in train.csv" if label in CLASSES
-                   else "is not in a folder named after one of the 10 classes")
-        bad.append(BadFile(str(relative), problem, "add its row to train.csv or remove the file" + _OR_SKIP,
-                           delete_file=True))
+    for file in sorted(path.relative_to(data_dir) for path in (data_dir / "train_images").rglob("*") if path.is_file()):
+        if file.as_posix() not in listed:
+            problem = ("is not listed in train.csv" if len(file.parts) == 3 and file.parts[1] in CLASSES
+                       else "is not in a folder named after one of the 10 classes")
+            bad.append(BadFile(str(file), problem, "add its row to train.csv or remove the file" + _OR_SKIP,
+                               delete_file=True))
     return bad
 
 
@@ -409,16 +400,18 @@ def _read_image(path: Path) -> tuple[str, str | None]:
     return digest, None
 
 
-def _skip(bad: list[BadFile], train: pd.DataFrame, data_dir: Path) -> None:
+def _skip(bad: list[BadFile], train: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
+    """Leave the bad files out of `data_dir`; return the train table that is left."""
     for bad_file in bad:
         log(STAGE, f"skipping {bad_file.file}: {bad_file.problem}")
         if bad_file.delete_file:
             (data_dir / bad_file.file).unlink(missing_ok=True)
-    dropped = {bad_file.drop_row for bad_file in bad if bad_file.drop_row}
-    train[~train["image_id"].isin(dropped)].to_csv(train_csv(data_dir), index=False)
+    kept = train[~train["image_id"].isin({bad_file.drop_row for bad_file in bad})]
+    kept.to_csv(train_csv(data_dir), index=False)
     for folder in (data_dir / "train_images").iterdir():
         if folder.is_dir() and folder.name not in CLASSES and not any(folder.rglob("*")):
             folder.rmdir()
+    return kept
 
 
 if __name__ == "__main__":
