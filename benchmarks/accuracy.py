@@ -1,12 +1,8 @@
 """Benchmark: accuracy on real images: the demo profile's DAG next to the seeds' plain fastai `train()`, same data.
 
-The data: scikit-learn's load_digits (1,797 real 8x8 scans of handwritten digits, shipped in the sklearn wheel of the
-lock), upsampled and written once in the competition's layout, digit d as the label CLASSES[d]; TEST_PCT of it is
-held out as test_images/ whose labels the benchmark keeps (they never reach the workspace). Then, side by side:
-(a) `dvc repro ensemble` with the demo profile (plus `--set` overrides) in a scratch copy of the repository, as
-benchmarks/rehearsal.py makes one; (b) the seeds' train() on the same train_images/ and CPU: from_folder,
-vision_learner resnet18 (random init), fit_one_cycle(12, 0.01), TTA. Validation and held-out test accuracy of each
-member, the ensemble and the seeds' model, and wall times, in bench/accuracy.json and a table.
+scikit-learn's load_digits (1,797 real 8x8 scans) in the competition's layout, TEST_PCT held out with its labels;
+(a) `dvc repro ensemble` with the demo profile (plus `--set` overrides) in a scratch workspace, (b) the seeds'
+train() (SEEDS) on the same images. Accuracy and wall times in bench/accuracy.json: docs/benchmarks.md.
 `python -m benchmarks.accuracy --set train.member_defaults.lr=0.01 --no-seeds` runs an ablation.
 """
 
@@ -23,15 +19,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
+from omegaconf import OmegaConf
 from PIL import Image
 
+from benchmarks import REPO_ROOT, make_workspace, stage_env
 from pipeline.common import read_json, write_json
 from pipeline.paddy import CLASSES, SUBMISSION_COLUMNS, TRAIN_COLUMNS, VARIETIES
 from pipeline.params import fold_ids_for
 from pipeline.profile import render_params
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_FILE = Path("bench/accuracy.json")
 TEST_PCT = 0.2
 SEED = 42
@@ -76,16 +72,10 @@ def digits_layout(folder: Path) -> dict[str, str]:
 
 def with_overrides(params: Mapping[str, Any], overrides: Sequence[str]) -> dict:
     """`params` with each `dotted.key=value` (the value read as YAML) set, as `dvc exp run -S` would."""
-    params = yaml.safe_load(yaml.safe_dump(dict(params)))
     for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep:
+        if "=" not in override:
             raise SystemExit(f"bench accuracy: --set {override!r}: use key=value, e.g. train.member_defaults.lr=0.01")
-        *parents, leaf = key.split(".")
-        section = params
-        for parent in parents:
-            section = section.setdefault(parent, {})
-        section[leaf] = yaml.safe_load(value)
+    params = OmegaConf.to_container(OmegaConf.merge(dict(params), OmegaConf.from_dotlist(list(overrides))))
     validation = params["validation"]  # `make profile` writes fold_ids from folds; a --set of folds must too
     validation["fold_ids"] = fold_ids_for(validation["folds"], validation["full"])
     return params
@@ -99,10 +89,8 @@ def test_accuracy(submission: Path, truth: Mapping[str, str]) -> float:
 def demo_dag(source: Path, truth: Mapping[str, str], overrides: Sequence[str], workdir: Path) -> dict:
     """`dvc repro ensemble` on the demo profile with data.source `source`: each member's and the ensemble's
     validation and test accuracy and seconds; the workspace's dvc log in workdir/repro.log."""
-    from benchmarks.rehearsal import make_workspace, stage_env  # torch and fastai: not for the layout's quick test
-
     params = with_overrides(render_params("demo"), [f"data.source={source}", *overrides])
-    make_workspace(REPO_ROOT, workdir, params, header=f"# bench accuracy: the demo profile with {list(overrides)}\n")
+    make_workspace(workdir, params, header=f"# bench accuracy: the demo profile with {list(overrides)}\n")
     started = time.perf_counter()
     with open(workdir / "repro.log", "w") as log_file:
         done = subprocess.run([sys.executable, "-m", "dvc", "repro", "ensemble"], cwd=workdir, env=stage_env(workdir),

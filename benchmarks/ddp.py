@@ -1,11 +1,9 @@
 """Benchmark: one member trained by the stage's own command in 1 process and in 2 processes (DDP over gloo, CPU).
 
-Each run is `python -m pipeline.train <member>` in a scratch project on the demo's synthetic data: one process with
-all the CPU's threads, one with one thread, and `train.devices: 2`, two processes with half the threads each (what
-the launcher sets). Two one-thread processes against one is the CPU's closest analogue of two GPUs against one.
-On a CPU it shows that DDP trains the same optimiser steps to a comparable accuracy and what the second process
-costs, not a speed-up: both share the same cores (docs/benchmarks.md). Writes bench/ddp.json.
-`python -m benchmarks.ddp [member] [--epochs N]`.
+`python -m pipeline.train <member>` in a scratch project on the demo's synthetic data: one process with all the
+CPU's threads, one with one thread, and `train.devices: 2` with half the threads each (what the launcher sets). On a
+CPU it shows that DDP trains the same optimiser steps to a comparable accuracy and what the second process costs,
+not a speed-up (docs/benchmarks.md). Writes bench/ddp.json. `python -m benchmarks.ddp [member] [--epochs N]`.
 """
 
 from __future__ import annotations
@@ -20,12 +18,12 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks import REPO_ROOT
 from pipeline.common import read_json, write_json
 from pipeline.params import read_params
 from pipeline.synthetic import write_synthetic_dataset
 
 RESULT = Path("bench/ddp.json")
-ROOT = Path(__file__).resolve().parents[1]
 RUN_FIELDS = ("processes", "process_step_images", "optimizer_steps", "train_seconds", "images_per_second",
               "predict_seconds", "valid_accuracy")
 
@@ -46,7 +44,7 @@ def scratch_project(directory: Path, params: dict, data_dir: Path, member: str, 
 
 
 def timed_stage(project: Path, member: str, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(threads))
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pipeline.train", member], cwd=project, env=env, check=True)
     wall = time.perf_counter() - started

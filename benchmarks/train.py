@@ -1,9 +1,8 @@
 """Benchmark: training throughput (images/s) of our train stage against the seeds' plain fastai `train()`.
 
-Both train the same member (arch, item transform, size, epochs, bs, accum, lr, DataLoader workers) on the same data
-in one process, side by side. Ours is the stage itself (`train.run_stage` into a scratch folder), timed by the
-stage's own `train_seconds`: everything it adds per epoch (checkpoints with optimiser and random states, DVCLive) is
-included. Writes bench/train.json. `python -m benchmarks.train [member]`.
+The same member, data and settings in one process, side by side; ours is `train.run_stage` into a scratch folder,
+timed by its own `train_seconds` (checkpoints and DVCLive included). Writes bench/train.json.
+`python -m benchmarks.train [member]`.
 """
 
 from __future__ import annotations
@@ -25,8 +24,7 @@ from pipeline.torch_setup import compute_device, quiet_progress
 from pipeline.paddy import DATA_DIR
 from pipeline.params import read_params
 
-RESULT = Path("bench/train.json")
-MAX_OVERHEAD_PCT = 10
+RESULT, MAX_OVERHEAD_PCT = Path("bench/train.json"), 10
 LR_WHEN_FIND = 0.01  # both sides train at the same fixed lr; lr_find is not what is timed
 
 
@@ -73,8 +71,7 @@ def run(member_name: str | None = None, data_dir: Path = DATA_DIR, rounds: int =
     for _ in range(rounds):
         seeds_times.append(seeds_train_seconds(member, data_dir, cfg.bs, accum, member.lr, workers))
         ours_times.append(ours_train_seconds(cfg, data_dir))
-    seeds_seconds, ours_seconds = min(seeds_times), min(ours_times)
-    images = n_train * member.epochs
+    images, seeds_seconds, ours_seconds = n_train * member.epochs, min(seeds_times), min(ours_times)
     overhead_pct = round(100 * (ours_seconds / seeds_seconds - 1), 1)
     result = dict(
         member=name, arch=member.arch, size=member.size, epochs=member.epochs, bs=cfg.bs, accum=accum,
@@ -90,8 +87,7 @@ def run(member_name: str | None = None, data_dir: Path = DATA_DIR, rounds: int =
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.splitlines()[0])
     parser.add_argument("member", nargs="?", help="member under train.members (default: the first)")
-    args = parser.parse_args(argv)
-    result = run(args.member)
+    result = run(parser.parse_args(argv).member)
     print(result)
     if not result["within_target"]:
         print(f"bench train: overhead {result['overhead_pct']}% is above {MAX_OVERHEAD_PCT}%", file=sys.stderr)
