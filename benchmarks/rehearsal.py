@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,11 +94,10 @@ def error_line(lines: Sequence[str], returncode: int) -> str:
     """Why a stage failed, in one line: the last line the stage printed (a traceback's exception, or the stage's
     own one-line refusal) rather than its `[stage]` progress lines; else DVC's error (a process killed by the
     kernel prints nothing of its own); else the exit code."""
-    stripped = [line.strip() for line in lines if line.strip()]
-    own = [line for line in stripped if not line.startswith(("[", DVC_FAILURE))]
+    stripped = [line.strip() for line in lines if line.strip() and not line.startswith("[")]
+    own = [line for line in stripped if not line.startswith(DVC_FAILURE)]
     dvc = [line[len(DVC_FAILURE):] for line in stripped if line.startswith(DVC_FAILURE)]
-    reason = " ".join((own or dvc or [f"exited with code {returncode}"])[-1].split())
-    return reason if len(reason) <= ERROR_CHARS else reason[: ERROR_CHARS - 3] + "..."
+    return textwrap.shorten((own or dvc or [f"exited with code {returncode}"])[-1], ERROR_CHARS)
 
 
 @dataclass
@@ -113,10 +113,6 @@ class MemberRun:
     resumed_from_epoch: int | None = None
     images_per_second: float | None = None
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
 
 def summary_line(run: MemberRun, name_width: int = 0) -> str:
     """The member's one line: probe and train times, the probe's accum, then `ok` or `error: <one line>`."""
@@ -126,7 +122,7 @@ def summary_line(run: MemberRun, name_width: int = 0) -> str:
              run.images_per_second is not None and f"{run.images_per_second:.1f} img/s",
              run.killed_after_epoch is not None
              and f"killed after epoch {run.killed_after_epoch}, resumed from {run.resumed_from_epoch}",
-             "ok" if run.ok else f"error: {run.error}"]
+             "ok" if run.error is None else f"error: {run.error}"]
     return "  ".join(part for part in parts if part)
 
 
@@ -172,11 +168,9 @@ def completed_epochs(workdir: Path, member: str) -> int:
 
 def rehearse_member(workdir: Path, name: str, logs: Path, kill: bool) -> MemberRun:
     """probe@name then train@name (killed after its first epoch and rerun when `kill`), and what they recorded."""
-    run = MemberRun(name)
     probed = run_stage(workdir, f"probe@{name}", logs / f"probe@{name}.log")
-    run.probe_seconds = probed.seconds
-    if probed.error:
-        run.error = f"probe: {probed.error}"
+    run = MemberRun(name, probed.seconds, error=probed.error and f"probe: {probed.error}")
+    if run.error:
         return run
     run.accum = read_json(workdir / probe_decision_path(name))["accum"]
     stage, run.train_seconds = f"train@{name}", 0.0
@@ -221,7 +215,7 @@ def run_dag(workdir: Path, members: Sequence[str], logs: Path) -> tuple[dict, li
         if result.error:
             return stages, [MemberRun(name, error=f"{stage}: {result.error}") for name in members]
     runs = [rehearse_member(workdir, name, logs, kill=name == members[0]) for name in members]
-    if all(run.ok for run in runs):
+    if not any(run.error for run in runs):
         result = run_stage(workdir, "ensemble", logs / "ensemble.log")
         error = result.error and f"ensemble: {result.error}"
         try:
@@ -259,7 +253,7 @@ def rehearse(members: str | None, bs: int | None, keep: bool) -> bool:
     print(f"rehearsal: {'ok' if ok else 'FAILED'} in {total / 60:.1f} min on {device} -> {RESULT_FILE}")
     write_json(REPO_ROOT / RESULT_FILE, {
         "ok": ok, "device": device, "params": {key: params[key] for key in ("data", "probe", "train")},
-        "precision": precision, "stages": stages, "members": {run.name: asdict(run) | {"ok": run.ok} for run in runs},
+        "precision": precision, "stages": stages, "members": {run.name: asdict(run) | {"ok": run.error is None} for run in runs},
         "total_seconds": total, "workspace": str(workdir) if keep else None})
     return ok
 
