@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 from PIL import Image
 
-from benchmarks import REPO_ROOT, make_workspace, stage_env
+from benchmarks import REPO_ROOT, make_workspace, run_stage, seeds_learner
 from pipeline.common import read_json, write_json
 from pipeline.paddy import CLASSES, SUBMISSION_COLUMNS, TRAIN_COLUMNS, VARIETIES
 from pipeline.params import fold_ids_for
@@ -32,7 +30,7 @@ RESULT_FILE = Path("bench/accuracy.json")
 TEST_PCT = 0.2
 SEED = 42
 IMAGE_SIDE = 64  # 8x8 scans upsampled (bilinear): the demo members' resize sizes are 96-128
-SEEDS = {"arch": "resnet18", "epochs": 12, "lr": 0.01, "bs": 64, "valid_pct": 0.2, "resize": 96, "size": 64}
+SEEDS = {"arch": "resnet18", "epochs": 12, "lr": 0.01, "bs": 64, "resize": 96, "size": 64}  # valid_pct 0.2
 
 
 def write_layout(folder: Path, images: np.ndarray, digits: np.ndarray, test_pct: float = TEST_PCT,
@@ -91,14 +89,9 @@ def demo_dag(source: Path, truth: Mapping[str, str], overrides: Sequence[str], w
     validation and test accuracy and seconds; the workspace's dvc log in workdir/repro.log."""
     params = with_overrides(render_params("demo"), [f"data.source={source}", *overrides])
     make_workspace(workdir, params, header=f"# bench accuracy: the demo profile with {list(overrides)}\n")
-    started = time.perf_counter()
-    with open(workdir / "repro.log", "w") as log_file:
-        done = subprocess.run([sys.executable, "-m", "dvc", "repro", "ensemble"], cwd=workdir, env=stage_env(workdir),
-                              stdout=log_file, stderr=subprocess.STDOUT)
-    seconds = round(time.perf_counter() - started, 1)
-    if done.returncode:
-        tail = (workdir / "repro.log").read_text().splitlines()[-5:]
-        raise RuntimeError(f"bench accuracy: dvc repro failed in {workdir}: {' | '.join(tail)}")
+    seconds, error, _ = run_stage(workdir, "ensemble", workdir / "repro.log", options=())
+    if error:
+        raise RuntimeError(f"bench accuracy: dvc repro failed in {workdir}: {error}")
     ensemble = read_json(workdir / "metrics/ensemble.json")
     rows = {name: {"valid_accuracy": member["valid_accuracy"],
                    "test_accuracy": test_accuracy(workdir / f"submissions/members/{name}.csv", truth),
@@ -113,18 +106,12 @@ def demo_dag(source: Path, truth: Mapping[str, str], overrides: Sequence[str], w
 
 def seeds_train(data_dir: Path, truth: Mapping[str, str]) -> dict:
     """The seeds' train() (SEEDS) on data_dir/train_images: its own validation split's and the test's TTA accuracy."""
-    from fastai.vision.all import (ImageDataLoaders, Resize, aug_transforms, error_rate, get_image_files,
-                                   vision_learner)
-    from pipeline.torch_setup import quiet_progress
+    from fastai.vision.all import Resize, get_image_files
 
     started = time.perf_counter()
-    dls = ImageDataLoaders.from_folder(data_dir / "train_images", valid_pct=SEEDS["valid_pct"], seed=SEED,
-                                       item_tfms=Resize(SEEDS["resize"], method="squish"),
-                                       batch_tfms=aug_transforms(size=SEEDS["size"], min_scale=0.75),
-                                       bs=SEEDS["bs"], num_workers=0)
-    learn = vision_learner(dls, SEEDS["arch"], metrics=error_rate, pretrained=False)
-    quiet_progress(learn)
-    learn.unfreeze()
+    learn = seeds_learner(data_dir / "train_images", SEEDS["arch"], Resize(SEEDS["resize"], method="squish"),
+                          SEEDS["size"], 0.75, SEEDS["bs"])
+    dls = learn.dls
     learn.fit_one_cycle(SEEDS["epochs"], SEEDS["lr"])
     probs, targets = learn.tta(dl=dls.valid)
     test_files = sorted(get_image_files(data_dir / "test_images"))

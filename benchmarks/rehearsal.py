@@ -11,18 +11,15 @@ import copy
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from benchmarks import REPO_ROOT, WorkspaceError, make_workspace, stage_env
+from benchmarks import REPO_ROOT, WorkspaceError, make_workspace, run_stage
 from pipeline import train
 from pipeline.common import log, read_json, write_json
 from pipeline.paddy import CLASSES
@@ -39,8 +36,6 @@ STEPS_PER_EPOCH = 2  # full batches of bs per training epoch, at least
 CPU_BS = 4  # 28 training images a member (the fewest the split allows) in 7 steps; the probe measures accum 1 and 2
 MIN_IMAGES_PER_STEP = 2  # fastai's head has a BatchNorm1d, which cannot train on a batch of one image
 MIN_SMALLEST_CLASS = 2  # the probe trains on the smallest class and needs at least 2 of its images
-ERROR_CHARS = 300
-DVC_FAILURE = "ERROR: "
 
 
 class RehearsalError(WorkspaceError):
@@ -90,16 +85,6 @@ def rehearsal_params(profile: Mapping[str, Any], members: Sequence[str], bs: int
     return params
 
 
-def error_line(lines: Sequence[str], returncode: int) -> str:
-    """Why a stage failed, in one line: the last line the stage printed (a traceback's exception, or the stage's
-    own one-line refusal) rather than its `[stage]` progress lines; else DVC's error (a process killed by the
-    kernel prints nothing of its own); else the exit code."""
-    stripped = [line.strip() for line in lines if line.strip() and not line.startswith("[")]
-    own = [line for line in stripped if not line.startswith(DVC_FAILURE)]
-    dvc = [line[len(DVC_FAILURE):] for line in stripped if line.startswith(DVC_FAILURE)]
-    return textwrap.shorten((own or dvc or [f"exited with code {returncode}"])[-1], ERROR_CHARS)
-
-
 @dataclass
 class MemberRun:
     """One member's rehearsal: what is printed on its line and written to bench/rehearsal.json."""
@@ -124,38 +109,6 @@ def summary_line(run: MemberRun, name_width: int = 0) -> str:
              and f"killed after epoch {run.killed_after_epoch}, resumed from {run.resumed_from_epoch}",
              "ok" if run.error is None else f"error: {run.error}"]
     return "  ".join(part for part in parts if part)
-
-
-class StageRun(NamedTuple):
-    seconds: float
-    error: str | None  # None when it passed (or was killed as asked)
-    killed: bool = False
-
-
-def run_stage(workdir: Path, stage: str, log_file: Path, kill_when: Callable[[], bool] | None = None) -> StageRun:
-    """`dvc repro --single-item <stage>` in workdir, its output into log_file; SIGKILL to it once `kill_when()`.
-    In a session of its own: the kill (or the rehearsal's interruption) reaches DVC, the stage and its workers only."""
-    log(STAGE, f"{stage}: running, log in {log_file}")
-    started, killed = time.perf_counter(), False
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as output:
-        process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=workdir,
-                                   env=stage_env(workdir), stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            while process.poll() is None:
-                if kill_when is not None and not killed and kill_when():
-                    os.killpg(process.pid, signal.SIGKILL)
-                    killed = True
-                time.sleep(0.2)
-        except BaseException:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
-    seconds = round(time.perf_counter() - started, 1)
-    error = None if killed or process.returncode == 0 else error_line(log_file.read_text().splitlines(),
-                                                                      process.returncode)
-    log(STAGE, f"{stage}: {seconds} s, {'killed' if killed else 'ok' if error is None else 'failed: ' + error}")
-    return StageRun(seconds, error, killed)
 
 
 def completed_epochs(workdir: Path, member: str) -> int:

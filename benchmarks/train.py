@@ -14,13 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastai.callback.training import GradientAccumulation
-from fastai.metrics import error_rate
-from fastai.vision.all import ImageDataLoaders, aug_transforms, vision_learner
-
+from benchmarks import seeds_learner
 from pipeline import train, vision
 from pipeline.common import write_json
-from pipeline.torch_setup import compute_device, quiet_progress
+from pipeline.torch_setup import compute_device
 from pipeline.paddy import DATA_DIR
 from pipeline.params import read_params
 
@@ -29,14 +26,9 @@ LR_WHEN_FIND = 0.01  # both sides train at the same fixed lr; lr_find is not wha
 
 
 def seeds_train_seconds(member: vision.MemberConfig, data_dir: Path, bs: int, accum: int, lr: float, workers: int) -> float:
-    """The seeds' train(): ImageDataLoaders.from_folder, vision_learner, unfreeze, fit_one_cycle; fit seconds."""
-    dls = ImageDataLoaders.from_folder(
-        Path(data_dir) / "train_images", valid_pct=0.2, seed=42, item_tfms=vision.item_transform(member),
-        batch_tfms=aug_transforms(size=member.size, min_scale=member.min_scale), bs=bs // accum, num_workers=workers)
-    cbs = GradientAccumulation(bs) if accum > 1 else []
-    learn = vision_learner(dls, member.arch, metrics=error_rate, cbs=cbs, pretrained=bool(member.pretrained))
-    quiet_progress(learn)
-    learn.unfreeze()
+    """The seeds' train() on the member's settings (benchmarks.seeds_learner, fit_one_cycle): its fit seconds."""
+    learn = seeds_learner(Path(data_dir) / "train_images", member.arch, vision.item_transform(member), member.size,
+                          member.min_scale, bs, accum, bool(member.pretrained), workers)
     started = time.perf_counter()
     learn.fit_one_cycle(member.epochs, lr)
     return time.perf_counter() - started

@@ -17,14 +17,12 @@ from benchmarks.rehearsal import (
     STEPS_PER_EPOCH,
     MemberRun,
     RehearsalError,
-    error_line,
     generated_split,
     probe_accums_for,
     rehearsal_params,
-    run_stage,
     summary_line,
 )
-from benchmarks import copy_repo
+from benchmarks import copy_repo, error_line, run_stage
 from helpers import GIT_IDENTITY
 from pipeline.paddy import CLASSES, validation_mask
 from pipeline.profile import render_params
