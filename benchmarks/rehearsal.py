@@ -188,7 +188,7 @@ def rehearse(members: str | None, bs: int | None, keep: bool) -> bool:
     precision = precision_for(params["train"]["precision"], cuda)
     device = f"cuda ({torch.cuda.get_device_name()})" if cuda else f"cpu ({os.cpu_count()} cores)"
     workdir, logs, started = Path(tempfile.mkdtemp(prefix="paddy-rehearsal-")), REPO_ROOT / LOGS_DIR, time.perf_counter()
-    log(STAGE, f"{len(chosen)} member(s) on {device}: bs {params['train']['bs']}{'' if cuda or bs else ' (--bs)'}, "
+    log(STAGE, f"{len(chosen)} member(s) on {device}: bs {params['train']['bs']}{'' if cuda or bs else ' (for the CPU; --bs)'}, "
         f"probe accums {params['probe']['accums']}, {precision}; workspace {workdir} ({'kept' if keep else 'removed'})")
     shutil.rmtree(logs, ignore_errors=True)
     try:
