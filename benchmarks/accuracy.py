@@ -61,13 +61,6 @@ def write_layout(folder: Path, images: np.ndarray, digits: np.ndarray, test_pct:
     return dict(zip(ids[test_rows], labels[test_rows]))
 
 
-def digits_layout(folder: Path) -> dict[str, str]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return write_layout(folder, digits.images, digits.target)
-
-
 def with_overrides(params: Mapping[str, Any], overrides: Sequence[str]) -> dict:
     """`params` with each `dotted.key=value` (the value read as YAML) set, as `dvc exp run -S` would."""
     for override in overrides:
@@ -124,9 +117,11 @@ def seeds_train(data_dir: Path, truth: Mapping[str, str]) -> dict:
 
 def run(overrides: Sequence[str] = (), seeds: bool = True, keep: bool = False, result_file: Path = RESULT_FILE) -> dict:
     """The whole benchmark (module docstring); writes and returns result_file's content."""
-    scratch = Path(tempfile.mkdtemp(prefix="paddy-bench-accuracy."))
+    from sklearn.datasets import load_digits
+
+    scratch, digits = Path(tempfile.mkdtemp(prefix="paddy-bench-accuracy.")), load_digits()
     try:
-        truth = digits_layout(scratch / "digits")
+        truth = write_layout(scratch / "digits", digits.images, digits.target)
         n_train = len(list((scratch / "digits").glob("train_images/*/*")))
         result = {"data": "sklearn load_digits", "train_images": n_train, "test_images": len(truth),
                   "overrides": list(overrides),

@@ -44,12 +44,6 @@ def benchmark_params(params: dict, name: str) -> dict:
     return params
 
 
-def ours_train_seconds(cfg: train.StageConfig, data_dir: Path) -> float:
-    """The train stage on `cfg`, writing into a scratch folder; its own fit seconds."""
-    with tempfile.TemporaryDirectory(prefix="paddy-bench-train.") as scratch:
-        return train.run_stage(cfg, data_dir=data_dir, root=Path(scratch))["train_seconds"]
-
-
 def run(member_name: str | None = None, data_dir: Path = DATA_DIR, rounds: int = 2) -> dict:
     params = read_params()
     name = member_name or next(iter(vision.load_train_config(params).members))
@@ -62,7 +56,8 @@ def run(member_name: str | None = None, data_dir: Path = DATA_DIR, rounds: int =
     # else the machine is doing (seen here: 1% to 15% apart between two identical rounds).
     for _ in range(rounds):
         seeds_times.append(seeds_train_seconds(member, data_dir, cfg.bs, accum, member.lr, workers))
-        ours_times.append(ours_train_seconds(cfg, data_dir))
+        with tempfile.TemporaryDirectory(prefix="paddy-bench-train.") as scratch:  # the stage's outputs
+            ours_times.append(train.run_stage(cfg, data_dir=data_dir, root=Path(scratch))["train_seconds"])
     images, seeds_seconds, ours_seconds = n_train * member.epochs, min(seeds_times), min(ours_times)
     overhead_pct = round(100 * (ours_seconds / seeds_seconds - 1), 1)
     result = dict(
