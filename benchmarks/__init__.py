@@ -1,5 +1,127 @@
-"""Benchmarks of the paddy pipeline: speed and memory targets live here, not in the timed test suite.
+"""Benchmarks of the paddy pipeline (docs/benchmarks.md): speed and memory targets live here, not in the tests.
 
-Not part of the installed package: run from the repository root with `python -m benchmarks [names]` (or
-`make bench`). Each module has `run() -> dict` and uses the pipeline's public functions only.
+Not part of the installed package: run from the repository root, `python -m benchmarks [names]` or `make bench`.
+Each module has `run() -> dict` and uses the pipeline's public functions only; below, what several of them share.
 """
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import yaml
+
+from pipeline.common import log
+from pipeline.params import PARAMS_FILE
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ERROR_CHARS, DVC_FAILURE = 300, "ERROR: "
+
+
+class WorkspaceError(RuntimeError):
+    """A scratch workspace cannot be made (no git, a failing command): one line saying what to fix."""
+
+
+def stage_env(workdir: Path) -> dict:
+    """The stages import the workspace's code and run with this interpreter (dvc.yaml says `python -m ...`)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PYTHONPATH": str(workdir), "PATH": path, "PYTHONUNBUFFERED": "1", "DVC_NO_ANALYTICS": "1"}
+
+
+def copy_repo(repo: Path, workdir: Path) -> int:
+    """Copy the repository's tracked and untracked-not-ignored files into workdir (never data/, models/ or the DVC
+    cache: the user's workspace is only read); returns how many."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, check=True,
+                                capture_output=True, text=True).stdout
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        raise WorkspaceError(f"{repo}: `git ls-files` failed; run the benchmark from a git checkout") from None
+    files = [path for path in listed.split("\0") if path and (repo / path).is_file()]  # not a deleted tracked file
+    for relative in files:
+        (workdir / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / relative, workdir / relative)
+    return len(files)
+
+
+def make_workspace(workdir: Path, params: Mapping[str, Any], header: str) -> None:
+    """A git + DVC repository in workdir: a copy of this one, `params` as its params.yaml under `header`, one commit.
+
+    Rather than `dvc exp run --temp -S`: a temporary experiment caches its outputs (large members' weights) in the
+    user's DVC cache, and is deleted when its run is killed, so the rehearsal's resume could not be checked.
+    """
+    copy_repo(REPO_ROOT, workdir)
+    (workdir / PARAMS_FILE).write_text(header + yaml.safe_dump(dict(params), sort_keys=False))
+    commit = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"]
+    # Hard links: the large members' weights are not copied a second time into the workspace's DVC cache.
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], commit,
+                    [sys.executable, "-m", "dvc", "config", "--local", "cache.type", "hardlink,copy"]):
+        done = subprocess.run(command, cwd=workdir, env=stage_env(workdir), capture_output=True, text=True)
+        if done.returncode:
+            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise WorkspaceError(f"{workdir}: `{' '.join(command[-3:])}` failed ({reason})")
+
+
+def error_line(lines: Sequence[str], returncode: int) -> str:
+    """Why a stage failed, in one line: the last line the stage printed (a traceback's exception, or the stage's
+    own one-line refusal) rather than its `[stage]` progress lines; else DVC's error (a process killed by the
+    kernel prints nothing of its own); else the exit code."""
+    stripped = [line.strip() for line in lines if line.strip() and not line.startswith("[")]
+    own = [line for line in stripped if not line.startswith(DVC_FAILURE)]
+    dvc = [line[len(DVC_FAILURE):] for line in stripped if line.startswith(DVC_FAILURE)]
+    return textwrap.shorten((own or dvc or [f"exited with code {returncode}"])[-1], ERROR_CHARS)
+
+
+class StageRun(NamedTuple):
+    seconds: float
+    error: str | None  # None when it passed (or was killed as asked)
+    killed: bool = False
+
+
+def run_stage(workdir: Path, stage: str, log_file: Path, kill_when: Callable[[], bool] | None = None,
+              options: Sequence[str] = ("--single-item",)) -> StageRun:
+    """`dvc repro <options> <stage>` in workdir, its output into log_file; SIGKILL to it once `kill_when()`.
+    In a session of its own: the kill (or the rehearsal's interruption) reaches DVC, the stage and its workers only."""
+    log("bench", f"{stage}: running, log in {log_file}")
+    started, killed = time.perf_counter(), False
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", *options, stage], cwd=workdir,
+                                   env=stage_env(workdir), stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            while process.poll() is None:
+                if kill_when is not None and not killed and kill_when():
+                    os.killpg(process.pid, signal.SIGKILL)
+                    killed = True
+                time.sleep(0.2)
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    seconds = round(time.perf_counter() - started, 1)
+    error = None if killed or process.returncode == 0 else error_line(log_file.read_text().splitlines(),
+                                                                      process.returncode)
+    log("bench", f"{stage}: {seconds} s, {'killed' if killed else 'ok' if error is None else 'failed: ' + error}")
+    return StageRun(seconds, error, killed)
+
+
+def seeds_learner(folder: Path, arch: str, item_tfms, size: int, min_scale: float, bs: int, accum: int = 1,
+                  pretrained: bool = False, workers: int = 0):
+    """The seeds' train() up to its fit: ImageDataLoaders.from_folder(valid_pct=0.2, seed=42) at `bs // accum`
+    images a step, vision_learner (GradientAccumulation to `bs` when accum > 1), unfreeze."""
+    from fastai.vision.all import GradientAccumulation, ImageDataLoaders, aug_transforms, error_rate, vision_learner
+    from pipeline.torch_setup import quiet_progress
+
+    dls = ImageDataLoaders.from_folder(folder, valid_pct=0.2, seed=42, item_tfms=item_tfms, num_workers=workers,
+                                       batch_tfms=aug_transforms(size=size, min_scale=min_scale), bs=bs // accum)
+    cbs = GradientAccumulation(bs) if accum > 1 else []
+    learn = vision_learner(dls, arch, metrics=error_rate, cbs=cbs, pretrained=pretrained)
+    quiet_progress(learn)
+    learn.unfreeze()
+    return learn

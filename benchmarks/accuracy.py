@@ -1,12 +1,8 @@
 """Benchmark: accuracy on real images: the demo profile's DAG next to the seeds' plain fastai `train()`, same data.
 
-The data: scikit-learn's load_digits (1,797 real 8x8 scans of handwritten digits, shipped in the sklearn wheel of the
-lock), upsampled and written once in the competition's layout, digit d as the label CLASSES[d]; TEST_PCT of it is
-held out as test_images/ whose labels the benchmark keeps (they never reach the workspace). Then, side by side:
-(a) `dvc repro ensemble` with the demo profile (plus `--set` overrides) in a scratch copy of the repository, as
-benchmarks/rehearsal.py makes one; (b) the seeds' train() on the same train_images/ and CPU: from_folder,
-vision_learner resnet18 (random init), fit_one_cycle(12, 0.01), TTA. Validation and held-out test accuracy of each
-member, the ensemble and the seeds' model, and wall times, in bench/accuracy.json and a table.
+scikit-learn's load_digits (1,797 real 8x8 scans) in the competition's layout, TEST_PCT held out with its labels;
+(a) `dvc repro ensemble` with the demo profile (plus `--set` overrides) in a scratch workspace, (b) the seeds'
+train() (SEEDS) on the same images. Accuracy and wall times in bench/accuracy.json: docs/benchmarks.md.
 `python -m benchmarks.accuracy --set train.member_defaults.lr=0.01 --no-seeds` runs an ablation.
 """
 
@@ -14,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,20 +17,20 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
+from omegaconf import OmegaConf
 from PIL import Image
 
+from benchmarks import REPO_ROOT, make_workspace, run_stage, seeds_learner
 from pipeline.common import read_json, write_json
 from pipeline.paddy import CLASSES, SUBMISSION_COLUMNS, TRAIN_COLUMNS, VARIETIES
 from pipeline.params import fold_ids_for
 from pipeline.profile import render_params
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_FILE = Path("bench/accuracy.json")
 TEST_PCT = 0.2
 SEED = 42
 IMAGE_SIDE = 64  # 8x8 scans upsampled (bilinear): the demo members' resize sizes are 96-128
-SEEDS = {"arch": "resnet18", "epochs": 12, "lr": 0.01, "bs": 64, "valid_pct": 0.2, "resize": 96, "size": 64}
+SEEDS = {"arch": "resnet18", "epochs": 12, "lr": 0.01, "bs": 64, "resize": 96, "size": 64}  # valid_pct 0.2
 
 
 def write_layout(folder: Path, images: np.ndarray, digits: np.ndarray, test_pct: float = TEST_PCT,
@@ -67,25 +61,12 @@ def write_layout(folder: Path, images: np.ndarray, digits: np.ndarray, test_pct:
     return dict(zip(ids[test_rows], labels[test_rows]))
 
 
-def digits_layout(folder: Path) -> dict[str, str]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return write_layout(folder, digits.images, digits.target)
-
-
 def with_overrides(params: Mapping[str, Any], overrides: Sequence[str]) -> dict:
     """`params` with each `dotted.key=value` (the value read as YAML) set, as `dvc exp run -S` would."""
-    params = yaml.safe_load(yaml.safe_dump(dict(params)))
     for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep:
+        if "=" not in override:
             raise SystemExit(f"bench accuracy: --set {override!r}: use key=value, e.g. train.member_defaults.lr=0.01")
-        *parents, leaf = key.split(".")
-        section = params
-        for parent in parents:
-            section = section.setdefault(parent, {})
-        section[leaf] = yaml.safe_load(value)
+    params = OmegaConf.to_container(OmegaConf.merge(dict(params), OmegaConf.from_dotlist(list(overrides))))
     validation = params["validation"]  # `make profile` writes fold_ids from folds; a --set of folds must too
     validation["fold_ids"] = fold_ids_for(validation["folds"], validation["full"])
     return params
@@ -99,18 +80,11 @@ def test_accuracy(submission: Path, truth: Mapping[str, str]) -> float:
 def demo_dag(source: Path, truth: Mapping[str, str], overrides: Sequence[str], workdir: Path) -> dict:
     """`dvc repro ensemble` on the demo profile with data.source `source`: each member's and the ensemble's
     validation and test accuracy and seconds; the workspace's dvc log in workdir/repro.log."""
-    from benchmarks.rehearsal import make_workspace, stage_env  # torch and fastai: not for the layout's quick test
-
     params = with_overrides(render_params("demo"), [f"data.source={source}", *overrides])
-    make_workspace(REPO_ROOT, workdir, params, header=f"# bench accuracy: the demo profile with {list(overrides)}\n")
-    started = time.perf_counter()
-    with open(workdir / "repro.log", "w") as log_file:
-        done = subprocess.run([sys.executable, "-m", "dvc", "repro", "ensemble"], cwd=workdir, env=stage_env(workdir),
-                              stdout=log_file, stderr=subprocess.STDOUT)
-    seconds = round(time.perf_counter() - started, 1)
-    if done.returncode:
-        tail = (workdir / "repro.log").read_text().splitlines()[-5:]
-        raise RuntimeError(f"bench accuracy: dvc repro failed in {workdir}: {' | '.join(tail)}")
+    make_workspace(workdir, params, header=f"# bench accuracy: the demo profile with {list(overrides)}\n")
+    seconds, error, _ = run_stage(workdir, "ensemble", workdir / "repro.log", options=())
+    if error:
+        raise RuntimeError(f"bench accuracy: dvc repro failed in {workdir}: {error}")
     ensemble = read_json(workdir / "metrics/ensemble.json")
     rows = {name: {"valid_accuracy": member["valid_accuracy"],
                    "test_accuracy": test_accuracy(workdir / f"submissions/members/{name}.csv", truth),
@@ -125,18 +99,12 @@ def demo_dag(source: Path, truth: Mapping[str, str], overrides: Sequence[str], w
 
 def seeds_train(data_dir: Path, truth: Mapping[str, str]) -> dict:
     """The seeds' train() (SEEDS) on data_dir/train_images: its own validation split's and the test's TTA accuracy."""
-    from fastai.vision.all import (ImageDataLoaders, Resize, aug_transforms, error_rate, get_image_files,
-                                   vision_learner)
-    from pipeline.torch_setup import quiet_progress
+    from fastai.vision.all import Resize, get_image_files
 
     started = time.perf_counter()
-    dls = ImageDataLoaders.from_folder(data_dir / "train_images", valid_pct=SEEDS["valid_pct"], seed=SEED,
-                                       item_tfms=Resize(SEEDS["resize"], method="squish"),
-                                       batch_tfms=aug_transforms(size=SEEDS["size"], min_scale=0.75),
-                                       bs=SEEDS["bs"], num_workers=0)
-    learn = vision_learner(dls, SEEDS["arch"], metrics=error_rate, pretrained=False)
-    quiet_progress(learn)
-    learn.unfreeze()
+    learn = seeds_learner(data_dir / "train_images", SEEDS["arch"], Resize(SEEDS["resize"], method="squish"),
+                          SEEDS["size"], 0.75, SEEDS["bs"])
+    dls = learn.dls
     learn.fit_one_cycle(SEEDS["epochs"], SEEDS["lr"])
     probs, targets = learn.tta(dl=dls.valid)
     test_files = sorted(get_image_files(data_dir / "test_images"))
@@ -149,9 +117,11 @@ def seeds_train(data_dir: Path, truth: Mapping[str, str]) -> dict:
 
 def run(overrides: Sequence[str] = (), seeds: bool = True, keep: bool = False, result_file: Path = RESULT_FILE) -> dict:
     """The whole benchmark (module docstring); writes and returns result_file's content."""
-    scratch = Path(tempfile.mkdtemp(prefix="paddy-bench-accuracy."))
+    from sklearn.datasets import load_digits
+
+    scratch, digits = Path(tempfile.mkdtemp(prefix="paddy-bench-accuracy.")), load_digits()
     try:
-        truth = digits_layout(scratch / "digits")
+        truth = write_layout(scratch / "digits", digits.images, digits.target)
         n_train = len(list((scratch / "digits").glob("train_images/*/*")))
         result = {"data": "sklearn load_digits", "train_images": n_train, "test_images": len(truth),
                   "overrides": list(overrides),

@@ -1,11 +1,8 @@
 """Benchmark: our DotProductBias (params.yaml `collab`) against fastai's collab_learner, same split, same run.
 
-The reference is the seeds' setup: collab_learner(dls, n_factors=50, y_range=(0, 5.5)), bs 64,
-fit_one_cycle(5, 5e-3, wd=0.1). Both train on the same seeded 80/20 split of data/movielens with the same number
-of torch threads, one after the other in this process, and are timed the same way (fit_one_cycle only).
-`--cv K` adds K-fold cross-validated RMSE for our model. Writes bench/collab.json.
-
-Run: `python -m benchmarks.collab [--cv 5]` (or `make bench`, which calls run()).
+The reference is the seeds' setup (REFERENCE); both train on the same seeded 80/20 split of data/movielens with the
+same torch threads, one after the other, timed the same way (fit_one_cycle only). Writes bench/collab.json.
+`python -m benchmarks.collab [--cv 5]`: `--cv K` adds K-fold cross-validated RMSE for our model.
 """
 
 from __future__ import annotations
@@ -20,11 +17,10 @@ from fastai.metrics import rmse
 
 from pipeline import collab
 from pipeline.common import log, write_json
-from pipeline.torch_setup import quiet_progress
 from pipeline.params import ParamsError, load_section, profile_of, read_params
+from pipeline.torch_setup import quiet_progress
 
-STAGE = "bench_collab"
-BENCH_FILE = Path("bench/collab.json")
+STAGE, BENCH_FILE = "bench_collab", Path("bench/collab.json")
 REFERENCE = {"n_factors": 50, "y_range": (0.0, 5.5), "bs": 64, "epochs": 5, "lr": 5e-3, "wd": 0.1}
 
 
@@ -35,12 +31,13 @@ def reference_learner(dls, config: collab.CollabConfig):
     return learn
 
 
-def measure(ratings, splits, config: collab.CollabConfig, learner) -> dict:
-    dls = collab.collab_dataloaders(ratings, splits, config.bs, config.seed)
-    learn = learner(dls, config)
-    seconds = collab.fit(learn, config)
-    return {**collab.validation_errors(learn), "train_seconds": seconds,
-            "params": {k: getattr(config, k) for k in REFERENCE}}
+def measure(name: str, ratings, splits, config: collab.CollabConfig, learner) -> dict:
+    log(STAGE, f"{name}, bs {config.bs}, lr {config.lr}, on {len(ratings)} ratings")
+    learn = learner(collab.collab_dataloaders(ratings, splits, config.bs, config.seed), config)
+    figures = {**collab.validation_errors(learn), "train_seconds": collab.fit(learn, config),
+               "params": {k: getattr(config, k) for k in REFERENCE}}
+    log(STAGE, f"  RMSE {figures['rmse']:.4f} in {figures['train_seconds']:.1f} s")
+    return figures
 
 
 def run(cv_folds: int = 0) -> dict:
@@ -50,22 +47,12 @@ def run(cv_folds: int = 0) -> dict:
     collab.set_threads(config.threads)
     ratings, _ = collab.read_movielens()
     splits = collab.random_split(len(ratings), config.valid_pct, config.seed)
-    reference_config = replace(config, **REFERENCE)
-    log(STAGE, f"collab_learner (dot product), bs {reference_config.bs}, on {len(ratings)} ratings")
-    reference = measure(ratings, splits, reference_config, reference_learner)
-    log(STAGE, f"  RMSE {reference['rmse']:.4f} in {reference['train_seconds']:.1f} s")
-    log(STAGE, f"ours (DotProductBias), bs {config.bs}, lr {config.lr}")
-    ours = measure(ratings, splits, config, collab.make_learner)
-    log(STAGE, f"  RMSE {ours['rmse']:.4f} in {ours['train_seconds']:.1f} s")
-    figures = {
-        "profile": profile_of(params),
-        "n_ratings": len(ratings), "n_valid": len(splits[1]),
-        "threads": collab.torch_threads(), "cpu": platform.processor() or platform.machine(),
-        "collab_learner": reference, "ours": ours,
-        "rmse_gain": reference["rmse"] - ours["rmse"],
-        "speedup": reference["train_seconds"] / ours["train_seconds"],
-        "stage_params": asdict(config),
-    }
+    reference = measure("collab_learner (dot product)", ratings, splits, replace(config, **REFERENCE), reference_learner)
+    ours = measure("ours (DotProductBias)", ratings, splits, config, collab.make_learner)
+    figures = {"profile": profile_of(params), "n_ratings": len(ratings), "n_valid": len(splits[1]),
+               "threads": collab.torch_threads(), "cpu": platform.processor() or platform.machine(),
+               "collab_learner": reference, "ours": ours, "rmse_gain": reference["rmse"] - ours["rmse"],
+               "speedup": reference["train_seconds"] / ours["train_seconds"], "stage_params": asdict(config)}
     if cv_folds:
         log(STAGE, f"ours: {cv_folds}-fold cross-validation")
         figures["ours_cross_validated"] = collab.cross_validated_rmse(ratings, config, cv_folds)
@@ -76,9 +63,8 @@ def run(cv_folds: int = 0) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cv", type=int, default=0, metavar="K", help="also K-fold cross-validated RMSE (e.g. 5)")
-    args = parser.parse_args()
     try:
-        figures = run(args.cv)
+        figures = run(parser.parse_args().cv)
     except (ParamsError, collab.CollabError) as err:
         raise SystemExit(f"{STAGE}: {err}") from None
     ours, reference = figures["ours"], figures["collab_learner"]

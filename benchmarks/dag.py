@@ -1,8 +1,8 @@
 """Benchmark: the whole demo DAG (both branches) from a fresh clone of HEAD, timed stage by stage.
 
-`make bench` (or `python -m benchmarks.dag`) clones the current commit into a temporary directory, runs
-`dvc repro` there, times each stage from DVC's own "Running stage" lines, then runs `dvc repro` again to check that
-nothing reruns. Results in bench/dag.json. Target: under 10 minutes on 2 CPU cores (aim: 5).
+Clones the current commit into a temporary directory, runs `dvc repro` there, times each stage from DVC's own
+"Running stage" lines, then runs `dvc repro` again to check that nothing reruns. Results in bench/dag.json.
+Target: under 10 minutes on 2 CPU cores (aim: 5).
 """
 
 from __future__ import annotations
@@ -19,18 +19,13 @@ from typing import Iterable
 from pipeline.common import write_json
 
 RESULT_FILE = Path("bench/dag.json")
-BUDGET_S = 600
-TARGET_S = 300
+BUDGET_S, TARGET_S, LOG_TAIL_LINES = 600, 300, 40
 RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
-LOG_TAIL_LINES = 40
 
 
 def stage_times(timed_lines: Iterable[tuple[float, str]], finished_at: float) -> dict[str, float]:
-    """Seconds per stage from (time seen, line) pairs of `dvc repro` output.
-
-    DVC runs stages one after another and announces each with "Running stage '<name>'", so a stage lasts from its
-    announcement to the next one (or to the end of the run).
-    """
+    """Seconds per stage from (time seen, line) pairs of `dvc repro` output: DVC runs stages one after another and
+    announces each with "Running stage '<name>'", so a stage lasts from its announcement to the next one (or the end)."""
     starts = [(seen, match.group(1)) for seen, line in timed_lines if (match := RUNNING_STAGE.search(line))]
     ends = [seen for seen, _ in starts[1:]] + [finished_at]
     return {name: round(end - start, 2) for (start, name), end in zip(starts, ends)}
@@ -47,28 +42,19 @@ def timed_run(command: list[str], cwd: Path) -> tuple[int, list[tuple[float, str
     for line in process.stdout:
         lines.append((time.perf_counter() - started, line.rstrip("\n")))
         print(f"  | {line}", end="", flush=True)
-    returncode = process.wait()
-    return returncode, lines, time.perf_counter() - started
+    return process.wait(), lines, time.perf_counter() - started
 
 
 def run(repo_dir: Path = Path("."), result_file: Path = RESULT_FILE) -> dict:
     """Clone HEAD of `repo_dir`, `dvc repro` it twice, write and return the timings; raise if a repro fails."""
     revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
                               check=True).stdout.strip()
-    workdir = Path(tempfile.mkdtemp(prefix="paddy-bench-dag."))
-    clone = workdir / "clone"
+    clone = Path(tempfile.mkdtemp(prefix="paddy-bench-dag.")) / "clone"
     subprocess.run(["git", "clone", "--quiet", str(Path(repo_dir).resolve()), str(clone)], check=True)
     returncode, lines, total = timed_run(["dvc", "repro"], clone)
-    result = {
-        "git_revision": revision,
-        "cpu_count": os.cpu_count(),
-        "total_s": round(total, 2),
-        "stages": stage_times(lines, total),
-        "budget_s": BUDGET_S,
-        "target_s": TARGET_S,
-        "within_budget": returncode == 0 and total < BUDGET_S,
-        "ok": returncode == 0,
-    }
+    result = {"git_revision": revision, "cpu_count": os.cpu_count(), "total_s": round(total, 2),
+              "stages": stage_times(lines, total), "budget_s": BUDGET_S, "target_s": TARGET_S,
+              "within_budget": returncode == 0 and total < BUDGET_S, "ok": returncode == 0}
     if returncode == 0:
         noop_code, noop_lines, noop_total = timed_run(["dvc", "repro"], clone)
         result["noop_repro_s"] = round(noop_total, 2)
@@ -80,7 +66,7 @@ def run(repo_dir: Path = Path("."), result_file: Path = RESULT_FILE) -> dict:
     write_json(result_file, result)
     if not result["ok"]:
         raise RuntimeError(f"bench_dag: the demo DAG failed or reran stages in {clone}; see {result_file}")
-    shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(clone.parent, ignore_errors=True)
     return result
 
 

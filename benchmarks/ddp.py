@@ -1,11 +1,9 @@
 """Benchmark: one member trained by the stage's own command in 1 process and in 2 processes (DDP over gloo, CPU).
 
-Each run is `python -m pipeline.train <member>` in a scratch project on the demo's synthetic data: one process with
-all the CPU's threads, one with one thread, and `train.devices: 2`, two processes with half the threads each (what
-the launcher sets). Two one-thread processes against one is the CPU's closest analogue of two GPUs against one.
-On a CPU it shows that DDP trains the same optimiser steps to a comparable accuracy and what the second process
-costs, not a speed-up: both share the same cores (docs/benchmarks.md). Writes bench/ddp.json.
-`python -m benchmarks.ddp [member] [--epochs N]`.
+`python -m pipeline.train <member>` in a scratch project on the demo's synthetic data: one process with all the
+CPU's threads, one with one thread, and `train.devices: 2` with half the threads each (what the launcher sets). On a
+CPU it shows that DDP trains the same optimiser steps to a comparable accuracy and what the second process costs,
+not a speed-up (docs/benchmarks.md). Writes bench/ddp.json. `python -m benchmarks.ddp [member] [--epochs N]`.
 """
 
 from __future__ import annotations
@@ -20,37 +18,32 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks import REPO_ROOT
 from pipeline.common import read_json, write_json
 from pipeline.params import read_params
 from pipeline.synthetic import write_synthetic_dataset
 
 RESULT = Path("bench/ddp.json")
-ROOT = Path(__file__).resolve().parents[1]
 RUN_FIELDS = ("processes", "process_step_images", "optimizer_steps", "train_seconds", "images_per_second",
               "predict_seconds", "valid_accuracy")
 
 
-def scratch_project(directory: Path, params: dict, data_dir: Path, member: str, devices: int, epochs: int | None):
-    """A project folder running only `member`, with `devices` processes, on `data_dir`."""
+def timed_train(directory: Path, params: dict, data_dir: Path, member: str, devices: int, threads: int,
+                epochs: int | None) -> dict:
+    """`python -m pipeline.train member` in a project folder running only `member` on `data_dir`, with `devices`
+    processes of `threads` threads each: wall seconds and what the stage recorded."""
     params = yaml.safe_load(yaml.safe_dump(params))
-    members = params["train"]["members"]
-    chosen = members[member] | dict(accum=members[member].get("accum") or 1)
-    if epochs is not None:
-        chosen["epochs"] = epochs
+    chosen = params["train"]["members"][member]
+    chosen |= dict(accum=chosen.get("accum") or 1) | ({} if epochs is None else dict(epochs=epochs))
     params["train"] |= dict(devices=devices, members={member: chosen})
-    directory.mkdir(parents=True)
+    (directory / "data").mkdir(parents=True)
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (directory / "data").mkdir()
     (directory / "data" / "paddy").symlink_to(data_dir)
-    return directory
-
-
-def timed_stage(project: Path, member: str, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(threads))
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.train", member], cwd=project, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "pipeline.train", member], cwd=directory, env=env, check=True)
     wall = time.perf_counter() - started
-    metrics = read_json(project / "metrics" / "train" / f"{member}.json")
+    metrics = read_json(directory / "metrics" / "train" / f"{member}.json")
     return dict(wall_seconds=round(wall, 1), threads_per_process=threads, **{key: metrics[key] for key in RUN_FIELDS})
 
 
@@ -67,8 +60,7 @@ def run(member: str | None = None, epochs: int | None = None) -> dict:
         for name, processes, threads in (
             ("one_process_all_threads", 1, cores), ("one_process_one_thread", 1, 1), ("two_processes", 2, cores // 2)
         ):
-            project = scratch_project(Path(scratch) / name, params, data_dir, member, processes, epochs)
-            runs[name] = timed_stage(project, member, threads=max(1, threads))
+            runs[name] = timed_train(Path(scratch) / name, params, data_dir, member, processes, max(1, threads), epochs)
     two = runs["two_processes"]
     # Each ratio is the two-process run's gain over a one-process run (above 1: faster with two processes).
     comparisons = {f"vs_{name}": dict(

@@ -1,11 +1,10 @@
 """Benchmark: each member's DataLoader against its training step (images/s), at the competition's real image size.
 
 For every demo member and one competition member (random init), on generated 480x640 JPEGs, on this machine's
-device: the member's own training DataLoader per worker setting (its first batch, when fastai starts the workers,
-apart), its training step alone (forward, backward, optimiser step, in train's precision), where a batch's time
-goes with 0 workers, and with `--images small` the loader again on the images pre-resized by stage small_images.
-Goal on a GPU: loader (auto workers) >= 1.2x the step rate. Writes bench/loader.json; docs/benchmarks.md has the
-figures. `python -m benchmarks.loader [--workers 0 auto 1 2] [--members NAME ...] [--images full small]`.
+device: the member's own training DataLoader per worker setting (after its first batch, when fastai starts the
+workers), its training step alone (forward, backward, optimiser step, in train's precision), and with 0 workers the
+milliseconds per image of decoding, item and batch transforms. Goal on a GPU: loader (auto workers) >= 1.2x the
+step rate. Writes bench/loader.json. `python -m benchmarks.loader [--workers 0 auto 1 2] [--members NAME ...]`.
 """
 
 from __future__ import annotations
@@ -16,63 +15,43 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import pandas as pd
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import to_device
 
-from pipeline import small_images, vision
+from pipeline import vision
 from pipeline.common import log, write_json
-from pipeline.torch_setup import compute_device
 from pipeline.paddy import read_train_table
 from pipeline.profile import render_params
 from pipeline.synthetic import write_synthetic_dataset
+from pipeline.torch_setup import compute_device
 
-STAGE = "bench loader"
-RESULT = Path("bench/loader.json")
+STAGE, RESULT = "bench loader", Path("bench/loader.json")
 IMAGE_SIZE = (480, 640)  # (w, h), as pipeline.synthetic takes it: the competition's portrait photos
 DISTINCT_IMAGES = 64  # generated once; the table repeats them (decoding costs the same, generating does not)
-COMPETITION_MEMBER = "convnext_large_640"
-TARGET_RATIO = 1.2
-TIMED_ROUNDS = 3  # loader batches timed per worker, so that every worker delivers several
-MIN_TIMED_IMAGES = 128  # and at least this many images
-LOADER_PASSES = 2  # the best of two passes: one is at the mercy of whatever else the machine is doing
+COMPETITION_MEMBER, TARGET_RATIO = "convnext_large_640", 1.2
+TIMED_ROUNDS, MIN_TIMED_IMAGES = 3, 128  # loader batches timed: every worker delivers several, and enough images
 STEPS = {"cuda": (2, 5), "cpu": (1, 1)}  # training steps (untimed warm-up, timed) per device type
 CPU_STEP_BATCH = 4  # on CPU, the competition member's step on its real batch takes minutes: timed on a small one
-SMALL_MAX_SIZE = 256  # small_images.max_size in the profiles: the seeds' resize_images(max_size=256)
 
 
 def bench_members() -> dict[str, tuple[vision.MemberConfig, vision.TrainConfig, str]]:
     """Every demo member and one competition member: (member, random init; its profile's train settings; profile)."""
-    demo = vision.load_train_config(render_params("demo"))
-    competition = vision.load_train_config(render_params("competition"))
+    demo, competition = (vision.load_train_config(render_params(name)) for name in ("demo", "competition"))
     members = {name: (member, demo, "demo") for name, member in demo.members.items()}
     members[COMPETITION_MEMBER] = (competition.member(COMPETITION_MEMBER), competition, "competition")
     return {name: (replace(member, pretrained=False), *rest) for name, (member, *rest) in members.items()}
 
 
-def real_size_table(data_dir: Path, rows: int) -> pd.DataFrame:
-    """`rows` training rows (repeating DISTINCT_IMAGES generated 480x640 JPEGs), then one validation row."""
+def real_size_table(data_dir: Path, training_rows: int):
+    """`training_rows` rows repeating DISTINCT_IMAGES generated 480x640 JPEGs, then one validation row."""
     if not (data_dir / "train.csv").is_file():
         per_class = DISTINCT_IMAGES // 10 + 1  # the smallest class gets half, so a few spare
         write_synthetic_dataset(data_dir, train_per_class=per_class, n_test=1, image_size=IMAGE_SIZE, seed=0)
     images = read_train_table(data_dir).head(DISTINCT_IMAGES)
-    table = images.sample(rows + 1, replace=True, random_state=0, ignore_index=True)
-    table["is_valid"] = table.index == rows
+    table = images.sample(training_rows + 1, replace=True, random_state=0, ignore_index=True)
+    table["is_valid"] = table.index == training_rows
     return table
-
-
-def pre_resized(table: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
-    """`table` reading the same images resized once (longest side SMALL_MAX_SIZE), as a member with `images: small`."""
-    small_dir = data_dir.with_name(data_dir.name + "_small")
-    if not small_dir.is_dir():
-        small_images.resize_image_folders(data_dir, small_dir, SMALL_MAX_SIZE)
-    return table.assign(path=[small_dir / Path(path).relative_to(data_dir) for path in table["path"]])
-
-
-def first_rows(table: pd.DataFrame, rows: int) -> pd.DataFrame:
-    """The first `rows` training rows of `table` and its validation row."""
-    return pd.concat([table[~table["is_valid"]].head(rows), table[table["is_valid"]]], ignore_index=True)
 
 
 def synchronize(device: torch.device) -> None:
@@ -84,25 +63,17 @@ def timed_batches(workers: int, bs: int) -> int:
     return max(TIMED_ROUNDS * workers, -(-MIN_TIMED_IMAGES // bs))
 
 
-def loader_rate(member, table, bs: int, accum: int, workers: int, device) -> dict:
-    """Images/s of the member's training DataLoader with `workers`, after its first batch (best of LOADER_PASSES)."""
-    dls = vision.member_dataloaders(member, table, bs, accum, seed=0, num_workers=workers)
-    count = vision.loader_workers(workers, device)
-    passes = []
-    for _ in range(LOADER_PASSES):
-        batches = iter(dls.train)  # an epoch: fastai starts its workers
-        started = time.perf_counter()
-        next(batches)
-        synchronize(device)
-        first = time.perf_counter()
-        images = 0
-        for _ in range(timed_batches(count, dls.train.bs)):
-            images += len(next(batches)[0])
-        synchronize(device)
-        passes.append((first - started, images / (time.perf_counter() - first)))
-        batches.close()  # ends the epoch early: fastai's iterator shuts its workers down
-    first_batch_s, images_per_second = min(passes, key=lambda run: -run[1])
-    return dict(workers=count, first_batch_s=round(first_batch_s, 2), images_per_second=round(images_per_second, 1))
+def loader_rate(member, table, bs: int, accum: int, workers: int, device) -> float:
+    """Images/s of the member's training DataLoader with `workers` processes, after its first batch."""
+    batches = iter(vision.member_dataloaders(member, table, bs, accum, seed=0, num_workers=workers).train)
+    next(batches)  # an epoch starts: fastai starts its workers
+    started, images = time.perf_counter(), 0
+    for _ in range(timed_batches(workers, bs // accum)):
+        images += len(next(batches)[0])
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    batches.close()  # ends the epoch early: fastai's iterator shuts its workers down
+    return round(images / seconds, 1)
 
 
 def breakdown_ms(member, table, bs: int, accum: int, device) -> dict:
@@ -129,8 +100,8 @@ class StepTimer(Callback):
 
     order = 100  # after every other callback's before_batch (mixed precision, gradient accumulation)
 
-    def __init__(self, warmup: int, timed: int):
-        self.warmup, self.timed, self.seconds, self.images = warmup, timed, [], []
+    def __init__(self, steps: int):
+        self.steps, self.seconds, self.images = steps, [], []
 
     def before_batch(self):
         synchronize(self.dls.device)
@@ -140,63 +111,47 @@ class StepTimer(Callback):
         synchronize(self.dls.device)
         self.seconds.append(time.perf_counter() - self.started)
         self.images.append(len(self.xb[0]))
-        if len(self.seconds) == self.warmup + self.timed:
+        if len(self.seconds) == self.steps:
             raise CancelFitException()
 
 
-def step_rate(member, table, bs: int, accum: int, precision: str, device, step_bs: int) -> dict:
+def step_rate(member, table, precision: str, device, step_bs: int) -> dict:
     """Images/s of the member's training step on batches of `step_bs` in train's precision, after the warm-up."""
     warmup, timed = STEPS[device.type]
     # accum = 1 at the step's own batch: GradientAccumulation only skips optimiser steps, which would then be missing
     # from the timed ones.
-    dls = vision.member_dataloaders(member, first_rows(table, step_bs * (warmup + timed)), step_bs, 1, seed=0)
-    learn = vision.member_learner(member, dls, step_bs, 1, mixed_precision=precision)
-    timer = StepTimer(warmup, timed)
-    learn.fit(1, 1e-4, cbs=[timer])
-    seconds, images = sum(timer.seconds[warmup:]), sum(timer.images[warmup:])
+    rows = table.iloc[list(range(step_bs * (warmup + timed))) + [len(table) - 1]]  # and the validation row
+    dls = vision.member_dataloaders(member, rows.reset_index(drop=True), step_bs, 1, seed=0)
+    timer = StepTimer(warmup + timed)
+    vision.member_learner(member, dls, step_bs, 1, mixed_precision=precision).fit(1, 1e-4, cbs=[timer])
     return dict(batch=step_bs, precision=vision.precision_for(precision, device.type == "cuda"),
-                images_per_second=round(images / seconds, 1))
+                images_per_second=round(sum(timer.images[warmup:]) / sum(timer.seconds[warmup:]), 1))
 
 
-def loader_rates(member, table, bs: int, accum: int, counts: dict, device) -> dict:
-    """loader_rate per worker setting; settings that resolve to the same count (auto on CPU, say) share figures."""
-    by_count = {count: loader_rate(member, table, bs, accum, count, device) for count in set(counts.values())}
-    return {setting: by_count[count] for setting, count in counts.items()}
-
-
-def run(worker_settings=(0, "auto"), names: list[str] | None = None, data_dir: Path | None = None,
-        images=("full",)) -> dict:
-    device = compute_device()
-    members = bench_members()
-    chosen = names or list(members)
-    unknown = sorted(set(chosen) - set(members))
+def run(worker_settings=(0, "auto"), names: list[str] | None = None) -> dict:
+    device, members = compute_device(), bench_members()
+    unknown = sorted(set(names or []) - set(members))
     if unknown:
         raise SystemExit(f"{STAGE}: unknown member {unknown[0]!r}; use any of: {', '.join(members)}")
+    results = {}
     with tempfile.TemporaryDirectory(prefix="paddy-bench-loader.") as scratch:
-        data_dir = data_dir or Path(scratch) / "paddy"
-        results = {}
-        for name in chosen:
+        for name in names or members:
             member, train, profile = members[name]
             accum = member.accum or 1
             bs = vision.batch_size(train.bs, accum)
-            step_bs = CPU_STEP_BATCH if device.type == "cpu" and profile == "competition" else bs
             counts = {str(w): vision.loader_workers(w, device) for w in worker_settings}
-            table = real_size_table(data_dir, bs * (1 + timed_batches(max(counts.values()), bs)) + 1)
+            step_bs = CPU_STEP_BATCH if device.type == "cpu" and profile == "competition" else bs
+            table = real_size_table(Path(scratch) / "paddy", max(bs * (1 + timed_batches(max(counts.values()), bs)),
+                                                                 step_bs * sum(STEPS[device.type])))
             log(STAGE, f"{name}: {member.arch}, {bs} images per batch, on {device}")
-            loaders = loader_rates(member, table, train.bs, accum, counts, device)
-            step = step_rate(member, table, train.bs, accum, train.precision, device, step_bs)
+            loaders = {w: {"workers": count, "images_per_second": loader_rate(member, table, train.bs, accum, count,
+                                                                             device)} for w, count in counts.items()}
+            step = step_rate(member, table, train.precision, device, step_bs)
             auto = loaders.get("auto", max(loaders.values(), key=lambda rate: rate["images_per_second"]))
             results[name] = dict(
                 arch=member.arch, resize=member.resize, method=member.method, size=member.size, batch=bs,
-                loader=loaders, step=step,
-                loader_to_step=round(auto["images_per_second"] / step["images_per_second"], 2),
-                breakdown_ms_per_image=breakdown_ms(member, table, train.bs, accum, device),
-            )
-            if "small" in images:
-                small = loader_rates(member, pre_resized(table, data_dir), train.bs, accum, counts, device)
-                results[name]["loader_small"] = small
-                results[name]["small_to_full"] = {
-                    w: round(small[w]["images_per_second"] / loaders[w]["images_per_second"], 2) for w in loaders}
+                loader=loaders, step=step, loader_to_step=round(auto["images_per_second"] / step["images_per_second"], 2),
+                breakdown_ms_per_image=breakdown_ms(member, table, train.bs, accum, device))
             log(STAGE, f"{name}: {summary_line(results[name])}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = dict(device=device_name, image_size=list(IMAGE_SIZE), target_ratio=TARGET_RATIO, members=results)
@@ -207,24 +162,17 @@ def run(worker_settings=(0, "auto"), names: list[str] | None = None, data_dir: P
 def summary_line(figures: dict) -> str:
     loaders = ", ".join(f"{w} workers ({rate['workers']}): {rate['images_per_second']}" for w, rate in figures["loader"].items())
     parts = ", ".join(f"{name} {ms}" for name, ms in figures["breakdown_ms_per_image"].items())
-    if "loader_small" in figures:
-        small = ", ".join(f"{w}: {rate['images_per_second']}" for w, rate in figures["loader_small"].items())
-        loaders += f" | pre-resized img/s {small} (x{' x'.join(map(str, figures['small_to_full'].values()))})"
-    return (
-        f"loader img/s {loaders} | step img/s {figures['step']['images_per_second']} (batch {figures['step']['batch']}, "
-        f"{figures['step']['precision']}) | loader/step {figures['loader_to_step']} | ms/image {parts}"
-    )
+    step = figures["step"]
+    return (f"loader img/s {loaders} | step img/s {step['images_per_second']} (batch {step['batch']}, "
+            f"{step['precision']}) | loader/step {figures['loader_to_step']} | ms/image {parts}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--workers", nargs="+", default=["0", "auto"], help="worker settings to time (default: 0 auto)")
     parser.add_argument("--members", nargs="+", help="members to time (default: every demo member and one competition member)")
-    parser.add_argument("--images", nargs="+", default=["full"], choices=["full", "small"],
-                        help="small: also time the images pre-resized to 256 px (stage small_images)")
     args = parser.parse_args(argv)
-    workers = [w if w == "auto" else int(w) for w in args.workers]
-    result = run(workers, args.members, images=args.images)
+    result = run([w if w == "auto" else int(w) for w in args.workers], args.members)
     print(f"device: {result['device']}, images {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, goal loader/step >= {TARGET_RATIO}")
     for name, figures in result["members"].items():
         print(f"{name:20s} {summary_line(figures)}")

@@ -1,9 +1,8 @@
 """Benchmark: training throughput (images/s) of our train stage against the seeds' plain fastai `train()`.
 
-Both train the same member (arch, item transform, size, epochs, bs, accum, lr, DataLoader workers) on the same data
-in one process, side by side. Ours is the stage itself (`train.run_stage` into a scratch folder), timed by the
-stage's own `train_seconds`: everything it adds per epoch (checkpoints with optimiser and random states, DVCLive) is
-included. Writes bench/train.json. `python -m benchmarks.train [member]`.
+The same member, data and settings in one process, side by side; ours is `train.run_stage` into a scratch folder,
+timed by its own `train_seconds` (checkpoints and DVCLive included). Writes bench/train.json.
+`python -m benchmarks.train [member]`.
 """
 
 from __future__ import annotations
@@ -15,30 +14,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastai.callback.training import GradientAccumulation
-from fastai.metrics import error_rate
-from fastai.vision.all import ImageDataLoaders, aug_transforms, vision_learner
-
+from benchmarks import seeds_learner
 from pipeline import train, vision
 from pipeline.common import write_json
-from pipeline.torch_setup import compute_device, quiet_progress
+from pipeline.torch_setup import compute_device
 from pipeline.paddy import DATA_DIR
 from pipeline.params import read_params
 
-RESULT = Path("bench/train.json")
-MAX_OVERHEAD_PCT = 10
+RESULT, MAX_OVERHEAD_PCT = Path("bench/train.json"), 10
 LR_WHEN_FIND = 0.01  # both sides train at the same fixed lr; lr_find is not what is timed
 
 
 def seeds_train_seconds(member: vision.MemberConfig, data_dir: Path, bs: int, accum: int, lr: float, workers: int) -> float:
-    """The seeds' train(): ImageDataLoaders.from_folder, vision_learner, unfreeze, fit_one_cycle; fit seconds."""
-    dls = ImageDataLoaders.from_folder(
-        Path(data_dir) / "train_images", valid_pct=0.2, seed=42, item_tfms=vision.item_transform(member),
-        batch_tfms=aug_transforms(size=member.size, min_scale=member.min_scale), bs=bs // accum, num_workers=workers)
-    cbs = GradientAccumulation(bs) if accum > 1 else []
-    learn = vision_learner(dls, member.arch, metrics=error_rate, cbs=cbs, pretrained=bool(member.pretrained))
-    quiet_progress(learn)
-    learn.unfreeze()
+    """The seeds' train() on the member's settings (benchmarks.seeds_learner, fit_one_cycle): its fit seconds."""
+    learn = seeds_learner(Path(data_dir) / "train_images", member.arch, vision.item_transform(member), member.size,
+                          member.min_scale, bs, accum, bool(member.pretrained), workers)
     started = time.perf_counter()
     learn.fit_one_cycle(member.epochs, lr)
     return time.perf_counter() - started
@@ -54,12 +44,6 @@ def benchmark_params(params: dict, name: str) -> dict:
     return params
 
 
-def ours_train_seconds(cfg: train.StageConfig, data_dir: Path) -> float:
-    """The train stage on `cfg`, writing into a scratch folder; its own fit seconds."""
-    with tempfile.TemporaryDirectory(prefix="paddy-bench-train.") as scratch:
-        return train.run_stage(cfg, data_dir=data_dir, root=Path(scratch))["train_seconds"]
-
-
 def run(member_name: str | None = None, data_dir: Path = DATA_DIR, rounds: int = 2) -> dict:
     params = read_params()
     name = member_name or next(iter(vision.load_train_config(params).members))
@@ -72,9 +56,9 @@ def run(member_name: str | None = None, data_dir: Path = DATA_DIR, rounds: int =
     # else the machine is doing (seen here: 1% to 15% apart between two identical rounds).
     for _ in range(rounds):
         seeds_times.append(seeds_train_seconds(member, data_dir, cfg.bs, accum, member.lr, workers))
-        ours_times.append(ours_train_seconds(cfg, data_dir))
-    seeds_seconds, ours_seconds = min(seeds_times), min(ours_times)
-    images = n_train * member.epochs
+        with tempfile.TemporaryDirectory(prefix="paddy-bench-train.") as scratch:  # the stage's outputs
+            ours_times.append(train.run_stage(cfg, data_dir=data_dir, root=Path(scratch))["train_seconds"])
+    images, seeds_seconds, ours_seconds = n_train * member.epochs, min(seeds_times), min(ours_times)
     overhead_pct = round(100 * (ours_seconds / seeds_seconds - 1), 1)
     result = dict(
         member=name, arch=member.arch, size=member.size, epochs=member.epochs, bs=cfg.bs, accum=accum,
@@ -90,8 +74,7 @@ def run(member_name: str | None = None, data_dir: Path = DATA_DIR, rounds: int =
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.splitlines()[0])
     parser.add_argument("member", nargs="?", help="member under train.members (default: the first)")
-    args = parser.parse_args(argv)
-    result = run(args.member)
+    result = run(parser.parse_args(argv).member)
     print(result)
     if not result["within_target"]:
         print(f"bench train: overhead {result['overhead_pct']}% is above {MAX_OVERHEAD_PCT}%", file=sys.stderr)

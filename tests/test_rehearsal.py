@@ -17,15 +17,12 @@ from benchmarks.rehearsal import (
     STEPS_PER_EPOCH,
     MemberRun,
     RehearsalError,
-    copy_repo,
-    error_line,
     generated_split,
-    memory_comparison,
     probe_accums_for,
     rehearsal_params,
-    run_stage,
     summary_line,
 )
+from benchmarks import copy_repo, error_line, run_stage
 from helpers import GIT_IDENTITY
 from pipeline.paddy import CLASSES, validation_mask
 from pipeline.profile import render_params
@@ -37,7 +34,7 @@ MEMBERS = list(COMPETITION["train"]["members"])
 
 
 def test_every_member_keeps_its_architecture_transforms_and_schedule():
-    rehearsed = load_train_config(rehearsal_params(COMPETITION, MEMBERS, 8, None)).members
+    rehearsed = load_train_config(rehearsal_params(COMPETITION, MEMBERS, 8)).members
     real = load_train_config(COMPETITION).members
     for name in MEMBERS:
         for key in ("arch", "resize", "method", "size", "schedule", "lr", "targets", "accum", "min_scale"):
@@ -45,7 +42,7 @@ def test_every_member_keeps_its_architecture_transforms_and_schedule():
 
 
 def test_members_train_one_epoch_from_random_weights_on_generated_full_size_photos():
-    params = rehearsal_params(COMPETITION, MEMBERS, 8, None)
+    params = rehearsal_params(COMPETITION, MEMBERS, 8)
     assert params["data"]["source"] == "synthetic"
     assert params["data"]["synthetic"]["image_size"] == [480, 640]
     for member in load_train_config(params).members.values():
@@ -55,21 +52,20 @@ def test_members_train_one_epoch_from_random_weights_on_generated_full_size_phot
 def test_a_member_that_sets_its_own_epochs_and_weights_is_capped_too():
     profile = copy.deepcopy(COMPETITION)
     profile["train"]["members"][MEMBERS[0]] |= {"epochs": 12, "pretrained": True}
-    member = load_train_config(rehearsal_params(profile, MEMBERS, 8, None)).members[MEMBERS[0]]
+    member = load_train_config(rehearsal_params(profile, MEMBERS, 8)).members[MEMBERS[0]]
     assert (member.pretrained, member.epochs) == (False, 1)
 
 
 def test_a_subset_of_members_keeps_only_their_stages_and_ensemble_weights():
     chosen = [MEMBERS[2], MEMBERS[0]]
-    params = rehearsal_params(COMPETITION, chosen, 8, None)
+    params = rehearsal_params(COMPETITION, chosen, 8)
     assert list(params["train"]["members"]) == [MEMBERS[0], MEMBERS[2]]  # the profile's order
     assert set(params["ensemble"]["weights"]) == set(chosen)
 
 
-def test_batch_size_and_precision_are_set_and_the_profile_is_left_alone():
-    params = rehearsal_params(COMPETITION, MEMBERS, 4, "bf16")
-    assert (params["train"]["bs"], params["train"]["precision"]) == (4, "bf16")
-    assert rehearsal_params(COMPETITION, MEMBERS, 16, None)["train"]["precision"] == COMPETITION["train"]["precision"]
+def test_batch_size_is_set_and_the_profile_is_left_alone():
+    params = rehearsal_params(COMPETITION, MEMBERS, 4)
+    assert params["train"]["bs"] == 4 and params["train"]["precision"] == COMPETITION["train"]["precision"]
     assert COMPETITION["train"]["bs"] == 64 and COMPETITION["data"]["source"] == "kaggle"
     assert COMPETITION["probe"]["accums"] == [1, 2, 4] and COMPETITION["validation"]["valid_pct"] == 0.2
 
@@ -77,7 +73,7 @@ def test_batch_size_and_precision_are_set_and_the_profile_is_left_alone():
 def test_probe_measures_only_the_accums_leaving_two_images_per_step():
     assert probe_accums_for([1, 2, 4], 64) == [1, 2, 4]
     assert probe_accums_for([1, 2, 4], 4) == [1, 2]
-    assert rehearsal_params(COMPETITION, MEMBERS, 4, None)["probe"]["accums"] == [1, 2]
+    assert rehearsal_params(COMPETITION, MEMBERS, 4)["probe"]["accums"] == [1, 2]
 
 
 def test_a_batch_too_small_for_every_accum_is_refused_with_the_smallest_usable():
@@ -149,18 +145,6 @@ def test_summary_line_of_a_failed_member_ends_with_its_error():
 def test_summary_line_says_where_the_killed_run_resumed():
     run = MemberRun("a", probe_seconds=1.0, train_seconds=2.0, accum=1, killed_after_epoch=1, resumed_from_epoch=1)
     assert "killed after epoch 1, resumed from 1" in summary_line(run)
-
-
-def test_cuda_memory_compares_reserved_peaks_at_the_accum_train_used():
-    probe_metrics = {"peaks": {"1": {"peak_gib": 20.0, "peak_reserved_gib": 20.0},
-                               "2": {"peak_gib": 10.0, "peak_reserved_gib": 10.0}}}
-    train_metrics = {"device": "cuda:0", "peak_reserved_gib": 10.5}
-    assert memory_comparison(probe_metrics, train_metrics, 2) == {"probe_gib": 10.0, "train_gib": 10.5, "ratio": 1.05}
-
-
-def test_memory_without_both_cuda_peaks_is_not_compared():
-    assert memory_comparison({"peaks": {"1": {"peak_reserved_gib": 1.0}}}, {"device": "cuda:0"}, 1) is None
-    assert memory_comparison({"peaks": {"1": {"peak_gib": 4.0}}}, {"device": "cpu", "peak_reserved_gib": None}, 1) is None
 
 
 def test_the_workspace_copy_never_takes_ignored_files(tmp_path):
