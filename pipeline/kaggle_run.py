@@ -1,10 +1,7 @@
 """`make kaggle-run`: run the pipeline's stages in a private Kaggle GPU kernel and bring the outputs back into DVC.
 
-With the user's own credentials and the official client: upload this commit's code with params.yaml and dvc.lock,
-push a private kernel (GPU, internet, the competition attached; notebooks/kaggle_run_kernel.py) that trains there,
-follow its status, download its outputs into a scratch folder (.kaggle-run/<name>/) and only then swap them into
-the workspace and `dvc commit` the stages that ran. A run that fails, is cancelled, or leaves no or partial outputs
-changes nothing here; its log is saved next to the scratch folder. A second run resumes the first (docs/kaggle.md).
+Outputs are downloaded into .kaggle-run/<name>/ and swapped in only when complete: a run that fails, is cancelled or
+leaves partial outputs changes nothing here (docs/kaggle.md#train-on-kaggles-gpus-make-kaggle-run).
 """
 
 from __future__ import annotations

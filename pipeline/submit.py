@@ -1,8 +1,6 @@
 """`make submit`: upload submissions/submission.csv to the competition with the official Kaggle client (no stage).
 
-It refuses, in one line: data that is not the real competition's (SOURCE.json), a submission that fails validation,
-stale outputs (`dvc status ensemble --with-deps`), a file already uploaded (in submissions/log.csv) unless `--force`.
-The message carries the git revision, the ensemble's validation accuracy and the profile; log.csv records each upload.
+What it refuses, and what it records in submissions/log.csv: docs/stages.md#make-submit.
 """
 
 from __future__ import annotations
