@@ -98,7 +98,7 @@ def resolve_weights(members: Sequence[str], weights: Mapping[str, float]) -> dic
 
 def _read_probabilities(path: Path, id_columns: tuple[str, ...], fix: str) -> tuple[pd.DataFrame, np.ndarray]:
     """A predictions CSV (`id_columns`, then one column per class of CLASSES) and its probabilities in CLASSES order."""
-    table = read_csv(path, MemberPredsError, fix, dtype=str, keep_default_na=False)
+    table = read_csv(path, MemberPredsError, fix, unique="image_id")
     expected = f"expected {', '.join(id_columns)}, then one column per class of the competition"
     if tuple(table.columns[: len(id_columns)]) != id_columns:
         raise MemberPredsError(f"{path}: columns start {list(table.columns[: len(id_columns)])}; {expected}; {fix}")
@@ -125,9 +125,6 @@ def _read_probabilities(path: Path, id_columns: tuple[str, ...], fix: str) -> tu
     if len(off):
         row = int(off[0])
         raise MemberPredsError(f"{path}: row {row + 1} sums to {sums[row]:.4f}, not 1; are these logits? {fix}")
-    duplicated = table["image_id"][table["image_id"].duplicated()]
-    if len(duplicated):
-        raise MemberPredsError(f"{path}: image_id {duplicated.iloc[0]!r} appears more than once; {fix}")
     return table, probs
 
 

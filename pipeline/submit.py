@@ -75,7 +75,7 @@ def read_log(log_file: Path = LOG_FILE) -> pd.DataFrame:
     if not Path(log_file).is_file():
         return pd.DataFrame(columns=list(LOG_COLUMNS))
     fix = "it is the upload history: restore it from git, or move it aside to start a new one"
-    history = read_csv(log_file, SubmitRefused, fix, dtype=str, keep_default_na=False)
+    history = read_csv(log_file, SubmitRefused, fix)
     if tuple(history.columns) != LOG_COLUMNS:
         raise SubmitRefused(f"{log_file}: columns are {list(history.columns)[:5]}, not {', '.join(LOG_COLUMNS)}; {fix}")
     return history
