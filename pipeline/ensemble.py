@@ -1,16 +1,11 @@
-"""Stage `ensemble`: average the members' TTA probabilities and write the submissions.
+"""Stage `ensemble`: average the members' TTA probabilities and write the submissions (docs/stages.md#ensemble).
 
-Checks every member's preds/<member>/{test,valid}.csv against the truth (the competition's classes, sample_submission's
-test ids, the shared validation split of train.csv), averages them with params `ensemble`'s weights (or weights
-fitted on validation), and writes submissions/members/<member>.csv, submissions/submission.csv (each validated
-against sample_submission.csv before anything is written) and metrics/ensemble.json (each member's and the
-ensemble's validation accuracy, the gain over the best member). With `validation.folds` K > 1 the validation rows
-are every training image's out-of-fold (OOF) prediction, with each fold's accuracy beside the whole.
+Every member is checked against the truth before anything is written; with `validation.folds` K > 1 the validation
+rows are every training image's out-of-fold (OOF) prediction.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -22,22 +17,15 @@ from scipy.optimize import minimize
 from pipeline.common import atomic_path, log, read_csv, stage_main, write_json
 from pipeline.paddy import CLASSES, DATA_DIR, ValidationConfig, sample_submission_csv, train_csv, validation_rows
 from pipeline.params import ParamsError, load_section, profile_of, read_params
-from pipeline.submission import (
-    SubmissionError,
-    build_submission,
-    read_sample_submission,
-    validate_submission,
-    write_submission_csv,
-)
+from pipeline.submission import (SubmissionError, build_submission, read_sample_submission, validate_submission,
+                                 write_submission_csv)
 
 STAGE = "ensemble"
 PREDS_DIR = Path("preds")
 SUBMISSIONS_DIR = Path("submissions")
 METRICS_FILE = Path("metrics/ensemble.json")
-FIT_NEEDS_VALIDATION = (
-    "params.yaml: key 'ensemble.fit_weights' needs a validation set, but validation.full is true; "
-    "set one of them to false"
-)
+FIT_NEEDS_VALIDATION = ("params.yaml: key 'ensemble.fit_weights' needs a validation set, but validation.full is "
+                        "true; set one of them to false")
 # Rows of TTA probabilities sum to 1 up to the rounding of the CSV they were written to.
 PROB_SUM_TOLERANCE = 1e-3
 
@@ -69,9 +57,7 @@ def load_config(params: Mapping) -> StageConfig:
     if config.fit_weights and validation.full:
         raise ParamsError(FIT_NEEDS_VALIDATION)
     weights = resolve_weights(member_names(params), config.weights)
-    return StageConfig(
-        profile=profile_of(params), weights=weights, fit_weights=config.fit_weights, validation=validation
-    )
+    return StageConfig(profile_of(params), weights, config.fit_weights, validation)
 
 
 class MemberPredsError(ValueError):
@@ -102,10 +88,8 @@ def resolve_weights(members: Sequence[str], weights: Mapping[str, float]) -> dic
     """Each member's weight: the listed one, else 1; a weight for a member that is not trained is an error."""
     strangers = [name for name in weights if name not in members]
     if strangers:
-        raise ParamsError(
-            f"params.yaml: key 'ensemble.weights.{strangers[0]}' names no member of train.members "
-            f"({', '.join(members)}); remove it or add the member"
-        )
+        raise ParamsError(f"params.yaml: key 'ensemble.weights.{strangers[0]}' names no member of train.members "
+                          f"({', '.join(members)}); remove it or add the member")
     resolved = {name: float(weights.get(name, 1.0)) for name in members}
     if sum(resolved.values()) <= 0:
         raise ParamsError("params.yaml: key 'ensemble.weights': every weight is 0; give at least one member weight > 0")
@@ -114,17 +98,15 @@ def resolve_weights(members: Sequence[str], weights: Mapping[str, float]) -> dic
 
 def _read_probabilities(path: Path, id_columns: tuple[str, ...], fix: str) -> tuple[pd.DataFrame, np.ndarray]:
     """A predictions CSV (`id_columns`, then one column per class of CLASSES) and its probabilities in CLASSES order."""
-    table = read_csv(path, MemberPredsError, fix, dtype=str, keep_default_na=False)
+    table = read_csv(path, MemberPredsError, fix, unique="image_id")
     expected = f"expected {', '.join(id_columns)}, then one column per class of the competition"
     if tuple(table.columns[: len(id_columns)]) != id_columns:
         raise MemberPredsError(f"{path}: columns start {list(table.columns[: len(id_columns)])}; {expected}; {fix}")
     classes = list(table.columns[len(id_columns) :])
     strangers = [column for column in classes if column not in CLASSES]
     if strangers:
-        raise MemberPredsError(
-            f"{path}: column {strangers[0]!r} is not one of the competition's {len(CLASSES)} classes "
-            f"({', '.join(CLASSES)}); {fix}"
-        )
+        raise MemberPredsError(f"{path}: column {strangers[0]!r} is not one of the competition's {len(CLASSES)} "
+                               f"classes ({', '.join(CLASSES)}); {fix}")
     missing = [label for label in CLASSES if label not in classes]
     if missing:
         raise MemberPredsError(f"{path}: no column for class {missing[0]!r}; {expected}; {fix}")
@@ -133,9 +115,8 @@ def _read_probabilities(path: Path, id_columns: tuple[str, ...], fix: str) -> tu
     rows, columns = np.nonzero(numbers.isna().to_numpy())
     if len(rows):
         row, column = int(rows[0]), CLASSES[int(columns[0])]
-        raise MemberPredsError(
-            f"{path}: row {row + 1}, column {column!r} holds {cells.iloc[row][column]!r}, not a probability; {fix}"
-        )
+        raise MemberPredsError(f"{path}: row {row + 1}, column {column!r} holds {cells.iloc[row][column]!r}, "
+                               f"not a probability; {fix}")
     probs = numbers.to_numpy(dtype=float)
     if not np.isfinite(probs).all() or (probs < 0).any():
         raise MemberPredsError(f"{path}: probabilities must be finite and >= 0; {fix}")
@@ -144,15 +125,11 @@ def _read_probabilities(path: Path, id_columns: tuple[str, ...], fix: str) -> tu
     if len(off):
         row = int(off[0])
         raise MemberPredsError(f"{path}: row {row + 1} sums to {sums[row]:.4f}, not 1; are these logits? {fix}")
-    duplicated = table["image_id"][table["image_id"].duplicated()]
-    if len(duplicated):
-        raise MemberPredsError(f"{path}: image_id {duplicated.iloc[0]!r} appears more than once; {fix}")
     return table, probs
 
 
-def read_member(
-    preds_dir: Path, name: str, test_ids: Sequence[str], truth: pd.DataFrame, train_file: Path
-) -> MemberPreds:
+def read_member(preds_dir: Path, name: str, test_ids: Sequence[str], truth: pd.DataFrame,
+                train_file: Path) -> MemberPreds:
     """preds/<name>/{test,valid}.csv as train@<name> wrote them, test rows in `test_ids` order and validation rows
     in `truth` order.
 
@@ -172,28 +149,19 @@ def read_member(
     valid_ids = set(valid["image_id"])
     missing = [image_id for image_id in truth["image_id"] if image_id not in valid_ids]
     if missing:
-        raise MemberPredsError(
-            f"{valid_file}: {len(missing)} image(s) of the shared validation split are missing (first: {missing[0]!r}; "
-            f"the split: {split}); {rerun}"
-        )
+        raise MemberPredsError(f"{valid_file}: {len(missing)} image(s) of the shared validation split are missing "
+                               f"(first: {missing[0]!r}; the split: {split}); {rerun}")
     true_label = dict(zip(truth["image_id"], truth["label"]))
     strangers = [image_id for image_id in valid["image_id"] if image_id not in true_label]
     if strangers:
-        raise MemberPredsError(
-            f"{valid_file}: image {strangers[0]!r} is not in the shared validation split ({split}); {rerun}"
-        )
+        raise MemberPredsError(f"{valid_file}: image {strangers[0]!r} is not in the shared validation split "
+                               f"({split}); {rerun}")
     for image_id, label in zip(valid["image_id"], valid["label"]):
         if label != true_label[image_id]:
-            raise MemberPredsError(
-                f"{valid_file}: image {image_id!r} is labelled {label!r} where {train_file} says "
-                f"{true_label[image_id]!r}; {rerun}"
-            )
-    return MemberPreds(
-        name=name,
-        test_probs=test_probs[pd.Index(test["image_id"]).get_indexer(list(test_ids))],
-        valid_labels=tuple(truth["label"]),
-        valid_probs=valid_probs[pd.Index(valid["image_id"]).get_indexer(list(truth["image_id"]))],
-    )
+            raise MemberPredsError(f"{valid_file}: image {image_id!r} is labelled {label!r} where {train_file} says "
+                                   f"{true_label[image_id]!r}; {rerun}")
+    return MemberPreds(name, test_probs[pd.Index(test["image_id"]).get_indexer(list(test_ids))], tuple(truth["label"]),
+                       valid_probs[pd.Index(valid["image_id"]).get_indexer(list(truth["image_id"]))])
 
 
 def weighted_average(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -220,9 +188,7 @@ def fit_weights(valid_probs: Sequence[np.ndarray], labels: Sequence[str], vocab:
     """
     if len(labels) == 0:
         raise ParamsError(FIT_NEEDS_VALIDATION)
-    truth = pd.Index(list(vocab)).get_indexer(list(labels))
-    if (truth < 0).any():
-        raise MemberPredsError(f"validation label {labels[int(np.flatnonzero(truth < 0)[0])]!r} is not in the vocab")
+    truth = pd.Index(list(vocab)).get_indexer(list(labels))  # paddy_data verified train.csv's labels are the vocab's
     stacked = np.stack(valid_probs)  # members x rows x classes
     true_probs = stacked[:, np.arange(len(truth)), truth]  # members x rows
 
@@ -230,10 +196,8 @@ def fit_weights(valid_probs: Sequence[np.ndarray], labels: Sequence[str], vocab:
         return float(-np.mean(np.log(np.clip(weights @ true_probs, 1e-12, None))))
 
     n_members = len(valid_probs)
-    result = minimize(
-        log_loss, np.full(n_members, 1 / n_members), method="SLSQP", bounds=[(0.0, 1.0)] * n_members,
-        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
-    )
+    result = minimize(log_loss, np.full(n_members, 1 / n_members), method="SLSQP", bounds=[(0.0, 1.0)] * n_members,
+                      constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}])
     weights = np.clip(result.x, 0, None)
     return [round(float(w), 6) for w in weights / weights.sum()]
 
@@ -247,19 +211,15 @@ class EnsembleResult:
     metrics: dict
 
 
-def ensemble(
-    members: Sequence[MemberPreds], sample: pd.DataFrame, weights: Mapping[str, float], fit: bool, profile: str,
-    submissions_dir: Path = SUBMISSIONS_DIR, folds: np.ndarray | None = None,
-) -> EnsembleResult:
+def ensemble(members: Sequence[MemberPreds], sample: pd.DataFrame, weights: Mapping[str, float], fit: bool,
+             profile: str, submissions_dir: Path = SUBMISSIONS_DIR, folds: np.ndarray | None = None) -> EnsembleResult:
     """Average aligned members, build and validate every submission, and compute the metrics; `folds`: each
     validation row's fold when they are OOF predictions (validation.folds > 1)."""
     vocab = CLASSES
     labels = members[0].valid_labels
     test_ids = list(sample["image_id"])
-    if fit:
-        weight_list = fit_weights([m.valid_probs for m in members], labels, vocab)
-    else:
-        weight_list = [weights[m.name] for m in members]
+    weight_list = fit_weights([m.valid_probs for m in members], labels, vocab) if fit else [
+        weights[m.name] for m in members]
     used_weights = dict(zip([m.name for m in members], weight_list))
     test_probs = weighted_average([m.test_probs for m in members], weight_list)
     valid_probs = weighted_average([m.valid_probs for m in members], weight_list)
@@ -275,6 +235,7 @@ def ensemble(
     member_accuracy = {m.name: accuracy(m.valid_probs, labels, vocab) for m in members}
     ensemble_accuracy = accuracy(valid_probs, labels, vocab)
     best_member = None if ensemble_accuracy is None else max(member_accuracy, key=member_accuracy.get)
+    gain = None if best_member is None else round(ensemble_accuracy - member_accuracy[best_member], 6)
 
     def spread(probs: np.ndarray) -> dict:
         """Accuracy on each fold's OOF rows (keyed by fold id) and their spread (population std)."""
@@ -295,9 +256,7 @@ def ensemble(
         },
         "ensemble": {"valid_accuracy": ensemble_accuracy, **spread(valid_probs)},
         "best_member": best_member,
-        "gain_over_best_member": (
-            None if best_member is None else round(ensemble_accuracy - member_accuracy[best_member], 6)
-        ),
+        "gain_over_best_member": gain,
         "weights_fitted_on": ("valid" if folds is None else "oof") if fit else None,
     }
     return EnsembleResult(member_submissions, submission, metrics)
@@ -313,10 +272,8 @@ def write_outputs(result: EnsembleResult, submissions_dir: Path, metrics_file: P
     write_json(metrics_file, result.metrics)
 
 
-def run(
-    params: Mapping, preds_dir: Path = PREDS_DIR, data_dir: Path = DATA_DIR, submissions_dir: Path = SUBMISSIONS_DIR,
-    metrics_file: Path = METRICS_FILE,
-) -> dict:
+def run(params: Mapping, preds_dir: Path = PREDS_DIR, data_dir: Path = DATA_DIR,
+        submissions_dir: Path = SUBMISSIONS_DIR, metrics_file: Path = METRICS_FILE) -> dict:
     """The whole stage on `params` (params.yaml as a dict); returns the metrics it wrote."""
     config = load_config(params)
     sample = read_sample_submission(sample_submission_csv(data_dir))
@@ -332,7 +289,7 @@ def run(
 
 
 def _shown(value: float | None) -> str:
-    return "n/a (validation.full)" if value is None or math.isnan(value) else f"{value:.4f}"
+    return "n/a (validation.full)" if value is None else f"{value:.4f}"
 
 
 @stage_main(STAGE, ParamsError, MemberPredsError, SubmissionError)

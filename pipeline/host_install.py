@@ -1,11 +1,7 @@
 """`make install PYTHON=...`: install paddy-pipeline into an existing Python (Kaggle, Colab, conda), keeping its stack.
 
 Run by the host's interpreter before any dependency exists: the standard library and pip's vendored packaging and
-tomli only. Each dependency of pyproject.toml (dev extra included) inside its range is kept and pinned (with torch's
-and torchvision's installed requirements) in a constraints file; a missing one is installed at requirements.lock's
-version; one outside its range moves to the lock's version under the same constraints, except torch and torchvision:
-refused, one line (their CUDA build is the host's; a PyPI wheel brings GBs of another CUDA runtime). The project is
-installed editable in the same pip run.
+tomli only. What is kept, installed, moved or refused: docs/install.md, "A host's own Python".
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """`make kaggle-run`: run the pipeline's stages in a private Kaggle GPU kernel and bring the outputs back into DVC.
 
-With the user's own credentials and the official client: upload this commit's code with params.yaml and dvc.lock,
-push a private kernel (GPU, internet, the competition attached; notebooks/kaggle_run_kernel.py) that trains there,
-follow its status, download its outputs into a scratch folder (.kaggle-run/<name>/) and only then swap them into
-the workspace and `dvc commit` the stages that ran. A run that fails, is cancelled, or leaves no or partial outputs
-changes nothing here; its log is saved next to the scratch folder. A second run resumes the first (docs/kaggle.md).
+Outputs are downloaded into .kaggle-run/<name>/ and swapped in only when complete: a run that fails, is cancelled or
+leaves partial outputs changes nothing here (docs/kaggle.md#train-on-kaggles-gpus-make-kaggle-run).
 """
 
 from __future__ import annotations
@@ -110,13 +107,17 @@ def client_call(what: str, call, *args, **kwargs):
     return response
 
 
+def empty_folder(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
 def upload_code(api, cfg: RunConfig, user: str) -> None:
     """The code goes as a private dataset version rather than inline in the kernel's source: a kernel's source is
     one text file (shown on its page, about 1 MB at most), a dataset takes the archive as it is, stays private and
     keeps every version; the kernel finds it mounted under /kaggle/input."""
-    folder = cfg.work / "code"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    folder = empty_folder(cfg.work / "code")
     code_archive(folder / ARCHIVE)
     ref = f"{user}/{cfg.name}-code"
     meta = {"id": ref, "title": f"{cfg.name}-code", "licenses": [{"name": "other"}]}
@@ -141,9 +142,7 @@ def push_kernel(api, cfg: RunConfig, user: str) -> None:
         resume = True
     except (*kaggle_client.CLIENT_ERRORS, ValueError):
         resume = False  # no earlier version
-    folder = cfg.work / "kernel"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    folder = empty_folder(cfg.work / "kernel")
     (folder / "script.py").write_text(kernel_script(cfg))
     (folder / "kernel-metadata.json").write_text(json.dumps(kernel_metadata(cfg, user, resume)))
     response = client_call("kernel push", api.kernels_push, str(folder))
@@ -197,19 +196,17 @@ def collect(api, cfg: RunConfig, kernel: str) -> list[str]:
     scratch = cfg.work / "download"
     shutil.rmtree(scratch, ignore_errors=True)
     log_file = download(api, kernel, scratch, ["params.yaml", "dvc.lock", MARKER])
-    where = f"its log: {log_file}" if log_file.is_file() else "it left no log"
+    where = (f"its log: {log_file}" if log_file.is_file() else "it left no log") + "; nothing here was changed"
     if status in FAILED:
-        raise KaggleRunError(f"{kernel} ended with status {status.lower()}: {reason or 'no reason given'}; {where}; "
-                             "nothing here was changed")
+        raise KaggleRunError(f"{kernel} ended with status {status.lower()}: {reason or 'no reason given'}; {where}")
     project = scratch / OUTPUT_ROOT
     if not (project / MARKER).is_file() or not (project / "dvc.lock").is_file():
-        raise KaggleRunError(f"{kernel} completed but left no outputs ({OUTPUT_ROOT}{MARKER}); {where}; nothing here "
-                             "was changed")
+        raise KaggleRunError(f"{kernel} completed but left no outputs ({OUTPUT_ROOT}{MARKER}); {where}")
     marker = json.loads((project / MARKER).read_text())
     if not marker.get("finished"):
         raise KaggleRunError(f"{kernel} stopped before the end ({marker.get('failed') or 'time is up'}; stale: "
                              f"{', '.join(marker.get('stale', [])) or 'none'}); its checkpoints are in its output: "
-                             f"make kaggle-run again resumes them; {where}; nothing here was changed")
+                             f"make kaggle-run again resumes them; {where}")
     # The stages whose lock entry the kernel changed (what it ran or resumed there), and each of their outputs
     # (metrics and plots among them) with its file count if a folder (dvc.lock's nfiles).
     kernel_lock, pushed_lock = read_lock(project / "dvc.lock"), read_lock(cfg.work / "pushed.lock")
@@ -220,8 +217,7 @@ def collect(api, cfg: RunConfig, kernel: str) -> list[str]:
     missing = [path for path, nfiles in outs.items() if not (project / path).exists()
                or (nfiles is not None and sum(1 for file in (project / path).rglob("*") if file.is_file()) != nfiles)]
     if missing:
-        raise KaggleRunError(f"{kernel}'s output is partial: {', '.join(missing[:5])} missing or incomplete; {where}; "
-                             "nothing here was changed")
+        raise KaggleRunError(f"{kernel}'s output is partial: {', '.join(missing[:5])} missing or incomplete; {where}")
     swap_in(project, [*outs, "params.yaml"], cfg.work / "replaced")
     # The outputs into DVC's cache and their entries into dvc.lock, from this workspace's own hashes: the same code
     # (this commit), params (the kernel's params.yaml) and inputs (the outputs just swapped in) as the kernel's.

@@ -125,9 +125,8 @@ class TrainConfig:
 
     def member(self, name: str) -> MemberConfig:
         if name not in self.members:
-            raise ParamsError(
-                f"params.yaml: no member {name!r} under train.members; use one of: {', '.join(self.members)}"
-            )
+            raise ParamsError(f"params.yaml: no member {name!r} under train.members; use one of: "
+                              f"{', '.join(self.members)}")
         return self.members[name]
 
 
@@ -139,17 +138,14 @@ def load_train_config(params: Mapping[str, Any]) -> TrainConfig:
         return from_mapping(TrainConfig, raw, "train")  # its error names what is wrong
     defaults = raw.get("member_defaults", {})
     known_values(MemberConfig, defaults, "train.member_defaults")  # a bad default is named where it is written
-    members = {
-        name: {**defaults, **member} if isinstance(member, Mapping) else member for name, member in raw["members"].items()
-    }
+    members = {name: {**defaults, **member} if isinstance(member, Mapping) else member
+               for name, member in raw["members"].items()}
     config = from_mapping(TrainConfig, {**raw, "members": members}, "train")
     for name, member in config.members.items():
         if member.accum is not None and member.accum > config.bs:
             where = f"members.{name}" if "accum" in raw["members"][name] else "member_defaults"
-            raise ParamsError(
-                f"{PARAMS_FILE}: key 'train.{where}.accum' is {member.accum}, more than train.bs {config.bs}; "
-                "use an accum <= bs, or null for the probe's choice"
-            )
+            raise ParamsError(f"{PARAMS_FILE}: key 'train.{where}.accum' is {member.accum}, more than train.bs "
+                              f"{config.bs}; use an accum <= bs, or null for the probe's choice")
     return config
 
 
@@ -177,8 +173,6 @@ def load_probe_config(params: Mapping[str, Any], bs: int, processes: int) -> Pro
     process_bs = bs // processes
     too_large = [accum for accum in config.accums if accum > process_bs]
     if too_large:
-        raise ParamsError(
-            f"{PARAMS_FILE}: key 'probe.accums' has {too_large[0]}, more than train.bs {bs} // {processes} "
-            f"process(es) = {process_bs} images per process; use accums <= {process_bs}"
-        )
+        raise ParamsError(f"{PARAMS_FILE}: key 'probe.accums' has {too_large[0]}, more than train.bs {bs} // "
+                          f"{processes} process(es) = {process_bs} images per process; use accums <= {process_bs}")
     return config

@@ -1,9 +1,7 @@
 """Stage `probe@<member>`: the memory a member needs to train, and the gradient accumulation that fits a budget.
 
-As in the seeds ("Road to the Top", part 3): a short fit on the smallest class, every step the real run's images, so
-its peak memory is the real run's; the chosen accum is the smallest whose peak fits `probe.budget_gib`. Outputs:
-metrics/probe/<member>.json, metrics/probe/<member>.accum.json (the decision alone, the only probe file train reads:
-a re-probe with the same outcome retrains nothing) and plots/probe/<member>.{csv,png} (peak vs accum, budget line).
+A short fit on the smallest class, as the seeds do ("Road to the Top", part 3); docs/stages.md, probe@member. Train
+reads the decision file (metrics/probe/<member>.accum.json) alone: a re-probe with the same outcome retrains nothing.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Profiles: params.yaml is pipeline/profiles/base.yaml, one profile on top, then your own params.local.yaml.
 
-`python -m pipeline.profile [NAME]` writes it (default: the profile params.yaml names); `--print` shows it. Mappings
-merge key by key; anything else (a number, a string, a list) replaces the value below. A value changed in
-params.yaml itself (by hand, `dvc exp run -S`) differs from a fresh render: the switch refuses, naming the key,
-unless `--force`; an old file that differs from its render in any way (a comment) is kept as params.yaml.bak.
-The merge is ruamel.yaml's (DVC's own YAML library), not OmegaConf.merge: ruamel keeps the comments that document
-each key.
+Mappings merge key by key; anything else replaces the value below; a switch refuses to drop a value changed in
+params.yaml itself unless `--force` (docs/profiles.md). The merge is ruamel.yaml's (DVC's own YAML library), not
+OmegaConf.merge: ruamel keeps the comments that document each key.
 """
 
 from __future__ import annotations

@@ -29,12 +29,9 @@ def read_sample_submission(path: Path | str) -> pd.DataFrame:
     if not path.is_file():
         raise SubmissionError(f"{path}: not found; run `dvc repro paddy_data` to fetch or generate the data")
     restore = "restore it with `dvc checkout data/paddy` (or `dvc repro paddy_data`)"
-    sample = read_csv(path, SubmissionError, restore, dtype=str, keep_default_na=False)
+    sample = read_csv(path, SubmissionError, restore, unique="image_id")
     if "image_id" not in sample.columns:
         raise SubmissionError(f"{path}: no `image_id` column, not the competition's sample_submission.csv; {restore}")
-    duplicated = sample["image_id"][sample["image_id"].duplicated()]
-    if len(duplicated):
-        raise SubmissionError(f"{path}: image_id {duplicated.iloc[0]!r} appears more than once; {restore}")
     return sample
 
 
@@ -72,7 +69,7 @@ def read_submission(path: Path | str) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise SubmissionError(f"{path}: not found; run `dvc repro ensemble` to write it")
-    return read_csv(path, SubmissionError, REWRITE, dtype=str, keep_default_na=False)
+    return read_csv(path, SubmissionError, REWRITE)
 
 
 def write_submission_csv(path: Path | str, submission: pd.DataFrame) -> None:

@@ -1,8 +1,6 @@
 """`make submit`: upload submissions/submission.csv to the competition with the official Kaggle client (no stage).
 
-It refuses, in one line: data that is not the real competition's (SOURCE.json), a submission that fails validation,
-stale outputs (`dvc status ensemble --with-deps`), a file already uploaded (in submissions/log.csv) unless `--force`.
-The message carries the git revision, the ensemble's validation accuracy and the profile; log.csv records each upload.
+What it refuses, and what it records in submissions/log.csv: docs/stages.md#make-submit.
 """
 
 from __future__ import annotations
@@ -55,11 +53,6 @@ def check_real_data(data_dir: Path = DATA_DIR) -> None:
                             f"{REAL_TRAIN_COUNT} / {REAL_TEST_COUNT}")
 
 
-def check_submission(submission_file: Path, data_dir: Path = DATA_DIR) -> None:
-    sample = read_sample_submission(sample_submission_csv(data_dir))
-    validate_submission(read_submission(submission_file), sample, CLASSES, str(submission_file))
-
-
 def dvc_status(repo_dir: Path = Path(".")) -> dict:
     """`dvc status ensemble --with-deps`: stage -> what changed; empty when everything matches dvc.lock."""
     try:
@@ -82,7 +75,7 @@ def read_log(log_file: Path = LOG_FILE) -> pd.DataFrame:
     if not Path(log_file).is_file():
         return pd.DataFrame(columns=list(LOG_COLUMNS))
     fix = "it is the upload history: restore it from git, or move it aside to start a new one"
-    history = read_csv(log_file, SubmitRefused, fix, dtype=str, keep_default_na=False)
+    history = read_csv(log_file, SubmitRefused, fix)
     if tuple(history.columns) != LOG_COLUMNS:
         raise SubmitRefused(f"{log_file}: columns are {list(history.columns)[:5]}, not {', '.join(LOG_COLUMNS)}; {fix}")
     return history
@@ -140,7 +133,8 @@ def submit(force: bool = False, submission_file: Path = SUBMISSION_FILE, data_di
            revision: Callable[[], str] = git_revision, upload: Callable[[Path, str], None] = kaggle_upload) -> str:
     """Run every check, upload, and log the upload; returns the message sent with it."""
     check_real_data(data_dir)
-    check_submission(submission_file, data_dir)
+    sample = read_sample_submission(sample_submission_csv(data_dir))
+    validate_submission(read_submission(submission_file), sample, CLASSES, str(submission_file))
     check_up_to_date(status())
     sha256 = file_sha256(submission_file)
     check_not_submitted(sha256, log_file, force)

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import functools
 import os
-import random
 import sys
 
-import numpy as np
 import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.torch_core import set_seed
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (fastai's set_seed also makes cudnn deterministic)."""
-    random.seed(seed)
-    np.random.seed(seed)
+    """Seed python, numpy and torch, cudnn deterministic: fastai's set_seed does all of it."""
     set_seed(seed, reproducible=True)
 
 
