@@ -1,16 +1,16 @@
 """Spec of the DAG as committed: dvc.yaml's real stages on tiny data, in a scratch clone of this repository.
 
-One module fixture clones the working tree, shrinks params.yaml (tiny synthetic images, tiny sizes, one epoch, the
-MovieLens fixture instead of a download) and runs the whole DAG once; each test then works on a copy of that run, so
-none depends on another. Every process runs with one torch thread: on CPU the trained weights are bitwise repeatable
-for a given thread count, and two members training side by side on 2 cores do not fight over them.
+One session fixture (tests/conftest.py's demo_run) clones the working tree, shrinks params.yaml (tiny synthetic
+images, tiny sizes, one epoch, the MovieLens fixture instead of a download) and runs the whole DAG once; each test
+then works on a copy of that run, so none depends on another. Every process runs with one torch thread: on CPU the
+trained weights are bitwise repeatable for a given thread count, and two members training side by side on 2 cores do
+not fight over them.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,107 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import project_env, scratch_clone
+from helpers import copy_repo, edit_params, lock_stages, members_of, run, stages_run
 
 pytestmark = pytest.mark.slow
 
-RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
-TINY_PARAMS = {
-    "data.synthetic.train_per_class": 8,  # the smallest class gets 4
-    "data.synthetic.n_test": 10,
-    "data.synthetic.image_size": [48, 64],
-    "probe.accums": [1],
-    "train.bs": 8,
-    "movielens.source": "tests/fixtures/movielens",  # relative to the clone's root, where DVC runs the stage
-    "collab.epochs": 1,
-    "collab.bs": 16,
-    "collab.report_min_ratings": 5,
-}
-TINY_MEMBER = {"resize": 32, "size": 32, "epochs": 1}
 # What a rerun of train@<member> legitimately changes in its outputs: the clock. The rest is bitwise equal on CPU.
 TIMING_KEYS = {"train_seconds", "images_per_second", "predict_seconds"}
-
-
-@dataclass(frozen=True)
-class DemoRun:
-    repo: Path  # the clone after `dvc repro`, its outputs committed
-    before_training: Path  # a copy taken when everything but the members' training and the ensemble was built
-    ran: list[str]  # the stages DVC ran, in order
-
-
-# -- helpers -------------------------------------------------------------------------------------------------------
-
-
-def run(repo: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        command, cwd=repo, env=project_env(repo, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if check:
-        assert result.returncode == 0, f"{' '.join(command)} failed in {repo}:\n{result.stdout[-4000:]}"
-    return result
-
-
-def stages_run(output: str) -> list[str]:
-    """The stages DVC ran, but paddy_source: it runs at every `dvc repro` (always_changed), by design."""
-    return [stage for stage in RUNNING_STAGE.findall(output) if stage != "paddy_source"]
-
-
-def set_key(params: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    section = params
-    for key in parents:
-        section = section[key]
-    section[last] = value
-
-
-def edit_params(repo: Path, changes: dict) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for dotted, value in changes.items():
-        set_key(params, dotted, value)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def members_of(repo: Path) -> list[str]:
-    return list(yaml.safe_load((repo / "params.yaml").read_text())["train"]["members"])
-
-
-def shrink_params(repo: Path) -> None:
-    changes = dict(TINY_PARAMS)
-    for member in members_of(repo):
-        changes.update({f"train.members.{member}.{key}": value for key, value in TINY_MEMBER.items()})
-    edit_params(repo, changes)
-
-
-def copy_repo(source: Path, target: Path) -> Path:
-    """An independent copy: git history, workspace and DVC cache."""
-    shutil.copytree(source, target, symlinks=True)
-    return target
-
-
-def lock_stages(repo: Path) -> dict:
-    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-
-
-# -- one run of the whole DAG, shared by every test ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> DemoRun:
-    base = tmp_path_factory.mktemp("dag")
-    repo = base / "repo"
-    scratch_clone(repo)
-    shrink_params(repo)
-    run(repo, "git", "commit", "--quiet", "-am", "tiny params")
-    # Two steps so that a copy can be kept between them; DVC runs exactly what one `dvc repro` would.
-    upstream = run(repo, "dvc", "repro", "probe", "collab")
-    before_training = copy_repo(repo, base / "before_training")
-    rest = run(repo, "dvc", "repro")
-    run(repo, "git", "add", "--all")
-    run(repo, "git", "commit", "--quiet", "-m", "demo DAG run: dvc.lock, metrics, plots")
-    return DemoRun(repo=repo, before_training=before_training, ran=stages_run(upstream.stdout + rest.stdout))
 
 
 def test_the_demo_dag_runs_every_stage_of_dvc_yaml(demo_run):

@@ -1,7 +1,8 @@
 """`validation.folds: 2` under `dvc repro` in a scratch clone: one fold@<member>-<k> stage per member and fold, each
 member gathered by train@<member>, the ensemble scored (and its weights fitted) on out-of-fold predictions.
 
-The tiny params of test_dag.py (32 px, one epoch), run by `make train-parallel JOBS=2` (folds first, then gathers).
+The tiny params of test_dag.py (32 px, one epoch), run by `make train-parallel JOBS=2` (folds first, then gathers),
+from the demo run's copy taken before any member stage ran: the data and collab are not rebuilt.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import sys
 import pandas as pd
 import pytest
 
-from helpers import scratch_clone
-from test_dag import copy_repo, edit_params, members_of, run, shrink_params, stages_run
+from helpers import copy_repo, edit_params, members_of, run, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -21,13 +21,11 @@ FOLDS = {"validation.folds": 2, "validation.fold_ids": [0, 1], "ensemble.fit_wei
 
 
 @pytest.fixture(scope="module")
-def folds_run(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("folds") / "repo"
-    scratch_clone(repo)
-    shrink_params(repo)
+def folds_run(demo_run, tmp_path_factory):
+    repo = copy_repo(demo_run.before_probes, tmp_path_factory.mktemp("folds") / "repo")
     edit_params(repo, FOLDS)
-    run(repo, "git", "commit", "--quiet", "-am", "tiny params, 2 folds")
-    # make train-parallel: two folds at a time, then the gathers, then `dvc repro` (the ensemble, collab)
+    run(repo, "git", "commit", "--quiet", "-am", "2 folds")
+    # make train-parallel: two folds at a time, then the gathers, then `dvc repro` (the ensemble)
     ran = stages_run(run(repo, "make", "train-parallel", "JOBS=2", f"PYTHON={sys.executable}").stdout)
     run(repo, "git", "add", "--all")
     run(repo, "git", "commit", "--quiet", "-m", "2-fold DAG run")

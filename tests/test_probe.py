@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import copy_repo, members_of, run
 from pipeline import probe
 from pipeline.params import ParamsError
 from pipeline.probe import GIB, ProbeConfig, ProbeError, check_fits, probe_member, smallest_class_table
@@ -320,48 +320,25 @@ def test_probe_stage_on_a_gpu_measures_with_torch_cuda(tiny_paddy, tmp_path, mon
         assert run["peak_reserved_gib"] >= run["peak_allocated_gib"] > run["baseline_gib"]
 
 
-def run_in(repo: Path, *command: str) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
-    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, env=env)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
 def locked_md5(repo: Path, stage: str, path: str) -> str:
     outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]["outs"]
     return next(out["md5"] for out in outs if out["path"] == path)
 
 
 @pytest.mark.slow
-def test_a_forced_reprobe_with_the_same_decision_leaves_the_train_stage_up_to_date(tmp_path):
+def test_a_forced_reprobe_with_the_same_decision_leaves_the_train_stage_up_to_date(demo_run, tmp_path):
     """The real dvc.yaml on tiny data: `dvc repro -f probe@m` rewrites the probe's metrics, not train's input."""
-    repo = tmp_path / "repo"
-    shutil.copytree(ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copytree(ROOT / "folds", repo / "folds")  # a dep of train@tiny (its fold models' folder, none here)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"]["synthetic"] = {"train_per_class": 8, "n_test": 10, "image_size": [48, 64]}
-    params["probe"] = {"accums": [1, 2], "budget_gib": 16, "epochs": 1}
-    params["train"] |= {"bs": 8, "tta": False}
-    params["train"]["members"] = {"tiny": {"arch": "convnext_atto", "resize": 40, "size": 32, "epochs": 1,
-                                           "schedule": "fit_one_cycle", "accum": None}}
-    params["ensemble"]["weights"] = {"tiny": 1}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    run_in(repo, "git", "init", "-q")
-    run_in(repo, "dvc", "init", "-q")
-    run_in(repo, "git", "add", "-A")
-    run_in(repo, "git", "commit", "-qm", "tiny project")  # DVCLive reads the git revision
-    run_in(repo, "dvc", "repro", "-q", "train@tiny")
-    metrics_md5 = locked_md5(repo, "probe@tiny", "metrics/probe/tiny.json")
+    repo = copy_repo(demo_run.repo, tmp_path / "repo")  # every stage up to date, train@<member> trained
+    member = members_of(repo)[0]
+    metrics_md5 = locked_md5(repo, f"probe@{member}", f"metrics/probe/{member}.json")
 
-    run_in(repo, "dvc", "repro", "-q", "--force", "--single-item", "probe@tiny")
+    run(repo, "dvc", "repro", "-q", "--force", "--single-item", f"probe@{member}")
 
-    assert locked_md5(repo, "probe@tiny", "metrics/probe/tiny.json") != metrics_md5  # peaks and seconds moved
-    assert json.loads(run_in(repo, "dvc", "status", "--json", "train@tiny")) == {}
-    decision_file = repo / "metrics" / "probe" / "tiny.accum.json"
+    assert locked_md5(repo, f"probe@{member}", f"metrics/probe/{member}.json") != metrics_md5  # seconds moved
+    assert json.loads(run(repo, "dvc", "status", "--json", f"train@{member}").stdout) == {}
+    decision_file = repo / "metrics" / "probe" / f"{member}.accum.json"
     decision_file.write_text(decision_file.read_text().replace('"accum": 1', '"accum": 2'))
-    assert "train@tiny" in json.loads(run_in(repo, "dvc", "status", "--json", "train@tiny"))  # it is train's input
+    assert f"train@{member}" in json.loads(run(repo, "dvc", "status", "--json", f"train@{member}").stdout)
 
 
 def test_unknown_member_is_a_one_line_exit(tmp_path, monkeypatch):
