@@ -53,6 +53,11 @@ def check_real_data(data_dir: Path = DATA_DIR) -> None:
                             f"{REAL_TRAIN_COUNT} / {REAL_TEST_COUNT}")
 
 
+def check_submission(submission_file: Path, data_dir: Path = DATA_DIR) -> None:
+    sample = read_sample_submission(sample_submission_csv(data_dir))
+    validate_submission(read_submission(submission_file), sample, CLASSES, str(submission_file))
+
+
 def dvc_status(repo_dir: Path = Path(".")) -> dict:
     """`dvc status ensemble --with-deps`: stage -> what changed; empty when everything matches dvc.lock."""
     try:
@@ -133,8 +138,7 @@ def submit(force: bool = False, submission_file: Path = SUBMISSION_FILE, data_di
            revision: Callable[[], str] = git_revision, upload: Callable[[Path, str], None] = kaggle_upload) -> str:
     """Run every check, upload, and log the upload; returns the message sent with it."""
     check_real_data(data_dir)
-    sample = read_sample_submission(sample_submission_csv(data_dir))
-    validate_submission(read_submission(submission_file), sample, CLASSES, str(submission_file))
+    check_submission(submission_file, data_dir)
     check_up_to_date(status())
     sha256 = file_sha256(submission_file)
     check_not_submitted(sha256, log_file, force)
