@@ -106,7 +106,7 @@ def test_a_writer_killed_between_the_renames_of_a_directory_swap_loses_nothing(t
     assert killed.returncode == -signal.SIGKILL and not target.exists()  # the window: only the scratch copy left
 
     with pytest.raises(RuntimeError):  # the next write on the target puts the old copy back, even if it fails
-        with atomic_path(target) as staging:
+        with atomic_path(target):
             raise RuntimeError("the next writer fails too")
 
     assert (target / "whole.txt").read_text() == "complete"

@@ -3,7 +3,6 @@ set, checked in params, and a run using them that is killed and resumed ends exa
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
