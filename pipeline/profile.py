@@ -8,6 +8,7 @@ OmegaConf.merge: ruamel keeps the comments that document each key.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import re
@@ -31,7 +32,9 @@ HEADER = (
     "# pipeline/profiles/{name}.yaml, then params.local.yaml if you have one. Keep your own values in params.local.yaml\n"
     "# (docs/profiles.md): a profile switch refuses to drop a value changed here. Every stage reads only its own\n"
     "# section(s); dvc.yaml lists which.\n"
+    "# rendered values: {digest} (while they match it, a switch knows you changed nothing here)\n"
 )
+RENDERED = re.compile(r"^# rendered values: ([0-9a-f]{16}) ", re.MULTILINE)
 FOLD_IDS = ("validation", "fold_ids")  # never the user's: always written from validation.folds
 # A top-level key whose value is a block (a section): the rendered file has one blank line before each.
 SECTION_LINE = re.compile(r"^[^\s#][^:]*:\s*(#.*)?$")
@@ -65,7 +68,8 @@ def render_text(name: str, local_file: Path | None = None) -> str:
     _write_fold_ids(merged)
     stream = io.StringIO()
     _yaml().dump(merged, stream)
-    return _tidy(HEADER.format(name=name) + _leading_comments(profile_file(name)) + stream.getvalue())
+    header = HEADER.format(name=name, digest=_digest(YAML(typ="safe").load(stream.getvalue())))
+    return _tidy(header + _leading_comments(profile_file(name)) + stream.getvalue())
 
 
 def render_params(name: str, local_file: Path | None = None) -> dict:
@@ -157,13 +161,17 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
     backup = params_file.with_name(params_file.name + ".bak")
     text, origin, problem = _current(params_file)
     edits = []
-    if origin is not None:
+    values = YAML(typ="safe").load(text) if origin is not None else None
+    recorded = RENDERED.search(text or "")
+    # Values that still match the digest written with them are the profile's: what differs now is a change of the
+    # profile files (a `git pull`, a fork's own edit of base.yaml), never one of yours.
+    if origin is not None and (recorded is None or recorded[1] != _digest(values)):
         local = _leaves(_load_file(local_file)) if local_file.is_file() else {}
         rendered = render_params(origin, local_file)
         # Only what params.yaml holds: a key it lacks is one the profiles gained since it was written (a `git pull`).
         # A value params.local.yaml sets is the user's declared one: it wins over what params.yaml holds there.
         # Compared as JSON: `1`, `1.0`, `true` differ.
-        edits = [path for path, value in _leaves(YAML(typ="safe").load(text)).items()
+        edits = [path for path, value in _leaves(values).items()
                  if _json(value) != _json(_get(rendered, path)) and path != FOLD_IDS
                  and not any(_overlap(path, own) for own in local)]
     name = name or origin
@@ -212,6 +220,10 @@ def _get(values: Any, path: tuple) -> Any:
 
 def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
+
+
+def _digest(values: Any) -> str:
+    return hashlib.sha256(_json(values).encode()).hexdigest()[:16]
 
 
 def _overlap(a: tuple, b: tuple) -> bool:  # one path is the other or lies inside it

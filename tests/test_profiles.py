@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import profile
 from pipeline.check_params import check_params
 from pipeline.profile import (
     BASE_FILE,
@@ -189,6 +190,26 @@ def test_a_key_the_profiles_gained_since_params_yaml_was_written_is_not_a_change
     edit(demo_params, lambda p: [p["train"]["member_defaults"].pop(key) for key in ("min_scale", "accum")])
     assert switch_profile("demo", demo_params).startswith(f"{demo_params} is now the demo profile")
     assert yaml.safe_load(demo_params.read_text())["train"]["member_defaults"]["min_scale"] == 0.75
+
+
+def changed_base(monkeypatch, folder, old, new):
+    """base.yaml with `old` replaced by `new`, as after a `git pull` or a fork's own edit of it."""
+    base = folder / "base.yaml"
+    base.write_text(BASE_FILE.read_text().replace(old, new))
+    monkeypatch.setattr(profile, "BASE_FILE", base)
+
+
+def test_a_changed_profile_file_is_not_a_change_of_yours(demo_params, monkeypatch):
+    changed_base(monkeypatch, demo_params.parent, "seed: 42", "seed: 7")
+    assert switch_profile(None, demo_params).startswith(f"{demo_params} is now the demo profile")
+    assert yaml.safe_load(demo_params.read_text())["seed"] == 7
+
+
+def test_a_value_you_changed_is_still_refused_after_a_profile_file_changed(demo_params, monkeypatch):
+    demo_params.write_text(demo_params.read_text().replace("  bs: ", "  bs: 1", 1))  # comments kept: an edit by hand
+    changed_base(monkeypatch, demo_params.parent, "seed: 42", "seed: 7")
+    with pytest.raises(ProfileError, match=r"you changed .*train.bs"):
+        switch_profile(None, demo_params)
 
 
 def test_a_new_value_in_params_local_yaml_wins_over_the_one_it_wrote_before(demo_params):
