@@ -3,8 +3,10 @@
 For every demo member and one competition member (random init), on generated 480x640 JPEGs, on this machine's
 device: the member's own training DataLoader per worker setting (after its first batch, when fastai starts the
 workers), its training step alone (forward, backward, optimiser step, in train's precision), and with 0 workers the
-milliseconds per image of decoding, item and batch transforms. Goal on a GPU: loader (auto workers) >= 1.2x the
-step rate. Writes bench/loader.json. `python -m benchmarks.loader [--workers 0 auto 1 2] [--members NAME ...]`.
+milliseconds per image of decoding, item and batch transforms; with `--images full small` the loader again on the
+images pre-resized by stage small_images' own function. Goal on a GPU: loader (auto workers) >= 1.2x the step rate.
+Writes bench/loader.json. `python -m benchmarks.loader [--workers 0 auto 1 2] [--members NAME ...]
+[--images full small]`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import to_device
 
-from pipeline import vision
+from pipeline import small_images, vision
 from pipeline.common import log, write_json
 from pipeline.paddy import read_train_table
 from pipeline.profile import render_params
@@ -33,6 +35,7 @@ COMPETITION_MEMBER, TARGET_RATIO = "convnext_large_640", 1.2
 TIMED_ROUNDS, MIN_TIMED_IMAGES = 3, 128  # loader batches timed: every worker delivers several, and enough images
 STEPS = {"cuda": (2, 5), "cpu": (1, 1)}  # training steps (untimed warm-up, timed) per device type
 CPU_STEP_BATCH = 4  # on CPU, the competition member's step on its real batch takes minutes: timed on a small one
+SMALL_MAX_SIZE = 256  # small_images.max_size in the profiles: the seeds' resize_images(max_size=256)
 
 
 def bench_members() -> dict[str, tuple[vision.MemberConfig, vision.TrainConfig, str]]:
@@ -52,6 +55,14 @@ def real_size_table(data_dir: Path, training_rows: int):
     table = images.sample(training_rows + 1, replace=True, random_state=0, ignore_index=True)
     table["is_valid"] = table.index == training_rows
     return table
+
+
+def pre_resized(table, data_dir: Path):
+    """`table` reading the same images resized once (longest side SMALL_MAX_SIZE), as a member with `images: small`."""
+    small_dir = data_dir.with_name(data_dir.name + "_small")
+    if not small_dir.is_dir():
+        small_images.resize_image_folders(data_dir, small_dir, SMALL_MAX_SIZE)
+    return table.assign(path=[small_dir / Path(path).relative_to(data_dir) for path in table["path"]])
 
 
 def synchronize(device: torch.device) -> None:
@@ -128,7 +139,7 @@ def step_rate(member, table, precision: str, device, step_bs: int) -> dict:
                 images_per_second=round(sum(timer.images[warmup:]) / sum(timer.seconds[warmup:]), 1))
 
 
-def run(worker_settings=(0, "auto"), names: list[str] | None = None) -> dict:
+def run(worker_settings=(0, "auto"), names: list[str] | None = None, small: bool = False) -> dict:
     device, members = compute_device(), bench_members()
     unknown = sorted(set(names or []) - set(members))
     if unknown:
@@ -146,6 +157,12 @@ def run(worker_settings=(0, "auto"), names: list[str] | None = None) -> dict:
             log(STAGE, f"{name}: {member.arch}, {bs} images per batch, on {device}")
             loaders = {w: {"workers": count, "images_per_second": loader_rate(member, table, train.bs, accum, count,
                                                                              device)} for w, count in counts.items()}
+            if small:  # the same settings on the pre-resized images, and small / full per setting
+                small_table = pre_resized(table, Path(scratch) / "paddy")
+                for w, count in counts.items():
+                    rate = loader_rate(member, small_table, train.bs, accum, count, device)
+                    loaders[w].update(small_images_per_second=rate,
+                                      small_to_full=round(rate / loaders[w]["images_per_second"], 2))
             step = step_rate(member, table, train.precision, device, step_bs)
             auto = loaders.get("auto", max(loaders.values(), key=lambda rate: rate["images_per_second"]))
             results[name] = dict(
@@ -160,7 +177,9 @@ def run(worker_settings=(0, "auto"), names: list[str] | None = None) -> dict:
 
 
 def summary_line(figures: dict) -> str:
-    loaders = ", ".join(f"{w} workers ({rate['workers']}): {rate['images_per_second']}" for w, rate in figures["loader"].items())
+    loaders = ", ".join(f"{w} workers ({rate['workers']}): {rate['images_per_second']}"
+                        + (f" (small {rate['small_images_per_second']}, x{rate['small_to_full']})"
+                           if "small_to_full" in rate else "") for w, rate in figures["loader"].items())
     parts = ", ".join(f"{name} {ms}" for name, ms in figures["breakdown_ms_per_image"].items())
     step = figures["step"]
     return (f"loader img/s {loaders} | step img/s {step['images_per_second']} (batch {step['batch']}, "
@@ -171,8 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--workers", nargs="+", default=["0", "auto"], help="worker settings to time (default: 0 auto)")
     parser.add_argument("--members", nargs="+", help="members to time (default: every demo member and one competition member)")
+    parser.add_argument("--images", nargs="+", choices=("full", "small"), default=["full"],
+                        help="full: the 480x640 photos (always timed); small: also as small_images resizes them")
     args = parser.parse_args(argv)
-    result = run([w if w == "auto" else int(w) for w in args.workers], args.members)
+    result = run([w if w == "auto" else int(w) for w in args.workers], args.members, small="small" in args.images)
     print(f"device: {result['device']}, images {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, goal loader/step >= {TARGET_RATIO}")
     for name, figures in result["members"].items():
         print(f"{name:20s} {summary_line(figures)}")
