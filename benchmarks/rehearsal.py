@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from benchmarks import REPO_ROOT, WorkspaceError, make_workspace, run_stage
-from pipeline import train
+from pipeline import probe, train
 from pipeline.common import log, read_json, write_json
 from pipeline.paddy import CLASSES
 from pipeline.profile import LOCAL_FILE, render_params
@@ -97,6 +97,7 @@ class MemberRun:
     killed_after_epoch: int | None = None
     resumed_from_epoch: int | None = None
     images_per_second: float | None = None
+    memory: dict | None = None  # on CUDA: the probe's peak next to the one measured while training
 
 
 def summary_line(run: MemberRun, name_width: int = 0) -> str:
@@ -107,8 +108,19 @@ def summary_line(run: MemberRun, name_width: int = 0) -> str:
              run.images_per_second is not None and f"{run.images_per_second:.1f} img/s",
              run.killed_after_epoch is not None
              and f"killed after epoch {run.killed_after_epoch}, resumed from {run.resumed_from_epoch}",
+             run.memory and f"peak {run.memory['probe_gib']:.2f} GiB probe / {run.memory['train_gib']:.2f} train",
              "ok" if run.error is None else f"error: {run.error}"]
     return "  ".join(part for part in parts if part)
+
+
+def memory_comparison(probe_metrics: Mapping[str, Any], train_metrics: Mapping[str, Any], accum: int) -> dict | None:
+    """CUDA's peak reserved memory: the probe's at the accum train used, next to train's; None without both.
+    The one check of the probe's prediction on the user's own GPU before the real run."""
+    predicted = probe_metrics.get("peaks", {}).get(str(accum), {}).get("peak_reserved_gib")
+    measured = train_metrics.get("peak_reserved_gib")
+    if predicted is None or measured is None:
+        return None
+    return {"probe_gib": round(predicted, 3), "train_gib": round(measured, 3), "ratio": round(measured / predicted, 3)}
 
 
 def completed_epochs(workdir: Path, member: str) -> int:
@@ -143,6 +155,7 @@ def rehearse_member(workdir: Path, name: str, logs: Path, kill: bool) -> MemberR
     metrics = read_json(workdir / train.METRICS_DIR / f"{name}.json")
     run.resumed_from_epoch, run.images_per_second = metrics.get("resumed_from_epoch"), metrics.get("images_per_second")
     run.accum = metrics.get("accum", run.accum)  # more than the probe's after an out-of-memory retry
+    run.memory = memory_comparison(read_json(workdir / probe.METRICS_DIR / f"{name}.json"), metrics, run.accum)
     if kill and not run.resumed_from_epoch:
         run.error = f"train: killed after epoch {run.killed_after_epoch}, the rerun did not resume"
     return run

@@ -18,6 +18,7 @@ from benchmarks.rehearsal import (
     MemberRun,
     RehearsalError,
     generated_split,
+    memory_comparison,
     probe_accums_for,
     rehearsal_params,
     summary_line,
@@ -183,3 +184,17 @@ def test_a_stage_is_killed_when_asked_and_a_failing_one_reports_its_own_line(sta
     failed = run_stage(stage_repo, "refuses", tmp_path / "refuses.log")
     assert (failed.killed, failed.error) == (False, "refuses: bad.txt: fix it")
     assert "refuses: bad.txt: fix it" in (tmp_path / "refuses.log").read_text()
+
+
+def test_cuda_memory_compares_reserved_peaks_at_the_accum_train_used():
+    probe_metrics = {"peaks": {"1": {"peak_gib": 20.0, "peak_reserved_gib": 20.0},
+                               "2": {"peak_gib": 10.0, "peak_reserved_gib": 10.0}}}
+    train_metrics = {"device": "cuda:0", "peak_reserved_gib": 10.5}
+    assert memory_comparison(probe_metrics, train_metrics, 2) == {"probe_gib": 10.0, "train_gib": 10.5, "ratio": 1.05}
+    assert "peak 10.00 GiB probe / 10.50 train" in summary_line(
+        MemberRun("m", memory=memory_comparison(probe_metrics, train_metrics, 2)))
+
+
+def test_memory_without_both_cuda_peaks_is_not_compared():
+    assert memory_comparison({"peaks": {"1": {"peak_reserved_gib": 1.0}}}, {"device": "cuda:0"}, 1) is None
+    assert memory_comparison({"peaks": {"1": {"peak_gib": 4.0}}}, {"device": "cpu", "peak_reserved_gib": None}, 1) is None
