@@ -48,8 +48,7 @@ class _Representer(RoundTripRepresenter):
     """Writes `null` as `null` (ruamel's default is an empty value, which reads as a missing setting)."""
 
 
-_Representer.add_representer(type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null",
-                                                                                              "null"))
+_Representer.add_representer(type(None), lambda self, _: self.represent_scalar("tag:yaml.org,2002:null", "null"))
 
 
 def profile_file(name: str) -> Path:
@@ -159,20 +158,19 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
     changed in params_file itself unless `force`; returns what was done, in one line."""
     params_file, local_file = Path(params_file), Path(local_file)
     backup = params_file.with_name(params_file.name + ".bak")
-    text, origin, problem = _current(params_file)
+    text, values, origin, problem = _current(params_file)
     edits = []
-    values = YAML(typ="safe").load(text) if origin is not None else None
     recorded = RENDERED.search(text or "")
     # Values that still match the digest written with them are the profile's: what differs now is a change of the
     # profile files (a `git pull`, a fork's own edit of base.yaml), never one of yours.
     if origin is not None and (recorded is None or recorded[1] != _digest(values)):
         local = _leaves(_load_file(local_file)) if local_file.is_file() else {}
-        rendered = render_params(origin, local_file)
+        rendered = _leaves(render_params(origin, local_file))
         # Only what params.yaml holds: a key it lacks is one the profiles gained since it was written (a `git pull`).
         # A value params.local.yaml sets is the user's declared one: it wins over what params.yaml holds there.
         # Compared as JSON: `1`, `1.0`, `true` differ.
         edits = [path for path, value in _leaves(values).items()
-                 if _json(value) != _json(_get(rendered, path)) and path != FOLD_IDS
+                 if (path not in rendered or _json(value) != _json(rendered[path])) and path != FOLD_IDS
                  and not any(_overlap(path, own) for own in local)]
     name = name or origin
     if name is None:
@@ -198,24 +196,19 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
     return "; ".join(done)
 
 
-def _current(params_file: Path) -> tuple[str | None, str | None, str]:
-    """params_file's text, the profile it names (or None) and then what is wrong with it."""
+def _current(params_file: Path) -> tuple[str | None, Any, str | None, str]:
+    """params_file's text, its values and the profile it names (both None unless it names one), then what is wrong."""
     if not params_file.is_file():
-        return None, None, "does not exist"
+        return None, None, None, "does not exist"
     text = params_file.read_text()
     try:
         values = YAML(typ="safe").load(text)
     except YAMLError as err:
-        return text, None, f"is not valid YAML ({str(err).splitlines()[0]})"
+        return text, None, None, f"is not valid YAML ({str(err).splitlines()[0]})"
     origin = values.get("profile") if isinstance(values, dict) else None
-    return text, origin if origin in PROFILES else None, f"names no profile (profile: {origin!r})"
-
-
-def _get(values: Any, path: tuple) -> Any:
-    """The value at `path` of nested mappings; None where there is none."""
-    for key in path:
-        values = values.get(key) if isinstance(values, dict) else None
-    return values
+    if origin not in PROFILES:
+        return text, None, None, f"names no profile (profile: {origin!r})"
+    return text, values, origin, ""
 
 
 def _json(value: Any) -> str:
@@ -240,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.print:
         return print(switch_profile(args.profile, force=args.force))
-    name = args.profile or _current(PARAMS_FILE)[1]
+    name = args.profile or _current(PARAMS_FILE)[2]
     if name is None:
         raise ProfileError(f"{PARAMS_FILE} names no profile; name one: {', '.join(PROFILES)}")
     print(render_text(name, LOCAL_FILE), end="")
