@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
-from pipeline.params import load_section
+from pipeline.params import Check, PositiveInt, load_section
 
 
 @dataclass(frozen=True)
 class CollabConfig:
-    n_factors: int = 50
+    n_factors: PositiveInt = 50
     y_range: tuple[float, float] = (0.0, 5.5)
-    epochs: int = 5
+    epochs: PositiveInt = 5
     lr: float = 5e-3
     wd: float = 0.1
-    bs: int = 64
-    valid_pct: float = 0.2
+    bs: PositiveInt = 64
+    valid_pct: Annotated[float, Check(lambda pct: 0 < pct < 1, "use a fraction between 0 and 1, e.g. 0.2")] = 0.2
     seed: int = 42
     threads: int | None = None  # torch CPU threads; null leaves torch's default
     report_min_ratings: int = 20  # movies rated less often are left out of the reports (their factors are noise)
@@ -25,11 +25,6 @@ class CollabConfig:
         low, high = self.y_range
         if not low < high:
             raise ValueError(f"y_range is {list(self.y_range)}; use [low, high] with low < high, e.g. [0.0, 5.5]")
-        if not 0 < self.valid_pct < 1:
-            raise ValueError(f"valid_pct is {self.valid_pct}; use a fraction between 0 and 1, e.g. 0.2")
-        for name in ("n_factors", "epochs", "bs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} is {getattr(self, name)}; use a positive integer")
 
 
 def load_collab_config(params: Mapping[str, Any]) -> CollabConfig:

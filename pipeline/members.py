@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 from pipeline.paddy import CLASSES, VARIETIES
-from pipeline.params import PARAMS_FILE, FieldError, ParamsError, from_mapping, known_values, load_section, section_of
+from pipeline.params import (PARAMS_FILE, Check, FieldError, ParamsError, PositiveInt, from_mapping, known_values,
+                             load_section, section_of)
 
-Size = int | tuple[int, int]
 
-
-def sides(size: Size) -> tuple[int, int]:
+def sides(size: int | tuple[int, int]) -> tuple[int, int]:
     """(height, width) of a size; an int is square."""
     return size if isinstance(size, tuple) else (size, size)
+
+
+Size = Annotated[int | tuple[int, int], Check(lambda s: min(sides(s)) >= 8, "use at least 8 pixels a side")]
+PositiveOrNull = Annotated[int | None, Check(lambda n: n is None or n >= 1, "use null or a positive integer")]
+Alpha = Annotated[float, Check(lambda a: a >= 0, "use a positive alpha, or 0 for none")]
 
 
 @dataclass(frozen=True)
@@ -33,56 +37,34 @@ class MemberConfig:
     method: Literal["squish", "pad", "crop"] = "squish"
     size: Size = 224  # batch transform (aug_transforms) size; a pair is (height, width)
     targets: Literal["label", "label+variety"] = "label"
-    epochs: int = 12
-    lr: float | Literal["find"] = 0.01
+    epochs: PositiveInt = 12
+    lr: Annotated[float | Literal["find"], Check(lambda lr: lr == "find" or 0 < lr < 10,
+                                                 "use a positive number below 10, or 'find'")] = 0.01
     schedule: Literal["fine_tune", "fit_one_cycle"] = "fine_tune"
-    accum: int | None = None  # None: the probe's choice
-    min_scale: float = 0.75
+    accum: PositiveOrNull = None  # None: the probe's choice
+    min_scale: Annotated[float, Check(lambda s: 0 < s <= 1, "use a number in (0, 1]")] = 0.75
     # Item-level augmentation with albumentations, applied to training items only: {TransformName: {kwargs}}.
     albumentations: dict[str, dict[str, Any]] = field(default_factory=dict)  # checked by vision too
     # A smoke test's cap (make rehearsal): optimiser steps per training epoch, validation and TTA left whole; None:
     # every batch. Not for real runs: the one-cycle schedule is cut short with it.
-    max_steps_per_epoch: int | None = None
+    max_steps_per_epoch: PositiveOrNull = None
     # Training tricks, each the library's own (vision.member_learner): fastai's LabelSmoothingCrossEntropyFlat eps;
     # fastai's MixUp or CutMix alpha (0: off); timm's ModelEmaV3 decay (null: off), whose weights are saved.
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    ema: float | None = None
+    label_smoothing: Annotated[float, Check(lambda eps: 0 <= eps < 1, "use a number in [0, 1), 0 for none")] = 0.0
+    mixup: Alpha = 0.0
+    cutmix: Alpha = 0.0
+    ema: Annotated[float | None, Check(lambda decay: decay is None or 0 < decay < 1,
+                                       "use a decay in (0, 1) such as 0.999, or null for none")] = None
     # Progressive resizing: the batch `size` of each phase, smallest first, ending at `size`; epochs split evenly.
     progressive: tuple[Size, ...] | None = None
 
     def __post_init__(self):
-        phases = (("progressive", size) for size in self.progressive or ())
-        for name, value in (("resize", self.resize), ("size", self.size), *phases):
-            if any(side < 8 for side in sides(value)):
-                raise ValueError(f"{name} {value!r} is too small; use at least 8 pixels a side")
-        self.check_tricks()
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ValueError(f"max_steps_per_epoch must be null or a positive integer, got {self.max_steps_per_epoch}")
-        if self.accum is not None and self.accum < 1:
-            raise ValueError(f"accum must be null or a positive integer, got {self.accum}")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
-        if isinstance(self.lr, float) and not 0 < self.lr < 10:
-            raise ValueError(f"lr must be a positive number below 10 or 'find', got {self.lr}")
         if isinstance(self.pretrained, str) and not Path(self.pretrained).is_file():
             raise ValueError(f"pretrained weights file {self.pretrained!r} not found; fix the path or use true/false")
-
-    def check_tricks(self) -> None:
-        if not 0 <= self.label_smoothing < 1:
-            raise FieldError("label_smoothing", f"is {self.label_smoothing}; use a number in [0, 1), 0 for none")
-        for name in ("mixup", "cutmix"):
-            if getattr(self, name) < 0:
-                raise FieldError(name, f"is {getattr(self, name)}; use a positive alpha, or 0 for none")
         if self.mixup and self.cutmix:
             raise FieldError("cutmix", "and mixup are both set; set one of them (the other 0)")
         if self.cutmix and self.targets == "label+variety":  # fastai's CutMix mixes the first target only
             raise FieldError("cutmix", "does not mix the variety target of label+variety; use mixup, or targets: label")
-        if self.ema is not None and not 0 < self.ema < 1:
-            raise FieldError("ema", f"is {self.ema}; use a decay in (0, 1) such as 0.999, or null for none")
         if self.progressive is not None:
             shown, size = ([list(s) if isinstance(s, tuple) else s for s in v] for v in (self.progressive, [self.size]))
             if not self.progressive or sides(self.progressive[-1]) != sides(self.size):
@@ -103,25 +85,18 @@ class MemberConfig:
 class TrainConfig:
     """The `train` section: settings shared by all members, and the members themselves."""
 
-    bs: int
-    members: dict[str, MemberConfig]
+    bs: PositiveInt
+    members: Annotated[dict[str, MemberConfig], Check(bool, "define at least one ensemble member")]
     member_defaults: dict[str, Any] = field(default_factory=dict)  # already merged into `members` by the loader
     tta: bool = True
     # auto: fp16 on CUDA (the seeds' to_fp16), fp32 on CPU; bf16 suits GPUs that have it (Ampere and later).
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    num_workers: int | Literal["auto"] = "auto"  # DataLoader worker processes; auto: see loader_workers
+    # DataLoader worker processes; auto: see loader_workers
+    num_workers: Annotated[int | Literal["auto"], Check(lambda n: n == "auto" or n >= 0,
+                                                        "use auto or a non-negative integer")] = "auto"
     # auto: one process per visible GPU (DDP when more than one), one on a CPU; a count > 1 on a CPU runs gloo.
-    devices: int | Literal["auto"] = "auto"
-
-    def __post_init__(self):
-        if self.bs < 1:
-            raise ValueError(f"bs must be a positive integer, got {self.bs}")
-        if self.num_workers != "auto" and self.num_workers < 0:
-            raise ValueError(f"num_workers must be 'auto' or a non-negative integer, got {self.num_workers}")
-        if self.devices != "auto" and self.devices < 1:
-            raise ValueError(f"devices must be auto or a positive count, got {self.devices}")
-        if not self.members:
-            raise ValueError("members is empty; define at least one ensemble member")
+    devices: Annotated[int | Literal["auto"], Check(lambda n: n == "auto" or n >= 1,
+                                                    "use auto or a positive count")] = "auto"
 
     def member(self, name: str) -> MemberConfig:
         if name not in self.members:
@@ -153,17 +128,11 @@ def load_train_config(params: Mapping[str, Any]) -> TrainConfig:
 class ProbeConfig:
     """The `probe` section of params.yaml."""
 
-    accums: list[int]  # candidate gradient-accumulation factors
-    budget_gib: float  # memory of the GPU the real run must fit (16 GiB: a Kaggle GPU)
-    epochs: int = 1
-
-    def __post_init__(self):
-        if not self.accums or any(accum < 1 for accum in self.accums):
-            raise ValueError(f"accums must be a non-empty list of positive integers, got {self.accums}")
-        if self.budget_gib <= 0:
-            raise ValueError(f"budget_gib must be positive, got {self.budget_gib}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+    # candidate gradient-accumulation factors
+    accums: Annotated[list[PositiveInt], Check(bool, "use a non-empty list of positive integers")]
+    # memory of the GPU the real run must fit (16 GiB: a Kaggle GPU)
+    budget_gib: Annotated[float, Check(lambda gib: gib > 0, "use a positive number of GiB")]
+    epochs: PositiveInt = 1
 
 
 def load_probe_config(params: Mapping[str, Any], bs: int, processes: int) -> ProbeConfig:

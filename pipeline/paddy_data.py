@@ -16,7 +16,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path, PureWindowsPath
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import pandas as pd
 from PIL import Image
@@ -25,7 +25,7 @@ from pipeline import kaggle_client
 from pipeline.common import atomic_path, banner, file_sha256, log, stage_main, write_json
 from pipeline.paddy import (CLASSES, COMPETITION, DATA_DIR, SUBMISSION_COLUMNS, TRAIN_COLUMNS, VARIETIES,
                             sample_submission_csv, smallest_class, source_json, test_image_dir, train_csv)
-from pipeline.params import ParamsError, load_section, profile_of, read_params, seed_of
+from pipeline.params import Check, ParamsError, PositiveInt, load_section, profile_of, read_params, seed_of
 from pipeline.synthetic import write_synthetic_dataset
 
 STAGE = "paddy_data"
@@ -43,28 +43,18 @@ _OR_SKIP = ", or set data.skip_bad_images: true to leave it out"
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    train_per_class: int  # the smallest class gets half of this
-    n_test: int
-    image_size: tuple[int, int]  # (w, h)
-
-    def __post_init__(self):
-        if self.train_per_class < 2:
-            raise ValueError(f"synthetic.train_per_class must be at least 2, got {self.train_per_class}")
-        if self.n_test < 1:
-            raise ValueError(f"synthetic.n_test must be at least 1, got {self.n_test}")
-        if min(self.image_size) < 16:
-            raise ValueError(f"synthetic.image_size {list(self.image_size)} is too small; use at least 16 a side")
+    # the smallest class gets half of this
+    train_per_class: Annotated[int, Check(lambda n: n >= 2, "use at least 2 images per class")]
+    n_test: PositiveInt
+    image_size: Annotated[tuple[int, int], Check(lambda wh: min(wh) >= 16, "use at least 16 pixels a side")]  # (w, h)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str  # kaggle | synthetic | a path to the competition zip or an extracted folder
+    # kaggle | synthetic | a path to the competition zip or an extracted folder
+    source: Annotated[str, Check(str.strip, "use kaggle, synthetic or the path of the competition zip or folder")]
     skip_bad_images: bool
     synthetic: SyntheticConfig
-
-    def __post_init__(self):
-        if not self.source.strip():
-            raise ValueError("source is empty; use kaggle, synthetic or the path of the competition zip or folder")
 
 
 @dataclass(frozen=True)

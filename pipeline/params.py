@@ -1,7 +1,7 @@
 """Read params.yaml once and turn a section of it into a typed, validated config (a frozen dataclass).
 
-An unknown or missing key or a wrong type is a one-line ParamsError naming the file, the dotted key and the fix.
-Hand-rolled, not pydantic: its multi-line reports are not the one-line errors this project promises.
+An unknown or missing key, a wrong type or a value out of range is a one-line ParamsError naming the file, the dotted
+key and the fix. Hand-rolled, not pydantic: its multi-line reports are not the one-line errors this project promises.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import types
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -24,6 +24,19 @@ C = TypeVar("C")
 
 class ParamsError(ValueError):
     """A bad params.yaml: the message is one line naming the file, the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A field's range, as `Annotated` metadata (pydantic's shape): a value that fails `ok` is the one-line error
+    "key '<key>' is <value>; <fix>". Annotate the whole type (`Annotated[int | None, ...]`): a union's error is its
+    own. Checks across fields stay in `__post_init__`."""
+
+    ok: Callable[[Any], bool]
+    fix: str
+
+
+PositiveInt = Annotated[int, Check(lambda n: n >= 1, "use a positive integer")]
 
 
 class FieldError(ValueError):
@@ -111,7 +124,7 @@ def known_values(cls: type[C], raw: Any, key: str, path: Path | str = PARAMS_FIL
         raise ParamsError(
             f"{path}: unknown key '{key}.{unknown[0]}'; remove it or use one of: {', '.join(sorted(fields))}"
         )
-    hints = get_type_hints(cls)
+    hints = get_type_hints(cls, include_extras=True)
     return {name: _coerce(hints[name], raw[name], f"{key}.{name}", path) for name in fields if name in raw}
 
 
@@ -119,6 +132,12 @@ def _coerce(hint: Any, value: Any, key: str, path: Path | str) -> Any:
     origin, args = get_origin(hint), get_args(hint)
     if hint is Any:
         return value
+    if origin is Annotated:
+        coerced = _coerce(args[0], value, key, path)
+        for check in args[1:]:
+            if not check.ok(coerced):
+                raise ParamsError(f"{path}: key '{key}' is {_shown(value)}; {check.fix}")
+        return coerced
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -170,6 +189,8 @@ def _same_shape(hint: Any, value: Any) -> bool:
 
 def _type_name(hint: Any) -> str:
     origin, args = get_origin(hint), get_args(hint)
+    if origin is Annotated:
+        return _type_name(args[0])
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args)
     if origin is Literal:

@@ -145,7 +145,7 @@ def test_ratings_file_without_rating_column_is_rejected(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     ({"y_range": [5.5, 0.0]}, "low < high"),
     ({"valid_pct": 1.5}, "between 0 and 1"),
-    ({"bs": 0}, "bs is 0"),
+    ({"bs": 0}, "bs' is 0; use a positive integer"),
 ])
 def test_bad_params_are_one_line_errors(bad, message):
     with pytest.raises(ParamsError, match=message):

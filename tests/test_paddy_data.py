@@ -535,5 +535,5 @@ def test_bad_synthetic_param_is_a_one_line_exit(tmp_path, monkeypatch):
     params = yaml.safe_load(Path(__file__).parents[1].joinpath("params.yaml").read_text())
     params["data"]["synthetic"]["train_per_class"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(SystemExit, match="paddy_data: params.yaml: key 'data.synthetic': .*at least 2"):
+    with pytest.raises(SystemExit, match="paddy_data: params.yaml: key 'data.synthetic.train_per_class' is 1; use at least 2"):
         paddy_data.main()

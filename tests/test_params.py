@@ -1,11 +1,11 @@
 """params.yaml is read once into typed configs; every mistake is one line naming the file, the key and the fix."""
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 
-from pipeline.params import FieldError, ParamsError, from_mapping, known_values, load_section, profile_of, read_params
+from pipeline.params import Check, FieldError, ParamsError, from_mapping, known_values, load_section, profile_of, read_params
 from pipeline import vision
 from pipeline.vision import MemberConfig, load_train_config
 
@@ -23,6 +23,7 @@ class Outer:
     flag: bool = False
     inners: dict[str, Inner] = field(default_factory=dict)
     values: list[int] = field(default_factory=list)
+    count: Annotated[int | None, Check(lambda n: n is None or n >= 1, "use null or a positive count")] = None
 
     def __post_init__(self):
         if self.values and min(self.values) < 0:
@@ -87,6 +88,12 @@ def test_post_init_error_carries_the_section():
 def test_a_field_error_names_the_dotted_key():
     with pytest.raises(ParamsError, match=r"^params.yaml: key 'section.lr' is 0.0; use a positive number$"):
         build({"lr": 0})
+
+
+def test_a_value_outside_its_fields_check_names_the_key_and_the_fix():
+    assert build({"lr": 1.0, "count": None}).count is None
+    with pytest.raises(ParamsError, match=r"^params.yaml: key 'section.count' is 0; use null or a positive count$"):
+        build({"lr": 1.0, "count": 0})
 
 
 def test_a_partial_mapping_is_checked_key_by_key_without_requiring_the_rest():

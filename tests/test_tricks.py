@@ -32,12 +32,12 @@ def member(**changes) -> MemberConfig:
     (dict(mixup=-0.4), r"\.mixup' is -0.4; use a positive alpha, or 0 for none"),
     (dict(mixup=0.4, cutmix=1.0), r"\.cutmix' and mixup are both set; set one of them"),
     (dict(cutmix=1.0, targets="label+variety"), r"\.cutmix' does not mix the variety target"),
-    (dict(ema=1), r"\.ema' is 1.0; use a decay in \(0, 1\)"),
+    (dict(ema=1), r"\.ema' is 1; use a decay in \(0, 1\)"),
     (dict(progressive=[32, 48]), r"\.progressive' is \[32, 48\]; end it with the member's size 64"),
     (dict(progressive=[[32, 80], 64]), r"\.progressive' is \[\[32, 80\], 64\]; no phase's size may exceed the"),
     (dict(progressive=[48, 48, 64]), r"\.progressive' is \[48, 48, 64\]; a phase has the size of the one"),
     (dict(progressive=[16, 32, 48, 56, 64]), r"\.progressive' has 5 phases, more than epochs 4"),
-    (dict(progressive=[4, 64]), r"': progressive 4 is too small"),
+    (dict(progressive=[4, 64]), r"\.progressive\[0\]' is 4; use at least 8 pixels a side"),
 ])
 def test_a_bad_trick_value_is_one_line_naming_the_key_and_the_fix(changes, problem):
     with pytest.raises(ParamsError, match=rf"^params.yaml: key 'train.members.m{problem}") as caught:
