@@ -66,18 +66,12 @@ def read_params(path: Path | str = PARAMS_FILE) -> dict:
 
 def profile_of(params: Mapping[str, Any], path: Path | str = PARAMS_FILE) -> str:
     """The profile named at the top of params.yaml (recorded in every metrics file)."""
-    profile = params.get("profile")
-    if profile not in PROFILES:
-        raise ParamsError(f"{path}: key 'profile' is {profile!r}; set it to one of {', '.join(PROFILES)}")
-    return profile
+    return _coerce(Literal[PROFILES], params.get("profile"), "profile", path)
 
 
 def seed_of(params: Mapping[str, Any], path: Path | str = PARAMS_FILE) -> int:
     """The top-level `seed` every stage that draws random numbers starts from."""
-    seed = params.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ParamsError(f"{path}: key 'seed' is {seed!r}; set it to an integer")
-    return seed
+    return _coerce(int, params.get("seed"), "seed", path)
 
 
 def fold_ids_for(folds: int, full: bool) -> list[int]:

@@ -123,7 +123,7 @@ def test_malformed_yaml_names_line(tmp_path):
 
 
 def test_unknown_profile_rejected():
-    with pytest.raises(ParamsError, match=r"'profile' is 'prod'; set it to one of demo, competition"):
+    with pytest.raises(ParamsError, match=r"^params.yaml: key 'profile' is 'prod'; use one of: demo, competition$"):
         profile_of({"profile": "prod"})
 
 
