@@ -46,7 +46,7 @@ def check_params(params: Mapping[str, Any]) -> None:
     load_section(ValidationConfig, recorder, "validation")  # what train@<member> reads besides `train`
     ensemble.load_config(recorder)
     movielens_data.load_config(recorder)
-    collab_config.load_collab_config(recorder)
+    load_section(collab_config.CollabConfig, recorder, "collab")
     unread = [key for key in params if key not in recorder.read]
     if unread:
         raise ParamsError(f"{PARAMS_FILE}: unknown section '{unread[0]}': no stage reads it; remove it or use one of: "

@@ -28,9 +28,9 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import KFold
 
 from pipeline.common import atomic_path, log, stage_main, write_json
-from pipeline.collab_config import CollabConfig, load_collab_config
+from pipeline.collab_config import CollabConfig
 from pipeline.torch_setup import quiet_progress, seed_everything
-from pipeline.params import ParamsError, read_params
+from pipeline.params import ParamsError, load_section, read_params
 
 STAGE = "collab"
 DATA_DIR = Path("data/movielens")
@@ -276,7 +276,7 @@ def write_reports(learn, trained: TrainedCollab, ratings, movies, min_ratings: i
 
 @stage_main(STAGE, ParamsError, CollabError)
 def main() -> None:
-    config = load_collab_config(read_params())
+    config = load_section(CollabConfig, read_params(), "collab")
     ratings, movies = read_movielens()
     set_threads(config.threads)
     log(STAGE, f"{len(ratings)} ratings; DotProductBias n_factors={config.n_factors}, bs={config.bs}, "

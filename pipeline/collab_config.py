@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Mapping
+from typing import Annotated
 
-from pipeline.params import Check, PositiveInt, load_section
+from pipeline.params import Check, PositiveInt
 
 
 @dataclass(frozen=True)
 class CollabConfig:
     n_factors: PositiveInt = 50
-    y_range: tuple[float, float] = (0.0, 5.5)
+    y_range: Annotated[tuple[float, float], Check(lambda r: r[0] < r[1],
+                                                  "use [low, high] with low < high, e.g. [0.0, 5.5]")] = (0.0, 5.5)
     epochs: PositiveInt = 5
     lr: float = 5e-3
     wd: float = 0.1
@@ -20,13 +21,3 @@ class CollabConfig:
     seed: int = 42
     threads: int | None = None  # torch CPU threads; null leaves torch's default
     report_min_ratings: int = 20  # movies rated less often are left out of the reports (their factors are noise)
-
-    def __post_init__(self):
-        low, high = self.y_range
-        if not low < high:
-            raise ValueError(f"y_range is {list(self.y_range)}; use [low, high] with low < high, e.g. [0.0, 5.5]")
-
-
-def load_collab_config(params: Mapping[str, Any]) -> CollabConfig:
-    """Everything this stage reads from params.yaml: the `collab` section."""
-    return load_section(CollabConfig, params, "collab")
