@@ -59,16 +59,15 @@ def profile_file(name: str) -> Path:
 
 def render_text(name: str, local_file: Path | None = None) -> str:
     """params.yaml for profile `name` (and `local_file`, when it exists), with the comments of every layer."""
-    merged = _load_file(BASE_FILE)
-    merged.ca.comment = None  # the base's header is about base.yaml, not about params.yaml
-    layers = [profile_file(name), *([local_file] if local_file is not None and Path(local_file).is_file() else [])]
-    for layer in layers:
-        merge_onto(merged, _load_file(layer))
+    merged, profile = _load_file(BASE_FILE), _load_file(profile_file(name))
+    merged.ca.comment = profile.ca.comment  # the profile's header says what it is; base.yaml's is about base.yaml
+    for layer in [profile, *([_load_file(local_file)] if local_file and Path(local_file).is_file() else [])]:
+        merge_onto(merged, layer)
     _write_fold_ids(merged)
     stream = io.StringIO()
     _yaml().dump(merged, stream)
     header = HEADER.format(name=name, digest=_digest(YAML(typ="safe").load(stream.getvalue())))
-    return _tidy(header + _leading_comments(profile_file(name)) + stream.getvalue())
+    return _tidy(header + stream.getvalue())
 
 
 def render_params(name: str, local_file: Path | None = None) -> dict:
@@ -118,11 +117,6 @@ def _load_file(path: Path) -> CommentedMap:
     if not isinstance(document, CommentedMap):
         raise ProfileError(f"{path}: expected a mapping of sections at the top level")
     return document
-
-
-def _leading_comments(path: Path) -> str:
-    lines = path.read_text().splitlines(keepends=True)
-    return "".join(lines[: next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))])
 
 
 def _tidy(text: str) -> str:
