@@ -144,6 +144,11 @@ def test_member_rejects_missing_local_weights_file(tmp_path):
         from_mapping(MemberConfig, {"arch": "resnet10t", "pretrained": str(tmp_path / "w.pth")}, "train.members.m")
 
 
+def test_max_steps_per_epoch_must_be_null_or_positive():
+    with pytest.raises(ParamsError, match=r"'train.members.m.max_steps_per_epoch' is 0; use null or a positive integer"):
+        from_mapping(MemberConfig, {"arch": "resnet10t", "max_steps_per_epoch": 0}, "train.members.m")
+
+
 def test_unknown_member_name_lists_members():
     config = load_train_config(read_params())
     with pytest.raises(ParamsError, match=r"no member 'nope' under train.members; use one of"):

@@ -383,11 +383,6 @@ def test_max_steps_per_epoch_caps_the_optimiser_steps_and_leaves_validation_whol
     assert len(valid) == table["is_valid"].sum() > 0
 
 
-def test_max_steps_per_epoch_must_be_positive():
-    with pytest.raises(ValueError, match="max_steps_per_epoch"):
-        MemberConfig(**TINY_MEMBER, max_steps_per_epoch=0)
-
-
 # -- faults: stale, damaged and partly written checkpoints, bad decision files, a full disk ------------------------
 
 
