@@ -115,9 +115,8 @@ def known_values(cls: type[C], raw: Any, key: str, path: Path | str = PARAMS_FIL
     fields = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [name for name in raw if name not in fields]
     if unknown:
-        raise ParamsError(
-            f"{path}: unknown key '{key}.{unknown[0]}'; remove it or use one of: {', '.join(sorted(fields))}"
-        )
+        raise ParamsError(f"{path}: unknown key '{key}.{unknown[0]}'; remove it or use one of: "
+                          f"{', '.join(sorted(fields))}")
     hints = get_type_hints(cls, include_extras=True)
     return {name: _coerce(hints[name], raw[name], f"{key}.{name}", path) for name in fields if name in raw}
 
@@ -133,10 +132,8 @@ def _coerce(hint: Any, value: Any, key: str, path: Path | str) -> Any:
                 raise ParamsError(f"{path}: key '{key}' is {_shown(value)}; {check.fix}")
         return coerced
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
         same_shape_error = None
-        for option in (a for a in args if a is not type(None)):
+        for option in args:  # `None` is the option type(None)
             try:
                 return _coerce(option, value, key, path)
             except ParamsError as err:
