@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from pipeline.params import Check, PositiveInt
+from pipeline.params import Check, Fraction, PositiveInt
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class CollabConfig:
     lr: float = 5e-3
     wd: float = 0.1
     bs: PositiveInt = 64
-    valid_pct: Annotated[float, Check(lambda pct: 0 < pct < 1, "use a fraction between 0 and 1, e.g. 0.2")] = 0.2
+    valid_pct: Fraction = 0.2
     seed: int = 42
     threads: int | None = None  # torch CPU threads; null leaves torch's default
     report_min_ratings: int = 20  # movies rated less often are left out of the reports (their factors are noise)

@@ -37,6 +37,7 @@ class Check:
 
 
 PositiveInt = Annotated[int, Check(lambda n: n >= 1, "use a positive integer")]
+Fraction = Annotated[float, Check(lambda x: 0 < x < 1, "use a fraction between 0 and 1, e.g. 0.2")]
 
 
 class FieldError(ValueError):
