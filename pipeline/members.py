@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 from pipeline.paddy import CLASSES, VARIETIES
-from pipeline.params import (PARAMS_FILE, Check, FieldError, ParamsError, PositiveInt, from_mapping, known_values,
-                             load_section, section_of)
+from pipeline.params import (PARAMS_FILE, Check, FieldError, ParamsError, Positive, PositiveInt, from_mapping,
+                             known_values, load_section, section_of)
 
 
 def sides(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -128,10 +128,8 @@ def load_train_config(params: Mapping[str, Any]) -> TrainConfig:
 class ProbeConfig:
     """The `probe` section of params.yaml."""
 
-    # candidate gradient-accumulation factors
-    accums: Annotated[list[PositiveInt], Check(bool, "use a non-empty list of positive integers")]
-    # memory of the GPU the real run must fit (16 GiB: a Kaggle GPU)
-    budget_gib: Annotated[float, Check(lambda gib: gib > 0, "use a positive number of GiB")]
+    accums: Annotated[list[PositiveInt], Check(bool, "use a non-empty list")]  # candidate gradient-accumulation factors
+    budget_gib: Positive  # memory of the GPU the real run must fit (16 GiB: a Kaggle GPU)
     epochs: PositiveInt = 1
 
 

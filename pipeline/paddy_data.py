@@ -43,15 +43,13 @@ _OR_SKIP = ", or set data.skip_bad_images: true to leave it out"
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    # the smallest class gets half of this
-    train_per_class: Annotated[int, Check(lambda n: n >= 2, "use at least 2 images per class")]
+    train_per_class: Annotated[int, Check(lambda n: n >= 2, "use at least 2")]  # the smallest class gets half of this
     n_test: PositiveInt
     image_size: Annotated[tuple[int, int], Check(lambda wh: min(wh) >= 16, "use at least 16 pixels a side")]  # (w, h)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # kaggle | synthetic | a path to the competition zip or an extracted folder
     source: Annotated[str, Check(str.strip, "use kaggle, synthetic or the path of the competition zip or folder")]
     skip_bad_images: bool
     synthetic: SyntheticConfig

@@ -37,6 +37,7 @@ class Check:
 
 
 PositiveInt = Annotated[int, Check(lambda n: n >= 1, "use a positive integer")]
+Positive = Annotated[float, Check(lambda x: x > 0, "use a positive number")]
 Fraction = Annotated[float, Check(lambda x: 0 < x < 1, "use a fraction between 0 and 1, e.g. 0.2")]
 
 
