@@ -36,8 +36,8 @@ HEADER = (
 )
 RENDERED = re.compile(r"^# rendered values: ([0-9a-f]{16}) ", re.MULTILINE)
 FOLD_IDS = ("validation", "fold_ids")  # never the user's: always written from validation.folds
-# A top-level key whose value is a block (a section): the rendered file has one blank line before each.
-SECTION_LINE = re.compile(r"^[^\s#][^:]*:\s*(#.*)?$")
+# A top-level key whose value is a block (a section), with the comments right above it.
+SECTION = re.compile(r"^(?:#.*\n)*[^\s#][^:\n]*:[ \t]*(?:#.*)?$", re.MULTILINE)
 
 
 class ProfileError(RuntimeError):
@@ -121,18 +121,8 @@ def _load_file(path: Path) -> CommentedMap:
 
 def _tidy(text: str) -> str:
     """One blank line before each top-level section and none elsewhere, whichever file a line came from."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    header = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
-    tidy: list[str] = []
-    for line in lines:
-        if SECTION_LINE.match(line):
-            start = len(tidy)
-            while start > header and tidy[start - 1].startswith("#"):
-                start -= 1  # a comment written right above a section stays with it
-            if start > header:
-                tidy.insert(start, "")
-        tidy.append(line)
-    return "\n".join(tidy) + "\n"
+    lines = "".join(f"{line}\n" for line in text.splitlines() if line.strip())
+    return SECTION.sub(lambda section: f"\n{section[0]}", lines).lstrip("\n")
 
 
 def _leaves(values: Any, path: tuple = ()) -> dict[tuple, Any]:
