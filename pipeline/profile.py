@@ -132,10 +132,6 @@ def _leaves(values: Any, path: tuple = ()) -> dict[tuple, Any]:
     return {leaf: value for key in values for leaf, value in _leaves(values[key], (*path, key)).items()}
 
 
-def dotted(path: tuple) -> str:
-    return ".".join(map(str, path))
-
-
 def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, local_file: Path = LOCAL_FILE,
                    force: bool = False) -> str:
     """Write profile `name` (default: params_file's) with local_file on top to params_file, refusing to drop a value
@@ -153,7 +149,7 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
         # Only what params.yaml holds: a key it lacks is one the profiles gained since it was written (a `git pull`).
         # A value params.local.yaml sets is the user's declared one: it wins over what params.yaml holds there.
         # Compared as JSON: `1`, `1.0`, `true` differ.
-        edits = [path for path, value in _leaves(values).items()
+        edits = [".".join(map(str, path)) for path, value in _leaves(values).items()
                  if (path not in rendered or _json(value) != _json(rendered[path])) and path != FOLD_IDS
                  and not any(_overlap(path, own) for own in local)]
     name = name or origin
@@ -163,7 +159,7 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
         raise ProfileError(f"{params_file} {problem}, so your values cannot be told from a profile's; fix it, or "
                            f"rerun with --force (writes the {name} profile and keeps your file as {backup})")
     if edits and not force:
-        raise ProfileError(f"{params_file}: you changed {', '.join(map(dotted, edits[:3]))}"
+        raise ProfileError(f"{params_file}: you changed {', '.join(edits[:3])}"
                            f"{' and more' if len(edits) > 3 else ''} there, not in {local_file}; move your values into "
                            f"{local_file} (docs/profiles.md), or rerun with --force (writes the {name} profile and "
                            f"keeps your file as {backup})")
@@ -174,7 +170,7 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
         tmp.write_text(render_text(name, local_file))
     done = [f"{params_file} is now the {name} profile" + (f" with {local_file}" if local_file.is_file() else "")]
     if edits:
-        done.append(f"the profile won over your changes of: {', '.join(map(dotted, edits))}")
+        done.append(f"the profile won over your changes of: {', '.join(edits)}")
     if kept:
         done.append(f"your old file is {backup}")
     return "; ".join(done)
