@@ -1,7 +1,7 @@
 """Stage `params`: every key of params.yaml checked by the loader of the stage that reads it, before any stage runs.
 
 Otherwise a typo in `collab` surfaces only when that stage runs, maybe after hours of training; a section that no
-stage reads is an error too. No torch (members.py, collab_config.py hold the training stages' loaders); timm's and
+stage reads is an error too. No torch (members.py, collab_config.py hold the training stages' configs); timm's and
 albumentations' names are checked as each probe and train starts. checks/params.txt never changes, so the stages
 that depend on it (to run after it) never rerun because of it.
 """
