@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from pipeline.common import atomic_path, banner, file_sha256, json_text, log, stage_main, write_json
-from pipeline.params import ParamsError, load_section, read_params
+from pipeline.params import ParamsError, Positive, load_section, read_params
 
 STAGE = "movielens_data"
 DATA_DIR = Path("data/movielens")
@@ -48,11 +48,7 @@ class MovielensDataError(ValueError):
 @dataclass(frozen=True)
 class MovielensConfig:
     source: str = "auto"  # auto | grouplens | recbole | a path
-    timeout_s: float = 5.0  # for GroupLens: `auto` falls back to recbole quickly on offline machines
-
-    def __post_init__(self):
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s is {self.timeout_s}; use a positive number of seconds")
+    timeout_s: Positive = 5.0  # for GroupLens: `auto` falls back to recbole quickly on offline machines
 
 
 def load_config(params: Mapping[str, Any]) -> MovielensConfig:

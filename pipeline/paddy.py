@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from pipeline.params import FieldError, fold_ids_for
+from pipeline.params import Check, FieldError, Fraction, fold_ids_for
 
 COMPETITION = "paddy-disease-classification"
 DATA_DIR = Path("data/paddy")
@@ -80,17 +81,14 @@ def fold_of(labels: pd.Series | np.ndarray, folds: int, seed: int) -> np.ndarray
 class ValidationConfig:
     """params `validation`: the split every member and the ensemble share: one held-out share, or K folds."""
 
-    valid_pct: float
+    valid_pct: Fraction
     seed: int
     full: bool  # true: train on everything; there is no validation set
-    folds: int = 1  # > 1: each member trains one model per fold, validated on all out-of-fold predictions
+    # > 1: each member trains one model per fold, validated on all out-of-fold predictions
+    folds: Annotated[int, Check(lambda n: n >= 1, "use 1 (one shared split) or a number of folds >= 2")] = 1
     fold_ids: tuple[int, ...] = ()  # the fold stages' ids, written by `make profile`: DVC cannot count to `folds`
 
     def __post_init__(self):
-        if not 0 < self.valid_pct < 1:
-            raise FieldError("valid_pct", f"is {self.valid_pct}; use a fraction between 0 and 1, e.g. 0.2")
-        if self.folds < 1:
-            raise FieldError("folds", f"is {self.folds}; use 1 (one shared split) or a number of folds >= 2")
         expected = fold_ids_for(self.folds, self.full)
         if list(self.fold_ids) != expected:
             raise FieldError(

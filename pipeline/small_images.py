@@ -12,13 +12,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import pandas as pd
 
 from pipeline.common import atomic_path, file_sha256, log, read_json, stage_main, write_json
 from pipeline.paddy import DATA_DIR, SMALL_DATA_DIR, sample_submission_csv, source_json, train_csv
-from pipeline.params import FieldError, ParamsError, load_section, read_params
+from pipeline.params import Check, ParamsError, load_section, read_params
 
 STAGE = "small_images"
 IMAGE_FOLDERS = ("train_images", "test_images")
@@ -26,11 +26,7 @@ IMAGE_FOLDERS = ("train_images", "test_images")
 
 @dataclass(frozen=True)
 class SmallImagesConfig:
-    max_size: int  # the longest side, in pixels
-
-    def __post_init__(self):
-        if self.max_size < 16:
-            raise FieldError("max_size", f"is {self.max_size}; use at least 16 pixels, e.g. 256 as the seeds do")
+    max_size: Annotated[int, Check(lambda n: n >= 16, "use at least 16 pixels, e.g. 256")]  # the longest side in pixels
 
 
 def load_config(params: Mapping[str, Any]) -> SmallImagesConfig:
