@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+import pandas as pd
 import yaml
 
 from pipeline.common import log, stage_main
@@ -29,9 +30,11 @@ class WorkspaceError(RuntimeError):
     """A scratch workspace cannot be made (no git, a failing command): one line saying what to fix."""
 
 
-def cli(run: Callable[..., Any], *options: tuple, show: Callable[[Any], Any] = print, errors: Sequence = ()) -> None:
+def cli(run: Callable[..., Any], *options: tuple, show: Callable[[Any], Any] | None = None, errors=()) -> None:
     """A benchmark's command line: argparse's options, each (*flags, settings), passed to run() by their dest, and
-    what it returns shown; `errors`, a full disk and an interrupt end it with one line (pipeline's stage_main)."""
+    what it returns shown (default: a line a figure, nested keys joined by dots); `errors`, a full disk and an
+    interrupt end it with one line (pipeline's stage_main)."""
+    show = show or (lambda result: print(pd.json_normalize(result).T.to_string(header=False)))
     module = sys.modules[run.__module__]
     name = module.__spec__.name.removesuffix(".__main__")
     parser = argparse.ArgumentParser(prog=f"python -m {name}", description=module.__doc__.splitlines()[0])

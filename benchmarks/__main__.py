@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import time
 
 from benchmarks import cli
@@ -27,5 +26,4 @@ def run(names: list[str]) -> dict:
     return summary
 
 
-cli(run, ("names", dict(nargs="*", help=f"benchmarks to run, of: {', '.join(BENCHMARKS)} (default: all)")),
-    show=lambda summary: print(json.dumps(summary, indent=2)))
+cli(run, ("names", dict(nargs="*", help=f"benchmarks to run, of: {', '.join(BENCHMARKS)} (default: all)")))

@@ -2,8 +2,7 @@
 
 scikit-learn's load_digits (1,797 real 8x8 scans) in the competition's layout, TEST_PCT held out with its labels;
 (a) `dvc repro ensemble` with the demo profile (plus `--set` overrides) in a scratch workspace, (b) the seeds'
-train() (SEEDS) on the same images. Accuracy and wall times in bench/accuracy.json: docs/benchmarks.md.
-`python -m benchmarks.accuracy --set train.member_defaults.lr=0.01 --no-seeds` runs an ablation.
+train() (SEEDS) on the same images. Accuracy and wall times in bench/accuracy.json; ablations: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -132,17 +131,10 @@ def run(overrides: Sequence[str] = (), seeds: bool = True, keep: bool = False, r
     return result
 
 
-def show(result: Mapping[str, Any]) -> None:
-    print(pd.DataFrame(result["rows"]).T.to_string(float_format="{:.3f}".format))
-    print(f"ensemble gain over its best member ({result['best_member']}): {result['gain_over_best_member']:+.3f}; "
-          "its dag_seconds: the whole DAG")
-
-
 if __name__ == "__main__":
     cli(run, ("--set", dict(dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="a params key "
                             "over the demo profile's, e.g. train.member_defaults.lr=0.01 (repeatable)")),
         ("--no-seeds", dict(dest="seeds", action="store_false", help="skip the seeds' train() (an ablation of ours)")),
         ("--keep", dict(action="store_true", help="keep the scratch data and workspace")),
         ("--result", dict(dest="result_file", type=Path, default=RESULT_FILE, metavar="FILE",
-                          help=f"the JSON written (default: {RESULT_FILE})")),
-        show=show)
+                          help=f"the JSON written (default: {RESULT_FILE})")))

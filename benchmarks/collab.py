@@ -1,8 +1,7 @@
 """Benchmark: our DotProductBias (params.yaml `collab`) against fastai's collab_learner, same split, same run.
 
-The reference is the seeds' setup (REFERENCE); both train on the same seeded 80/20 split of data/movielens with the
-same torch threads, one after the other, timed the same way (fit_one_cycle only). Writes bench/collab.json.
-`python -m benchmarks.collab [--cv 5]`: `--cv K` adds K-fold cross-validated RMSE for our model.
+The reference is the seeds' setup (REFERENCE); both on the same seeded 80/20 split of data/movielens and torch threads,
+timed the same way (fit_one_cycle only). `--cv K` adds our model's K-fold CV RMSE. Writes bench/collab.json.
 """
 
 from __future__ import annotations
@@ -41,7 +40,8 @@ def run(cv_folds: int = 0) -> dict:
     splits = collab.random_split(len(ratings), config.valid_pct, config.seed)
     log(STAGE, f"collab_learner, then ours, on {len(ratings)} ratings")
     reference = reference_figures(ratings, splits, replace(config, **REFERENCE)) | {"params": REFERENCE}
-    ours = collab.train_and_evaluate(ratings, splits, config)[1] | {"params": {k: getattr(config, k) for k in REFERENCE}}
+    ours = collab.train_and_evaluate(ratings, splits, config)[1]
+    ours["params"] = {key: getattr(config, key) for key in REFERENCE}
     figures = {"profile": profile_of(params), "n_ratings": len(ratings), "n_valid": len(splits[1]),
                "threads": collab.torch_threads(), "cpu": platform.processor() or platform.machine(),
                "collab_learner": reference, "ours": ours, "rmse_gain": reference["rmse"] - ours["rmse"],
@@ -53,13 +53,6 @@ def run(cv_folds: int = 0) -> dict:
     return figures
 
 
-def show(figures: dict) -> None:
-    ours, reference, cv = figures["ours"], figures["collab_learner"], figures.get("ours_cross_validated")
-    print(f"collab_learner: RMSE {reference['rmse']:.4f} in {reference['train_seconds']:.1f} s | "
-          f"ours: RMSE {ours['rmse']:.4f} in {ours['train_seconds']:.1f} s ({figures['speedup']:.1f}x faster)"
-          + (f"\nours, {cv['folds']}-fold CV RMSE: {cv['rmse_mean']:.4f} ± {cv['rmse_std']:.4f}" if cv else ""))
-
-
 if __name__ == "__main__":
     cli(run, ("--cv", dict(dest="cv_folds", type=int, default=0, metavar="K", help="also K-fold CV RMSE (e.g. 5)")),
-        show=show, errors=(ParamsError, collab.CollabError))
+        errors=(ParamsError, collab.CollabError))

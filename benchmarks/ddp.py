@@ -3,7 +3,7 @@
 `python -m pipeline.train <member>` in a scratch project on the demo's synthetic data: one process with all the
 CPU's threads, one with one thread, and `train.devices: 2` with half the threads each (what the launcher sets). On a
 CPU it shows that DDP trains the same optimiser steps to a comparable accuracy and what the second process costs,
-not a speed-up (docs/benchmarks.md). Writes bench/ddp.json. `python -m benchmarks.ddp [member] [--epochs N]`.
+not a speed-up (docs/benchmarks.md). Writes bench/ddp.json.
 """
 
 from __future__ import annotations

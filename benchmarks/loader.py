@@ -13,7 +13,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import pandas as pd
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import to_device
@@ -43,7 +42,7 @@ def bench_members() -> dict[str, tuple[vision.MemberConfig, vision.TrainConfig, 
     return {name: (replace(member, pretrained=False), *rest) for name, (member, *rest) in members.items()}
 
 
-def real_size_table(data_dir: Path, training_rows: int) -> pd.DataFrame:
+def real_size_table(data_dir: Path, training_rows: int):
     """`training_rows` rows repeating DISTINCT_IMAGES generated 480x640 JPEGs, then one validation row."""
     if not (data_dir / "train.csv").is_file():
         per_class = DISTINCT_IMAGES // 10 + 1  # the smallest class gets half, so a few spare
@@ -54,7 +53,7 @@ def real_size_table(data_dir: Path, training_rows: int) -> pd.DataFrame:
     return table
 
 
-def pre_resized(table: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
+def pre_resized(table, data_dir: Path):
     """`table` reading the same images resized once (longest side SMALL_MAX_SIZE), as a member with `images: small`."""
     small_dir = data_dir.with_name(data_dir.name + "_small")
     if not small_dir.is_dir():
@@ -165,18 +164,10 @@ def run(worker_settings=(0, "auto"), names: list[str] | None = None, images=("fu
     return result
 
 
-def show(result: dict) -> None:
-    """The figures, a column a member (loader.<workers setting>.<figure>, step.<figure>, ...)."""
-    print(f"device: {result['device']}, images {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, goal loader/step >= {TARGET_RATIO}")
-    columns = {name: pd.json_normalize(figures).iloc[0] for name, figures in result["members"].items()}
-    print(pd.DataFrame(columns).to_string())
-
-
 if __name__ == "__main__":
     cli(run, ("--workers", dict(dest="worker_settings", nargs="+", default=[0, "auto"], metavar="N|auto",
                                 type=lambda w: w if w == "auto" else int(w), help="worker settings (default: 0 auto)")),
         ("--members", dict(dest="names", nargs="+", choices=list(bench_members()), metavar="NAME",
                            help="members to time (default: every demo member and one competition member)")),
         ("--images", dict(nargs="+", choices=("full", "small"), default=["full"],
-                          help="full: the 480x640 photos (always timed); small: also as small_images resizes them")),
-        show=show)
+                          help="full: the 480x640 photos (always timed); small: also as small_images resizes them")))

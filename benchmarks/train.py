@@ -2,20 +2,18 @@
 
 The same member, data and settings in one process, side by side; ours is `train.run_stage` into a scratch folder,
 timed by its own `train_seconds` (checkpoints and DVCLive included). Writes bench/train.json.
-`python -m benchmarks.train [member]`.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks import cli, seeds_learner
 from pipeline import train, vision
-from pipeline.common import write_json
+from pipeline.common import log, write_json
 from pipeline.paddy import DATA_DIR
 from pipeline.params import read_params
 from pipeline.torch_setup import compute_device
@@ -61,15 +59,11 @@ def run(member: str | None = None, data_dir: Path = DATA_DIR, rounds: int = 2) -
         seeds_seconds=[round(t, 2) for t in seeds_times], ours_seconds=[round(t, 2) for t in ours_times],
         max_overhead_pct=MAX_OVERHEAD_PCT, within_target=overhead_pct <= MAX_OVERHEAD_PCT,
     )
+    if not result["within_target"]:
+        log("bench train", f"overhead {overhead_pct}% is above {MAX_OVERHEAD_PCT}%")
     write_json("bench/train.json", result)
     return result
 
 
-def show(result: dict) -> None:
-    print(result)
-    if not result["within_target"]:
-        print(f"bench train: overhead {result['overhead_pct']}% is above {MAX_OVERHEAD_PCT}%", file=sys.stderr)
-
-
 if __name__ == "__main__":
-    cli(run, ("member", dict(nargs="?", help="member under train.members (default: the first)")), show=show)
+    cli(run, ("member", dict(nargs="?", help="member under train.members (default: the first)")))
