@@ -24,10 +24,11 @@ from pipeline.common import log, stage_main
 from pipeline.params import PARAMS_FILE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PHOTO_SIZE = (480, 640)  # (w, h), as data.synthetic.image_size takes it: the competition's portrait photos
 
 
 class WorkspaceError(RuntimeError):
-    """A scratch workspace cannot be made (no git, a failing command): one line saying what to fix."""
+    """A benchmark cannot run (no git, a failing command, a bad option): one line saying what to fix."""
 
 
 def cli(run: Callable[..., Any], *options: tuple, show: Callable[[Any], Any] | None = None, errors=()) -> None:

@@ -17,7 +17,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import to_device
 
-from benchmarks import cli
+from benchmarks import PHOTO_SIZE, cli
 from pipeline import small_images, vision
 from pipeline.common import log, write_json
 from pipeline.paddy import read_train_table
@@ -25,7 +25,7 @@ from pipeline.profile import render_params
 from pipeline.synthetic import write_synthetic_dataset
 from pipeline.torch_setup import compute_device
 
-STAGE, IMAGE_SIZE = "bench loader", (480, 640)  # (w, h), as pipeline.synthetic takes it: the competition's photos
+STAGE = "bench loader"
 DISTINCT_IMAGES = 64  # generated once; the table repeats them (decoding costs the same, generating does not)
 COMPETITION_MEMBER, TARGET_RATIO = "convnext_large_640", 1.2
 TIMED_ROUNDS, MIN_TIMED_IMAGES = 3, 128  # loader batches timed: every worker delivers several, and enough images
@@ -46,7 +46,7 @@ def real_size_table(data_dir: Path, training_rows: int):
     """`training_rows` rows repeating DISTINCT_IMAGES generated 480x640 JPEGs, then one validation row."""
     if not (data_dir / "train.csv").is_file():
         per_class = DISTINCT_IMAGES // 10 + 1  # the smallest class gets half, so a few spare
-        write_synthetic_dataset(data_dir, train_per_class=per_class, n_test=1, image_size=IMAGE_SIZE, seed=0)
+        write_synthetic_dataset(data_dir, train_per_class=per_class, n_test=1, image_size=PHOTO_SIZE, seed=0)
     images = read_train_table(data_dir).head(DISTINCT_IMAGES)
     table = images.sample(training_rows + 1, replace=True, random_state=0, ignore_index=True)
     table["is_valid"] = table.index == training_rows
@@ -140,8 +140,8 @@ def run(worker_settings=(0, "auto"), names: list[str] | None = None, images=("fu
             bs = vision.batch_size(train.bs, accum)
             counts = {str(w): vision.loader_workers(w, device) for w in worker_settings}
             step_bs = CPU_STEP_BATCH if device.type == "cpu" and profile == "competition" else bs
-            table = real_size_table(Path(scratch) / "paddy", max(bs * (1 + timed_batches(max(counts.values()), bs)),
-                                                                 step_bs * sum(STEPS[device.type])))
+            rows = max(bs * (1 + timed_batches(max(counts.values()), bs)), step_bs * sum(STEPS[device.type]))
+            table = real_size_table(Path(scratch) / "paddy", rows)
             log(STAGE, f"{name}: {member.arch}, {bs} images per batch, on {device}")
             loaders = {w: {"workers": count, "images_per_second": loader_rate(member, table, train.bs, accum, count,
                                                                              device)} for w, count in counts.items()}
@@ -155,11 +155,12 @@ def run(worker_settings=(0, "auto"), names: list[str] | None = None, images=("fu
             auto = loaders.get("auto", max(loaders.values(), key=lambda rate: rate["images_per_second"]))
             results[name] = dict(
                 arch=member.arch, resize=member.resize, method=member.method, size=member.size, batch=bs,
-                loader=loaders, step=step, loader_to_step=round(auto["images_per_second"] / step["images_per_second"], 2),
+                loader=loaders, step=step,
+                loader_to_step=round(auto["images_per_second"] / step["images_per_second"], 2),
                 breakdown_ms_per_image=breakdown_ms(member, table, train.bs, accum, device))
             log(STAGE, f"{name}: loader/step {results[name]['loader_to_step']}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = dict(device=device_name, image_size=list(IMAGE_SIZE), target_ratio=TARGET_RATIO, members=results)
+    result = dict(device=device_name, image_size=list(PHOTO_SIZE), target_ratio=TARGET_RATIO, members=results)
     write_json("bench/loader.json", result)
     return result
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from benchmarks import REPO_ROOT, WorkspaceError, cli, make_workspace, run_stage
+from benchmarks import PHOTO_SIZE, REPO_ROOT, WorkspaceError, cli, make_workspace, run_stage
 from pipeline import probe, train
 from pipeline.common import log, read_json, write_json
 from pipeline.paddy import CLASSES
@@ -31,7 +31,6 @@ from pipeline.vision import precision_for, probe_decision_path
 RESULT_FILE, LOGS_DIR = Path("bench/rehearsal.json"), Path("bench/rehearsal-logs")
 PROFILE, STAGE = "competition", "rehearsal"  # STAGE: the prefix of its log lines, as the stages have theirs
 UPSTREAM = ("params", "paddy_source", "paddy_data", "small_images")  # the members' upstream stages, in DAG order
-IMAGE_SIZE = [480, 640]  # (w, h) as data.synthetic.image_size takes it: the real photos' portrait 480x640
 STEPS_PER_EPOCH = 2  # full batches of bs per training epoch, at least
 CPU_BS = 4  # 28 training images a member (the fewest the split allows) in 7 steps; the probe measures accum 1 and 2
 MIN_IMAGES_PER_STEP = 2  # fastai's head has a BatchNorm1d, which cannot train on a batch of one image
@@ -66,7 +65,7 @@ def rehearsal_params(profile: Mapping[str, Any], members: Sequence[str], bs: int
         raise WorkspaceError(f"unknown member {unknown[0]!r}; the {PROFILE} profile has: {', '.join(available)}")
     train_per_class, params["validation"]["valid_pct"] = generated_split(bs)
     params["data"] |= {"source": "synthetic", "synthetic": {"train_per_class": train_per_class, "n_test": bs,
-                                                            "image_size": list(IMAGE_SIZE)}}
+                                                            "image_size": list(PHOTO_SIZE)}}
     params["probe"]["accums"] = probe_accums_for(params["probe"]["accums"], bs)
     capped, section = {"pretrained": False, "epochs": 1, "max_steps_per_epoch": STEPS_PER_EPOCH}, params["train"]
     section |= {"bs": bs, "member_defaults": {**section.get("member_defaults", {}), **capped},
