@@ -4,8 +4,6 @@ Not part of the installed package: run from the repository root, `python -m benc
 Each module has `run() -> dict` and uses the pipeline's public functions only; below, what several of them share.
 """
 
-from __future__ import annotations
-
 import argparse
 import os
 import shutil

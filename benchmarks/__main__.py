@@ -1,7 +1,5 @@
 """`make bench`: every benchmark in one run (`python -m benchmarks collab train` a subset), results in bench/*.json."""
 
-from __future__ import annotations
-
 import importlib
 import time
 

@@ -5,8 +5,6 @@ scikit-learn's load_digits (1,797 real 8x8 scans) in the competition's layout, T
 train() (SEEDS) on the same images. Accuracy and wall times in bench/accuracy.json; ablations: docs/benchmarks.md.
 """
 
-from __future__ import annotations
-
 import shutil
 import tempfile
 import time

@@ -4,8 +4,6 @@ The reference is the seeds' setup (REFERENCE); both on the same seeded 80/20 spl
 timed the same way (fit_one_cycle only). `--cv K` adds our model's K-fold CV RMSE. Writes bench/collab.json.
 """
 
-from __future__ import annotations
-
 import platform
 from dataclasses import asdict, replace
 

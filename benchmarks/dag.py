@@ -4,8 +4,6 @@ Each stage timed from DVC's own "Running stage" lines, then a second `dvc repro`
 10 minutes on 2 CPU cores (aim: 5). Writes bench/dag.json.
 """
 
-from __future__ import annotations
-
 import os
 import re
 import shutil

@@ -6,8 +6,6 @@ CPU it shows that DDP trains the same optimiser steps to a comparable accuracy a
 not a speed-up (docs/benchmarks.md). Writes bench/ddp.json.
 """
 
-from __future__ import annotations
-
 import copy
 import os
 import subprocess

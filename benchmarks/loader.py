@@ -6,8 +6,6 @@ training step alone, and per image the ms of decoding, item and batch transforms
 workers) >= 1.2x the step. Writes bench/loader.json; figures and their reading: docs/benchmarks.md.
 """
 
-from __future__ import annotations
-
 import tempfile
 import time
 from dataclasses import replace

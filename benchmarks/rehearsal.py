@@ -4,8 +4,6 @@ What is real and what is cut, and why a scratch copy (benchmarks.make_workspace)
 docs/benchmarks.md. Options: `python -m benchmarks.rehearsal --help`.
 """
 
-from __future__ import annotations
-
 import copy
 import itertools
 import os

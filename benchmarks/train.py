@@ -4,8 +4,6 @@ The same member, data and settings in one process, side by side; ours is `train.
 timed by its own `train_seconds` (checkpoints and DVCLive included). Writes bench/train.json.
 """
 
-from __future__ import annotations
-
 import copy
 import tempfile
 import time
