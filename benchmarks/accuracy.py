@@ -129,10 +129,19 @@ def run(overrides: Sequence[str] = (), seeds: bool = True, keep: bool = False, r
     return result
 
 
+def table(result: Mapping[str, Any]) -> str:
+    """One row a model, the seeds' beside ours; the ensemble's seconds are the whole DAG's."""
+    rows = pd.DataFrame(result["rows"]).T.astype(float)
+    rows["seconds"] = rows.pop("dag_seconds").fillna(rows.pop("train_seconds"))
+    return (rows.to_string(float_format="{:.3f}".format) + f"\nensemble gain over its best member "
+            f"({result['best_member']}): {result['gain_over_best_member']:+.3f}")
+
+
 if __name__ == "__main__":
     cli(run, ("--set", dict(dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="a params key "
                             "over the demo profile's, e.g. train.member_defaults.lr=0.01 (repeatable)")),
         ("--no-seeds", dict(dest="seeds", action="store_false", help="skip the seeds' train() (an ablation of ours)")),
         ("--keep", dict(action="store_true", help="keep the scratch data and workspace")),
         ("--result", dict(dest="result_file", type=Path, default=RESULT_FILE, metavar="FILE",
-                          help=f"the JSON written (default: {RESULT_FILE})")))
+                          help=f"the JSON written (default: {RESULT_FILE})")),
+        show=lambda result: print(table(result)))
