@@ -4,8 +4,7 @@ Not part of the installed package: run from the repository root, `python -m benc
 Each module has `run() -> dict` and uses the pipeline's public functions only; below, what several of them share.
 """
 
-from __future__ import annotations
-
+import argparse
 import os
 import shutil
 import signal
@@ -16,17 +15,32 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+import pandas as pd
 import yaml
 
-from pipeline.common import log
+from pipeline.common import log, stage_main
 from pipeline.params import PARAMS_FILE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ERROR_CHARS, DVC_FAILURE = 300, "ERROR: "
+PHOTO_SIZE = (480, 640)  # (w, h), as data.synthetic.image_size takes it: the competition's portrait photos
 
 
 class WorkspaceError(RuntimeError):
-    """A scratch workspace cannot be made (no git, a failing command): one line saying what to fix."""
+    """A benchmark cannot run (no git, a failing command, a bad option): one line saying what to fix."""
+
+
+def cli(run: Callable[..., Any], *options: tuple, show: Callable[[Any], Any] | None = None, errors=()) -> None:
+    """A benchmark's command line: argparse's options, each (*flags, settings), passed to run() by their dest, and
+    what it returns shown (default: a line a figure, nested keys joined by dots); `errors`, a full disk and an
+    interrupt end it with one line (pipeline's stage_main)."""
+    show = show or (lambda result: print(pd.json_normalize(result).T.to_string(header=False)))
+    module = sys.modules[run.__module__]
+    name = module.__spec__.name.removesuffix(".__main__")
+    parser = argparse.ArgumentParser(prog=f"python -m {name}", description=module.__doc__.splitlines()[0])
+    for *flags, settings in options:
+        parser.add_argument(*flags, **settings)
+    arguments = vars(parser.parse_args())
+    stage_main(name.replace("benchmarks.", "bench "), WorkspaceError, *errors)(lambda: show(run(**arguments)))()
 
 
 def stage_env(workdir: Path) -> dict:
@@ -73,9 +87,9 @@ def error_line(lines: Sequence[str], returncode: int) -> str:
     own one-line refusal) rather than its `[stage]` progress lines; else DVC's error (a process killed by the
     kernel prints nothing of its own); else the exit code."""
     stripped = [line.strip() for line in lines if line.strip() and not line.startswith("[")]
-    own = [line for line in stripped if not line.startswith(DVC_FAILURE)]
-    dvc = [line[len(DVC_FAILURE):] for line in stripped if line.startswith(DVC_FAILURE)]
-    return textwrap.shorten((own or dvc or [f"exited with code {returncode}"])[-1], ERROR_CHARS)
+    own = [line for line in stripped if not line.startswith("ERROR: ")]
+    dvc = [line.removeprefix("ERROR: ") for line in stripped if line.startswith("ERROR: ")]
+    return textwrap.shorten((own or dvc or [f"exited with code {returncode}"])[-1], 300)
 
 
 class StageRun(NamedTuple):
@@ -96,14 +110,12 @@ def run_stage(workdir: Path, stage: str, log_file: Path, kill_when: Callable[[],
                                    env=stage_env(workdir), stdout=output, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
-            while process.poll() is None:
-                if kill_when is not None and not killed and kill_when():
-                    os.killpg(process.pid, signal.SIGKILL)
-                    killed = True
+            while process.poll() is None and not (killed := kill_when is not None and kill_when()):
                 time.sleep(0.2)
-        except BaseException:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
+        finally:  # the kill asked for, or an exception here (the rehearsal interrupted)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     seconds = round(time.perf_counter() - started, 1)
     error = None if killed or process.returncode == 0 else error_line(log_file.read_text().splitlines(),
                                                                       process.returncode)

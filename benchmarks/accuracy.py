@@ -2,13 +2,9 @@
 
 scikit-learn's load_digits (1,797 real 8x8 scans) in the competition's layout, TEST_PCT held out with its labels;
 (a) `dvc repro ensemble` with the demo profile (plus `--set` overrides) in a scratch workspace, (b) the seeds'
-train() (SEEDS) on the same images. Accuracy and wall times in bench/accuracy.json: docs/benchmarks.md.
-`python -m benchmarks.accuracy --set train.member_defaults.lr=0.01 --no-seeds` runs an ablation.
+train() (SEEDS) on the same images. Accuracy and wall times in bench/accuracy.json; ablations: docs/benchmarks.md.
 """
 
-from __future__ import annotations
-
-import argparse
 import shutil
 import tempfile
 import time
@@ -20,7 +16,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 from PIL import Image
 
-from benchmarks import REPO_ROOT, make_workspace, run_stage, seeds_learner
+from benchmarks import REPO_ROOT, WorkspaceError, cli, make_workspace, run_stage, seeds_learner
 from pipeline.common import read_json, write_json
 from pipeline.paddy import CLASSES, SUBMISSION_COLUMNS, TRAIN_COLUMNS, VARIETIES
 from pipeline.params import fold_ids_for
@@ -72,8 +68,7 @@ def with_overrides(params: Mapping[str, Any], overrides: Sequence[str]) -> dict:
     return params
 
 
-def test_accuracy(submission: Path, truth: Mapping[str, str]) -> float:
-    predicted = pd.read_csv(submission, dtype=str).set_index("image_id")["label"]
+def accuracy(predicted: Mapping[str, str], truth: Mapping[str, str]) -> float:
     return float(np.mean([predicted[image_id] == label for image_id, label in truth.items()]))
 
 
@@ -84,14 +79,15 @@ def demo_dag(source: Path, truth: Mapping[str, str], overrides: Sequence[str], w
     make_workspace(workdir, params, header=f"# bench accuracy: the demo profile with {list(overrides)}\n")
     seconds, error, _ = run_stage(workdir, "ensemble", workdir / "repro.log", options=())
     if error:
-        raise RuntimeError(f"bench accuracy: dvc repro failed in {workdir}: {error}")
+        raise WorkspaceError(f"dvc repro failed in {workdir}: {error}")
     ensemble = read_json(workdir / "metrics/ensemble.json")
+    submitted = lambda csv: pd.read_csv(workdir / csv, dtype=str).set_index("image_id")["label"]  # noqa: E731
     rows = {name: {"valid_accuracy": member["valid_accuracy"],
-                   "test_accuracy": test_accuracy(workdir / f"submissions/members/{name}.csv", truth),
+                   "test_accuracy": accuracy(submitted(f"submissions/members/{name}.csv"), truth),
                    "train_seconds": read_json(workdir / f"metrics/train/{name}.json").get("train_seconds")}
             for name, member in ensemble["members"].items()}
     rows["ensemble"] = {"valid_accuracy": ensemble["ensemble"]["valid_accuracy"],
-                        "test_accuracy": test_accuracy(workdir / "submissions/submission.csv", truth),
+                        "test_accuracy": accuracy(submitted("submissions/submission.csv"), truth),
                         "train_seconds": None, "dag_seconds": seconds}
     return {"rows": rows, "best_member": ensemble["best_member"], "gain_over_best_member":
             ensemble["gain_over_best_member"], "weights_fitted_on": ensemble.get("weights_fitted_on")}
@@ -104,14 +100,13 @@ def seeds_train(data_dir: Path, truth: Mapping[str, str]) -> dict:
     started = time.perf_counter()
     learn = seeds_learner(data_dir / "train_images", SEEDS["arch"], Resize(SEEDS["resize"], method="squish"),
                           SEEDS["size"], 0.75, SEEDS["bs"])
-    dls = learn.dls
     learn.fit_one_cycle(SEEDS["epochs"], SEEDS["lr"])
-    probs, targets = learn.tta(dl=dls.valid)
+    probs, targets = learn.tta(dl=learn.dls.valid)
     test_files = sorted(get_image_files(data_dir / "test_images"))
-    test_probs, _ = learn.tta(dl=dls.test_dl(test_files))
-    predicted = np.array(dls.vocab)[test_probs.argmax(1).numpy()]
+    test_probs, _ = learn.tta(dl=learn.dls.test_dl(test_files))
+    predicted = np.array(learn.dls.vocab)[test_probs.argmax(1).numpy()]
     return {"valid_accuracy": float((probs.argmax(1) == targets).float().mean()),
-            "test_accuracy": float(np.mean([label == truth[path.name] for path, label in zip(test_files, predicted)])),
+            "test_accuracy": accuracy(dict(zip([path.name for path in test_files], predicted)), truth),
             "train_seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -122,9 +117,8 @@ def run(overrides: Sequence[str] = (), seeds: bool = True, keep: bool = False, r
     scratch, digits = Path(tempfile.mkdtemp(prefix="paddy-bench-accuracy.")), load_digits()
     try:
         truth = write_layout(scratch / "digits", digits.images, digits.target)
-        n_train = len(list((scratch / "digits").glob("train_images/*/*")))
-        result = {"data": "sklearn load_digits", "train_images": n_train, "test_images": len(truth),
-                  "overrides": list(overrides),
+        result = {"data": "sklearn load_digits", "train_images": len(digits.target) - len(truth),
+                  "test_images": len(truth), "overrides": list(overrides),
                   **demo_dag(scratch / "digits", truth, overrides, scratch / "workspace")}
         if seeds:
             result["rows"]["seeds train()"] = seeds_train(scratch / "digits", truth)
@@ -136,25 +130,18 @@ def run(overrides: Sequence[str] = (), seeds: bool = True, keep: bool = False, r
 
 
 def table(result: Mapping[str, Any]) -> str:
-    lines = [f"{'model':20s} {'valid':>7s} {'test':>7s} {'seconds':>8s}"]
-    for name, row in result["rows"].items():
-        seconds = row.get("dag_seconds") or row["train_seconds"]
-        lines.append(f"{name:20s} {row['valid_accuracy']:7.3f} {row['test_accuracy']:7.3f} {seconds or 0:8.1f}")
-    return "\n".join(lines + [f"ensemble gain over its best member ({result['best_member']}): "
-                              f"{result['gain_over_best_member']:+.3f}; the ensemble's seconds: the whole DAG"])
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a params key over the demo profile's, e.g. train.member_defaults.lr=0.01 (repeatable)")
-    parser.add_argument("--no-seeds", action="store_true", help="skip the seeds' train() (an ablation of ours)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch data and workspace")
-    parser.add_argument("--result", type=Path, default=RESULT_FILE, help=f"the JSON written (default: {RESULT_FILE})")
-    args = parser.parse_args(argv)
-    result = run(args.overrides, seeds=not args.no_seeds, keep=args.keep, result_file=args.result)
-    print(table(result))
+    """One row a model, the seeds' beside ours; the ensemble's seconds are the whole DAG's."""
+    rows = pd.DataFrame(result["rows"]).T.astype(float)
+    rows["seconds"] = rows.pop("dag_seconds").fillna(rows.pop("train_seconds"))
+    return (rows.to_string(float_format="{:.3f}".format) + f"\nensemble gain over its best member "
+            f"({result['best_member']}): {result['gain_over_best_member']:+.3f}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(run, ("--set", dict(dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="a params key "
+                            "over the demo profile's, e.g. train.member_defaults.lr=0.01 (repeatable)")),
+        ("--no-seeds", dict(dest="seeds", action="store_false", help="skip the seeds' train() (an ablation of ours)")),
+        ("--keep", dict(action="store_true", help="keep the scratch data and workspace")),
+        ("--result", dict(dest="result_file", type=Path, default=RESULT_FILE, metavar="FILE",
+                          help=f"the JSON written (default: {RESULT_FILE})")),
+        show=lambda result: print(table(result)))

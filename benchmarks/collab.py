@@ -1,43 +1,32 @@
 """Benchmark: our DotProductBias (params.yaml `collab`) against fastai's collab_learner, same split, same run.
 
-The reference is the seeds' setup (REFERENCE); both train on the same seeded 80/20 split of data/movielens with the
-same torch threads, one after the other, timed the same way (fit_one_cycle only). Writes bench/collab.json.
-`python -m benchmarks.collab [--cv 5]`: `--cv K` adds K-fold cross-validated RMSE for our model.
+The reference is the seeds' setup (REFERENCE); both on the same seeded 80/20 split of data/movielens and torch threads,
+timed the same way (fit_one_cycle only). `--cv K` adds our model's K-fold CV RMSE. Writes bench/collab.json.
 """
 
-from __future__ import annotations
-
-import argparse
 import platform
 from dataclasses import asdict, replace
-from pathlib import Path
 
 from fastai.collab import collab_learner
 from fastai.metrics import rmse
 
+from benchmarks import cli
 from pipeline import collab
 from pipeline.common import log, write_json
 from pipeline.params import ParamsError, load_section, profile_of, read_params
 from pipeline.torch_setup import quiet_progress
 
-STAGE, BENCH_FILE = "bench_collab", Path("bench/collab.json")
+STAGE = "bench collab"
 REFERENCE = {"n_factors": 50, "y_range": (0.0, 5.5), "bs": 64, "epochs": 5, "lr": 5e-3, "wd": 0.1}
 
 
-def reference_learner(dls, config: collab.CollabConfig):
-    """fastai's own dot-product model, as the seeds call it."""
+def reference_figures(ratings, splits, config: collab.CollabConfig) -> dict:
+    """fastai's own dot-product model as the seeds call it, trained and scored as collab.train_and_evaluate does."""
+    dls = collab.collab_dataloaders(ratings, splits, config.bs, config.seed)
     learn = collab_learner(dls, n_factors=config.n_factors, y_range=tuple(config.y_range), metrics=rmse)
     quiet_progress(learn)
-    return learn
-
-
-def measure(name: str, ratings, splits, config: collab.CollabConfig, learner) -> dict:
-    log(STAGE, f"{name}, bs {config.bs}, lr {config.lr}, on {len(ratings)} ratings")
-    learn = learner(collab.collab_dataloaders(ratings, splits, config.bs, config.seed), config)
-    figures = {**collab.validation_errors(learn), "train_seconds": collab.fit(learn, config),
-               "params": {k: getattr(config, k) for k in REFERENCE}}
-    log(STAGE, f"  RMSE {figures['rmse']:.4f} in {figures['train_seconds']:.1f} s")
-    return figures
+    seconds = collab.fit(learn, config)  # before validation_errors: the RMSE is the trained model's
+    return {**collab.validation_errors(learn), "train_seconds": seconds}
 
 
 def run(cv_folds: int = 0) -> dict:
@@ -47,8 +36,10 @@ def run(cv_folds: int = 0) -> dict:
     collab.set_threads(config.threads)
     ratings, _ = collab.read_movielens()
     splits = collab.random_split(len(ratings), config.valid_pct, config.seed)
-    reference = measure("collab_learner (dot product)", ratings, splits, replace(config, **REFERENCE), reference_learner)
-    ours = measure("ours (DotProductBias)", ratings, splits, config, collab.make_learner)
+    log(STAGE, f"collab_learner, then ours, on {len(ratings)} ratings")
+    reference = reference_figures(ratings, splits, replace(config, **REFERENCE)) | {"params": REFERENCE}
+    ours = collab.train_and_evaluate(ratings, splits, config)[1]
+    ours["params"] = {key: getattr(config, key) for key in REFERENCE}
     figures = {"profile": profile_of(params), "n_ratings": len(ratings), "n_valid": len(splits[1]),
                "threads": collab.torch_threads(), "cpu": platform.processor() or platform.machine(),
                "collab_learner": reference, "ours": ours, "rmse_gain": reference["rmse"] - ours["rmse"],
@@ -56,25 +47,10 @@ def run(cv_folds: int = 0) -> dict:
     if cv_folds:
         log(STAGE, f"ours: {cv_folds}-fold cross-validation")
         figures["ours_cross_validated"] = collab.cross_validated_rmse(ratings, config, cv_folds)
-    write_json(BENCH_FILE, figures)
+    write_json("bench/collab.json", figures)
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cv", type=int, default=0, metavar="K", help="also K-fold cross-validated RMSE (e.g. 5)")
-    try:
-        figures = run(parser.parse_args().cv)
-    except (ParamsError, collab.CollabError) as err:
-        raise SystemExit(f"{STAGE}: {err}") from None
-    ours, reference = figures["ours"], figures["collab_learner"]
-    print(f"collab_learner: RMSE {reference['rmse']:.4f} in {reference['train_seconds']:.1f} s | "
-          f"ours: RMSE {ours['rmse']:.4f} in {ours['train_seconds']:.1f} s ({figures['speedup']:.1f}x faster)")
-    if "ours_cross_validated" in figures:
-        cv = figures["ours_cross_validated"]
-        print(f"ours, {cv['folds']}-fold CV RMSE: {cv['rmse_mean']:.4f} ± {cv['rmse_std']:.4f}")
-    log(STAGE, f"wrote {BENCH_FILE}")
-
-
 if __name__ == "__main__":
-    main()
+    cli(run, ("--cv", dict(dest="cv_folds", type=int, default=0, metavar="K", help="also K-fold CV RMSE (e.g. 5)")),
+        errors=(ParamsError, collab.CollabError))

@@ -3,12 +3,10 @@
 `python -m pipeline.train <member>` in a scratch project on the demo's synthetic data: one process with all the
 CPU's threads, one with one thread, and `train.devices: 2` with half the threads each (what the launcher sets). On a
 CPU it shows that DDP trains the same optimiser steps to a comparable accuracy and what the second process costs,
-not a speed-up (docs/benchmarks.md). Writes bench/ddp.json. `python -m benchmarks.ddp [member] [--epochs N]`.
+not a speed-up (docs/benchmarks.md). Writes bench/ddp.json.
 """
 
-from __future__ import annotations
-
-import argparse
+import copy
 import os
 import subprocess
 import sys
@@ -18,12 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks import REPO_ROOT
+from benchmarks import REPO_ROOT, cli
 from pipeline.common import read_json, write_json
 from pipeline.params import read_params
 from pipeline.synthetic import write_synthetic_dataset
 
-RESULT = Path("bench/ddp.json")
 RUN_FIELDS = ("processes", "process_step_images", "optimizer_steps", "train_seconds", "images_per_second",
               "predict_seconds", "valid_accuracy")
 
@@ -32,7 +29,7 @@ def timed_train(directory: Path, params: dict, data_dir: Path, member: str, devi
                 epochs: int | None) -> dict:
     """`python -m pipeline.train member` in a project folder running only `member` on `data_dir`, with `devices`
     processes of `threads` threads each: wall seconds and what the stage recorded."""
-    params = yaml.safe_load(yaml.safe_dump(params))
+    params = copy.deepcopy(params)
     chosen = params["train"]["members"][member]
     chosen |= dict(accum=chosen.get("accum") or 1) | ({} if epochs is None else dict(epochs=epochs))
     params["train"] |= dict(devices=devices, members={member: chosen})
@@ -48,19 +45,16 @@ def timed_train(directory: Path, params: dict, data_dir: Path, member: str, devi
 
 
 def run(member: str | None = None, epochs: int | None = None) -> dict:
-    params = read_params()
+    """The three runs (module docstring) and the two-process run's gains over each one-process run."""
+    params, cores = read_params(), os.cpu_count() or 1
     member = member or next(iter(params["train"]["members"]))
-    cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as scratch:
-        data_dir = Path(scratch) / "paddy"
-        synthetic = params["data"]["synthetic"]
+        data_dir, synthetic = Path(scratch) / "paddy", params["data"]["synthetic"]
         write_synthetic_dataset(data_dir, train_per_class=synthetic["train_per_class"], n_test=synthetic["n_test"],
                                 image_size=tuple(synthetic["image_size"]), seed=params["seed"])
-        runs = {}
-        for name, processes, threads in (
-            ("one_process_all_threads", 1, cores), ("one_process_one_thread", 1, 1), ("two_processes", 2, cores // 2)
-        ):
-            runs[name] = timed_train(Path(scratch) / name, params, data_dir, member, processes, max(1, threads), epochs)
+        runs = {name: timed_train(Path(scratch) / name, params, data_dir, member, processes, max(1, threads), epochs)
+                for name, processes, threads in (("one_process_all_threads", 1, cores),
+                                                 ("one_process_one_thread", 1, 1), ("two_processes", 2, cores // 2))}
     two = runs["two_processes"]
     # Each ratio is the two-process run's gain over a one-process run (above 1: faster with two processes).
     comparisons = {f"vs_{name}": dict(
@@ -72,17 +66,10 @@ def run(member: str | None = None, epochs: int | None = None) -> dict:
     ) for name, one in runs.items() if name != "two_processes"}
     epochs = epochs or params["train"]["members"][member]["epochs"]
     result = dict(member=member, cores=cores, epochs=epochs, runs=runs, **comparisons)
-    write_json(RESULT, result)
+    write_json("bench/ddp.json", result)
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("member", nargs="?", help="member under train.members (default: the first)")
-    parser.add_argument("--epochs", type=int, help="instead of the member's epochs (a shorter run)")
-    args = parser.parse_args(argv)
-    print(run(args.member, args.epochs))
-
-
 if __name__ == "__main__":
-    main()
+    cli(run, ("member", dict(nargs="?", help="member under train.members (default: the first)")),
+        ("--epochs", dict(type=int, help="instead of the member's epochs (a shorter run)")))

@@ -1,17 +1,11 @@
 """Benchmark: each member's DataLoader against its training step (images/s), at the competition's real image size.
 
-For every demo member and one competition member (random init), on generated 480x640 JPEGs, on this machine's
-device: the member's own training DataLoader per worker setting (after its first batch, when fastai starts the
-workers), its training step alone (forward, backward, optimiser step, in train's precision), and with 0 workers the
-milliseconds per image of decoding, item and batch transforms; with `--images full small` the loader again on the
-images pre-resized by stage small_images' own function. Goal on a GPU: loader (auto workers) >= 1.2x the step rate.
-Writes bench/loader.json. `python -m benchmarks.loader [--workers 0 auto 1 2] [--members NAME ...]
-[--images full small]`.
+Every demo member and one competition member (random init) on generated 480x640 JPEGs, on this machine's device:
+the training DataLoader per worker setting (`--images full small`: also on small_images' pre-resized images), the
+training step alone, and per image the ms of decoding, item and batch transforms. Goal on a GPU: loader (auto
+workers) >= 1.2x the step. Writes bench/loader.json; figures and their reading: docs/benchmarks.md.
 """
 
-from __future__ import annotations
-
-import argparse
 import tempfile
 import time
 from dataclasses import replace
@@ -21,6 +15,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import to_device
 
+from benchmarks import PHOTO_SIZE, cli
 from pipeline import small_images, vision
 from pipeline.common import log, write_json
 from pipeline.paddy import read_train_table
@@ -28,8 +23,7 @@ from pipeline.profile import render_params
 from pipeline.synthetic import write_synthetic_dataset
 from pipeline.torch_setup import compute_device
 
-STAGE, RESULT = "bench loader", Path("bench/loader.json")
-IMAGE_SIZE = (480, 640)  # (w, h), as pipeline.synthetic takes it: the competition's portrait photos
+STAGE = "bench loader"
 DISTINCT_IMAGES = 64  # generated once; the table repeats them (decoding costs the same, generating does not)
 COMPETITION_MEMBER, TARGET_RATIO = "convnext_large_640", 1.2
 TIMED_ROUNDS, MIN_TIMED_IMAGES = 3, 128  # loader batches timed: every worker delivers several, and enough images
@@ -50,7 +44,7 @@ def real_size_table(data_dir: Path, training_rows: int):
     """`training_rows` rows repeating DISTINCT_IMAGES generated 480x640 JPEGs, then one validation row."""
     if not (data_dir / "train.csv").is_file():
         per_class = DISTINCT_IMAGES // 10 + 1  # the smallest class gets half, so a few spare
-        write_synthetic_dataset(data_dir, train_per_class=per_class, n_test=1, image_size=IMAGE_SIZE, seed=0)
+        write_synthetic_dataset(data_dir, train_per_class=per_class, n_test=1, image_size=PHOTO_SIZE, seed=0)
     images = read_train_table(data_dir).head(DISTINCT_IMAGES)
     table = images.sample(training_rows + 1, replace=True, random_state=0, ignore_index=True)
     table["is_valid"] = table.index == training_rows
@@ -65,24 +59,24 @@ def pre_resized(table, data_dir: Path):
     return table.assign(path=[small_dir / Path(path).relative_to(data_dir) for path in table["path"]])
 
 
-def synchronize(device: torch.device) -> None:
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once the work queued on `device` is done (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def timed_batches(workers: int, bs: int) -> int:
-    return max(TIMED_ROUNDS * workers, -(-MIN_TIMED_IMAGES // bs))
+    return max(TIMED_ROUNDS * workers, -(-MIN_TIMED_IMAGES // bs))  # -(-a // b): a / b rounded up
 
 
 def loader_rate(member, table, bs: int, accum: int, workers: int, device) -> float:
     """Images/s of the member's training DataLoader with `workers` processes, after its first batch."""
     batches = iter(vision.member_dataloaders(member, table, bs, accum, seed=0, num_workers=workers).train)
     next(batches)  # an epoch starts: fastai starts its workers
-    started, images = time.perf_counter(), 0
-    for _ in range(timed_batches(workers, bs // accum)):
-        images += len(next(batches)[0])
-    synchronize(device)
-    seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    images = sum(len(next(batches)[0]) for _ in range(timed_batches(workers, bs // accum)))
+    seconds = clock(device) - started
     batches.close()  # ends the epoch early: fastai's iterator shuts its workers down
     return round(images / seconds, 1)
 
@@ -91,19 +85,15 @@ def breakdown_ms(member, table, bs: int, accum: int, device) -> dict:
     """Milliseconds per image spent decoding, in the item transforms and in the batch transforms (0 workers)."""
     dl = vision.member_dataloaders(member, table, bs, accum, seed=0, num_workers=0).train
     dl.before_iter()  # where fastai sets the training split on the item and batch transforms
-    decode = item = 0.0
-    items = []
-    for index in range(dl.bs):
-        started = time.perf_counter()
-        decoded = dl.create_item(index)  # PIL decoding and the label's categorisation (negligible)
-        middle = time.perf_counter()
-        items.append(dl.after_item(decoded))
-        decode, item = decode + middle - started, item + time.perf_counter() - middle
-    started = time.perf_counter()
+    stamps = [time.perf_counter()]
+    decoded = [dl.create_item(index) for index in range(dl.bs)]  # PIL decoding, the label's categorisation
+    stamps.append(time.perf_counter())
+    items = [dl.after_item(item) for item in decoded]
+    stamps.append(time.perf_counter())
     dl.after_batch(to_device(dl.create_batch(items), device))
-    synchronize(device)
-    batch = time.perf_counter() - started
-    return {name: round(1000 * seconds / dl.bs, 2) for name, seconds in (("decode", decode), ("item", item), ("batch", batch))}
+    stamps.append(clock(device))
+    return {name: round(1000 * (end - start) / dl.bs, 2)
+            for name, start, end in zip(("decode", "item", "batch"), stamps, stamps[1:])}
 
 
 class StepTimer(Callback):
@@ -115,12 +105,10 @@ class StepTimer(Callback):
         self.steps, self.seconds, self.images = steps, [], []
 
     def before_batch(self):
-        synchronize(self.dls.device)
-        self.started = time.perf_counter()
+        self.started = clock(self.dls.device)
 
     def after_batch(self):
-        synchronize(self.dls.device)
-        self.seconds.append(time.perf_counter() - self.started)
+        self.seconds.append(clock(self.dls.device) - self.started)
         self.images.append(len(self.xb[0]))
         if len(self.seconds) == self.steps:
             raise CancelFitException()
@@ -139,12 +127,10 @@ def step_rate(member, table, precision: str, device, step_bs: int) -> dict:
                 images_per_second=round(sum(timer.images[warmup:]) / sum(timer.seconds[warmup:]), 1))
 
 
-def run(worker_settings=(0, "auto"), names: list[str] | None = None, small: bool = False) -> dict:
-    device, members = compute_device(), bench_members()
-    unknown = sorted(set(names or []) - set(members))
-    if unknown:
-        raise SystemExit(f"{STAGE}: unknown member {unknown[0]!r}; use any of: {', '.join(members)}")
-    results = {}
+def run(worker_settings=(0, "auto"), names: list[str] | None = None, images=("full",)) -> dict:
+    """Every member in `names` (default: bench_members()), each `worker_settings`; `small` in `images`: also the
+    loader on the pre-resized images, and small / full per setting. Writes and returns bench/loader.json's content."""
+    device, members, results = compute_device(), bench_members(), {}
     with tempfile.TemporaryDirectory(prefix="paddy-bench-loader.") as scratch:
         for name in names or members:
             member, train, profile = members[name]
@@ -152,12 +138,12 @@ def run(worker_settings=(0, "auto"), names: list[str] | None = None, small: bool
             bs = vision.batch_size(train.bs, accum)
             counts = {str(w): vision.loader_workers(w, device) for w in worker_settings}
             step_bs = CPU_STEP_BATCH if device.type == "cpu" and profile == "competition" else bs
-            table = real_size_table(Path(scratch) / "paddy", max(bs * (1 + timed_batches(max(counts.values()), bs)),
-                                                                 step_bs * sum(STEPS[device.type])))
+            rows = max(bs * (1 + timed_batches(max(counts.values()), bs)), step_bs * sum(STEPS[device.type]))
+            table = real_size_table(Path(scratch) / "paddy", rows)
             log(STAGE, f"{name}: {member.arch}, {bs} images per batch, on {device}")
             loaders = {w: {"workers": count, "images_per_second": loader_rate(member, table, train.bs, accum, count,
                                                                              device)} for w, count in counts.items()}
-            if small:  # the same settings on the pre-resized images, and small / full per setting
+            if "small" in images:  # the same settings on the pre-resized images, and small / full per setting
                 small_table = pre_resized(table, Path(scratch) / "paddy")
                 for w, count in counts.items():
                     rate = loader_rate(member, small_table, train.bs, accum, count, device)
@@ -167,37 +153,20 @@ def run(worker_settings=(0, "auto"), names: list[str] | None = None, small: bool
             auto = loaders.get("auto", max(loaders.values(), key=lambda rate: rate["images_per_second"]))
             results[name] = dict(
                 arch=member.arch, resize=member.resize, method=member.method, size=member.size, batch=bs,
-                loader=loaders, step=step, loader_to_step=round(auto["images_per_second"] / step["images_per_second"], 2),
+                loader=loaders, step=step,
+                loader_to_step=round(auto["images_per_second"] / step["images_per_second"], 2),
                 breakdown_ms_per_image=breakdown_ms(member, table, train.bs, accum, device))
-            log(STAGE, f"{name}: {summary_line(results[name])}")
+            log(STAGE, f"{name}: loader/step {results[name]['loader_to_step']}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = dict(device=device_name, image_size=list(IMAGE_SIZE), target_ratio=TARGET_RATIO, members=results)
-    write_json(RESULT, result)
+    result = dict(device=device_name, image_size=list(PHOTO_SIZE), target_ratio=TARGET_RATIO, members=results)
+    write_json("bench/loader.json", result)
     return result
 
 
-def summary_line(figures: dict) -> str:
-    loaders = ", ".join(f"{w} workers ({rate['workers']}): {rate['images_per_second']}"
-                        + (f" (small {rate['small_images_per_second']}, x{rate['small_to_full']})"
-                           if "small_to_full" in rate else "") for w, rate in figures["loader"].items())
-    parts = ", ".join(f"{name} {ms}" for name, ms in figures["breakdown_ms_per_image"].items())
-    step = figures["step"]
-    return (f"loader img/s {loaders} | step img/s {step['images_per_second']} (batch {step['batch']}, "
-            f"{step['precision']}) | loader/step {figures['loader_to_step']} | ms/image {parts}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", nargs="+", default=["0", "auto"], help="worker settings to time (default: 0 auto)")
-    parser.add_argument("--members", nargs="+", help="members to time (default: every demo member and one competition member)")
-    parser.add_argument("--images", nargs="+", choices=("full", "small"), default=["full"],
-                        help="full: the 480x640 photos (always timed); small: also as small_images resizes them")
-    args = parser.parse_args(argv)
-    result = run([w if w == "auto" else int(w) for w in args.workers], args.members, small="small" in args.images)
-    print(f"device: {result['device']}, images {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, goal loader/step >= {TARGET_RATIO}")
-    for name, figures in result["members"].items():
-        print(f"{name:20s} {summary_line(figures)}")
-
-
 if __name__ == "__main__":
-    main()
+    cli(run, ("--workers", dict(dest="worker_settings", nargs="+", default=[0, "auto"], metavar="N|auto",
+                                type=lambda w: w if w == "auto" else int(w), help="worker settings (default: 0 auto)")),
+        ("--members", dict(dest="names", nargs="+", choices=list(bench_members()), metavar="NAME",
+                           help="members to time (default: every demo member and one competition member)")),
+        ("--images", dict(nargs="+", choices=("full", "small"), default=["full"],
+                          help="full: the 480x640 photos (always timed); small: also as small_images resizes them")))

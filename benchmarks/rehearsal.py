@@ -4,13 +4,11 @@ What is real and what is cut, and why a scratch copy (benchmarks.make_workspace)
 docs/benchmarks.md. Options: `python -m benchmarks.rehearsal --help`.
 """
 
-from __future__ import annotations
-
-import argparse
 import copy
+import itertools
 import os
 import shutil
-import signal
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from benchmarks import REPO_ROOT, WorkspaceError, make_workspace, run_stage
+from benchmarks import PHOTO_SIZE, REPO_ROOT, WorkspaceError, cli, make_workspace, run_stage
 from pipeline import probe, train
 from pipeline.common import log, read_json, write_json
 from pipeline.paddy import CLASSES
@@ -31,22 +29,16 @@ from pipeline.vision import precision_for, probe_decision_path
 RESULT_FILE, LOGS_DIR = Path("bench/rehearsal.json"), Path("bench/rehearsal-logs")
 PROFILE, STAGE = "competition", "rehearsal"  # STAGE: the prefix of its log lines, as the stages have theirs
 UPSTREAM = ("params", "paddy_source", "paddy_data", "small_images")  # the members' upstream stages, in DAG order
-IMAGE_SIZE = [480, 640]  # (w, h) as data.synthetic.image_size takes it: the real photos' portrait 480x640
 STEPS_PER_EPOCH = 2  # full batches of bs per training epoch, at least
 CPU_BS = 4  # 28 training images a member (the fewest the split allows) in 7 steps; the probe measures accum 1 and 2
 MIN_IMAGES_PER_STEP = 2  # fastai's head has a BatchNorm1d, which cannot train on a batch of one image
 MIN_SMALLEST_CLASS = 2  # the probe trains on the smallest class and needs at least 2 of its images
 
 
-class RehearsalError(WorkspaceError):
-    """The rehearsal itself cannot start (a bad option): one line saying what to fix."""
-
-
 def probe_accums_for(accums: Sequence[int], bs: int) -> list[int]:
     """The probe's candidate accums that leave at least MIN_IMAGES_PER_STEP images per step at `bs`."""
-    usable = [accum for accum in accums if bs // accum >= MIN_IMAGES_PER_STEP]
-    if not usable:
-        raise RehearsalError(f"--bs {bs} leaves fewer than {MIN_IMAGES_PER_STEP} images per step at every accum of "
+    if not (usable := [accum for accum in accums if bs // accum >= MIN_IMAGES_PER_STEP]):
+        raise WorkspaceError(f"--bs {bs} leaves fewer than {MIN_IMAGES_PER_STEP} images per step at every accum of "
                              f"probe.accums {list(accums)}; use --bs {MIN_IMAGES_PER_STEP * min(accums)} or more")
     return usable
 
@@ -55,31 +47,29 @@ def generated_split(bs: int, n_classes: int = len(CLASSES)) -> tuple[int, float]
     """(data.synthetic.train_per_class, validation.valid_pct): the fewest generated images giving one validation
     image per class (validation and TTA cost the most) and STEPS_PER_EPOCH full batches of `bs`; the generator writes
     half of `train_per_class` for the smallest class, of which the probe needs MIN_SMALLEST_CLASS."""
-    per_class = 2 * MIN_SMALLEST_CLASS
-    while True:
-        total = (n_classes - 1) * per_class + per_class // 2
-        if total - n_classes >= max(STEPS_PER_EPOCH * bs, n_classes):
-            # scikit-learn's train_test_split rounds the test share up: half an image below n_classes gives n_classes.
-            return per_class, round((n_classes - 0.5) / total, 4)
-        per_class += 1
+    total = lambda per_class: (n_classes - 1) * per_class + per_class // 2  # noqa: E731
+    per_class = next(per_class for per_class in itertools.count(2 * MIN_SMALLEST_CLASS)
+                     if total(per_class) - n_classes >= max(STEPS_PER_EPOCH * bs, n_classes))
+    # scikit-learn's train_test_split rounds the test share up: half an image below n_classes gives n_classes.
+    return per_class, round((n_classes - 0.5) / total(per_class), 4)
 
 
 def rehearsal_params(profile: Mapping[str, Any], members: Sequence[str], bs: int) -> dict:
-    """The profile's params with the rehearsal's cuts (docs/benchmarks.md): only `members`, in the profile's order,
-    their ensemble weights, and `bs`; every other setting is the profile's."""
-    params = copy.deepcopy(dict(profile))
-    train_section = params["train"]
-    train_per_class, valid_pct = generated_split(bs)
-    params["data"]["source"] = "synthetic"
-    params["data"]["synthetic"] = {"train_per_class": train_per_class, "n_test": bs, "image_size": list(IMAGE_SIZE)}
-    params["validation"]["valid_pct"] = valid_pct
+    """The profile's params with the rehearsal's cuts (docs/benchmarks.md): only `members`, in the profile's order
+    (an unknown one, or none, is a WorkspaceError), their ensemble weights, and `bs`; every other setting is the
+    profile's."""
+    params, available = copy.deepcopy(dict(profile)), list(profile["train"]["members"])
+    if unknown := [name for name in members if name not in available] or ([] if members else ["(none)"]):
+        raise WorkspaceError(f"unknown member {unknown[0]!r}; the {PROFILE} profile has: {', '.join(available)}")
+    train_per_class, params["validation"]["valid_pct"] = generated_split(bs)
+    params["data"] |= {"source": "synthetic", "synthetic": {"train_per_class": train_per_class, "n_test": bs,
+                                                            "image_size": list(PHOTO_SIZE)}}
     params["probe"]["accums"] = probe_accums_for(params["probe"]["accums"], bs)
-    train_section["bs"] = bs
-    capped = {"pretrained": False, "epochs": 1, "max_steps_per_epoch": STEPS_PER_EPOCH}
-    train_section["member_defaults"] = {**train_section.get("member_defaults", {}), **capped}
-    train_section["members"] = {  # a member's own key wins over member_defaults: capped there too
-        name: {**member, **{key: value for key, value in capped.items() if key in member}}
-        for name, member in train_section["members"].items() if name in members}
+    capped, section = {"pretrained": False, "epochs": 1, "max_steps_per_epoch": STEPS_PER_EPOCH}, params["train"]
+    section |= {"bs": bs, "member_defaults": {**section.get("member_defaults", {}), **capped},
+                "members": {  # a member's own key wins over member_defaults: capped there too
+                    name: {**member, **{key: value for key, value in capped.items() if key in member}}
+                    for name, member in section["members"].items() if name in members}}
     weights = params["ensemble"].get("weights") or {}
     params["ensemble"]["weights"] = {name: weight for name, weight in weights.items() if name in members}
     return params
@@ -117,28 +107,24 @@ def memory_comparison(probe_metrics: Mapping[str, Any], train_metrics: Mapping[s
     """CUDA's peak reserved memory: the probe's at the accum train used, next to train's; None without both.
     The one check of the probe's prediction on the user's own GPU before the real run."""
     predicted = probe_metrics.get("peaks", {}).get(str(accum), {}).get("peak_reserved_gib")
-    measured = train_metrics.get("peak_reserved_gib")
-    if predicted is None or measured is None:
+    if predicted is None or (measured := train_metrics.get("peak_reserved_gib")) is None:
         return None
     return {"probe_gib": round(predicted, 3), "train_gib": round(measured, 3), "ratio": round(measured / predicted, 3)}
 
 
 def completed_epochs(workdir: Path, member: str) -> int:
     """Epochs the member's checkpoint holds (train writes state.json last, atomically, after each epoch)."""
-    try:
-        return int(read_json(workdir / train.CHECKPOINTS_DIR / member / "state.json").get("completed_epochs", 0))
-    except (OSError, ValueError):
-        return 0
+    state = workdir / train.CHECKPOINTS_DIR / member / "state.json"
+    return int(read_json(state).get("completed_epochs", 0)) if state.is_file() else 0
 
 
 def rehearse_member(workdir: Path, name: str, logs: Path, kill: bool) -> MemberRun:
     """probe@name then train@name (killed after its first epoch and rerun when `kill`), and what they recorded."""
-    probed = run_stage(workdir, f"probe@{name}", logs / f"probe@{name}.log")
+    probed, stage = run_stage(workdir, f"probe@{name}", logs / f"probe@{name}.log"), f"train@{name}"
     run = MemberRun(name, probed.seconds, error=probed.error and f"probe: {probed.error}")
     if run.error:
         return run
-    run.accum = read_json(workdir / probe_decision_path(name))["accum"]
-    stage, run.train_seconds = f"train@{name}", 0.0
+    run.accum, run.train_seconds = read_json(workdir / probe_decision_path(name))["accum"], 0.0
     if kill:
         killed = run_stage(workdir, stage, logs / f"{stage}.killed.log",
                            kill_when=lambda: completed_epochs(workdir, name) >= 1)
@@ -161,52 +147,37 @@ def rehearse_member(workdir: Path, name: str, logs: Path, kill: bool) -> MemberR
     return run
 
 
-def chosen_members(profile: Mapping[str, Any], members: str | None) -> list[str]:
-    """The members to rehearse, in the profile's order."""
-    available = list(profile["train"]["members"])
-    asked = [name.strip() for name in members.split(",")] if members else available
-    unknown = [name for name in asked if name not in available] or ([] if asked else ["(none)"])
-    if unknown:
-        raise RehearsalError(f"unknown member {unknown[0]!r}; the {PROFILE} profile has: {', '.join(available)}")
-    return [name for name in available if name in asked]
-
-
-def run_dag(workdir: Path, members: Sequence[str], logs: Path) -> tuple[dict, list[MemberRun]]:
-    """The upstream stages, each member (the first killed and resumed), then the ensemble (absent when a member
-    failed) and its submission checked as `make submit` does: each other stage's {seconds, error}, each member's run."""
-    stages: dict[str, dict] = {}
-    for stage in UPSTREAM:
-        result = run_stage(workdir, stage, logs / f"{stage}.log")
-        stages[stage] = {"seconds": result.seconds, "error": result.error}
-        if result.error:
-            return stages, [MemberRun(name, error=f"{stage}: {result.error}") for name in members]
-    runs = [rehearse_member(workdir, name, logs, kill=name == members[0]) for name in members]
-    if not any(run.error for run in runs):
-        result = run_stage(workdir, "ensemble", logs / "ensemble.log")
-        error = result.error and f"ensemble: {result.error}"
-        try:
-            if error is None:
-                check_submission(workdir / SUBMISSION_FILE, workdir / "data/paddy")
-        except SubmissionError as err:
-            error = str(err)
-        stages["ensemble"] = {"seconds": result.seconds, "error": error}
-    return stages, runs
-
-
-def rehearse(members: str | None, bs: int | None, keep: bool) -> bool:
+def rehearse(members: list[str] | None, bs: int | None, keep: bool) -> bool:
     """The whole rehearsal; True when every stage of every member passed."""
-    profile = render_params(PROFILE, REPO_ROOT / LOCAL_FILE)
-    chosen, cuda = chosen_members(profile, members), torch.cuda.is_available()
-    params = rehearsal_params(profile, chosen, bs or (profile["train"]["bs"] if cuda else CPU_BS))
-    precision = precision_for(params["train"]["precision"], cuda)
+    profile, cuda = render_params(PROFILE, REPO_ROOT / LOCAL_FILE), torch.cuda.is_available()
+    params = rehearsal_params(profile, list(profile["train"]["members"]) if members is None else members,
+                              bs or (profile["train"]["bs"] if cuda else CPU_BS))
+    chosen, precision = list(params["train"]["members"]), precision_for(params["train"]["precision"], cuda)
     device = f"cuda ({torch.cuda.get_device_name()})" if cuda else f"cpu ({os.cpu_count()} cores)"
     workdir, logs, started = Path(tempfile.mkdtemp(prefix="paddy-rehearsal-")), REPO_ROOT / LOGS_DIR, time.perf_counter()
-    log(STAGE, f"{len(chosen)} member(s) on {device}: bs {params['train']['bs']}{'' if cuda or bs else ' (for the CPU; --bs)'}, "
-        f"probe accums {params['probe']['accums']}, {precision}; workspace {workdir} ({'kept' if keep else 'removed'})")
+    log(STAGE, f"{len(chosen)} member(s) on {device}: bs {params['train']['bs']}"
+        f"{'' if cuda or bs else ' (for the CPU; --bs)'}, probe accums {params['probe']['accums']}, {precision}; "
+        f"workspace {workdir} ({'kept' if keep else 'removed'})")
     shutil.rmtree(logs, ignore_errors=True)
-    try:
+    try:  # the upstream stages, each member (the first killed and resumed), the ensemble when every member passed
         make_workspace(workdir, params, f"# The rehearsal's params: the {PROFILE} profile with its overrides.\n")
-        stages, runs = run_dag(workdir, chosen, logs)
+        stages = {}
+        for stage in UPSTREAM:
+            seconds, error, _ = run_stage(workdir, stage, logs / f"{stage}.log")
+            stages[stage], failed = {"seconds": seconds, "error": error}, error and f"{stage}: {error}"
+            if failed:
+                break
+        runs = [MemberRun(name, error=failed) if failed else
+                rehearse_member(workdir, name, logs, kill=name == chosen[0]) for name in chosen]
+        if not any(run.error for run in runs):
+            seconds, error, _ = run_stage(workdir, "ensemble", logs / "ensemble.log")
+            error = error and f"ensemble: {error}"
+            try:  # and its submission checked as `make submit` does
+                if error is None:
+                    check_submission(workdir / SUBMISSION_FILE, workdir / "data/paddy")
+            except SubmissionError as err:
+                error = str(err)
+            stages["ensemble"] = {"seconds": seconds, "error": error}
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -219,26 +190,17 @@ def rehearse(members: str | None, bs: int | None, keep: bool) -> bool:
     print(f"rehearsal: {'ok' if ok else 'FAILED'} in {total / 60:.1f} min on {device} -> {RESULT_FILE}")
     write_json(REPO_ROOT / RESULT_FILE, {
         "ok": ok, "device": device, "params": {key: params[key] for key in ("data", "probe", "train")},
-        "precision": precision, "stages": stages, "members": {run.name: asdict(run) | {"ok": run.error is None} for run in runs},
-        "total_seconds": total, "workspace": str(workdir) if keep else None})
+        "precision": precision, "stages": stages, "total_seconds": total, "workspace": str(workdir) if keep else None,
+        "members": {run.name: asdict(run) | {"ok": run.error is None} for run in runs}})
     return ok
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.rehearsal", description=__doc__.splitlines()[0])
-    parser.add_argument("--members", help="comma-separated members of the competition profile (default: all); "
-                                          "the first one's training is killed after an epoch and resumed")
-    parser.add_argument("--bs", type=int, help=f"train.bs (default: the profile's on CUDA, {CPU_BS} on CPU)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch workspace afterwards, to inspect it")
-    args = parser.parse_args(argv)
-    # A stage runs in a session of its own (see run_stage): a plain SIGTERM to the rehearsal would leave it running.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        ok = rehearse(args.members, args.bs, args.keep)
-    except WorkspaceError as err:
-        raise SystemExit(f"rehearsal: {err}") from None
-    raise SystemExit(0 if ok else 1)
-
-
 if __name__ == "__main__":
-    main()
+    # A stage runs in a session of its own (see run_stage): an interrupt (Ctrl-C, SIGTERM) reaches it through the
+    # KeyboardInterrupt that cli's stage_main raises, which kills it and removes the workspace.
+    cli(rehearse, ("--members", dict(type=lambda names: [name.strip() for name in names.split(",")],
+                                     help="comma-separated members of the competition profile (default: all); the "
+                                          "first one's training is killed after an epoch and resumed")),
+        ("--bs", dict(type=int, help=f"train.bs (default: the profile's on CUDA, {CPU_BS} on CPU)")),
+        ("--keep", dict(action="store_true", help="keep the scratch workspace afterwards, to inspect it")),
+        show=lambda ok: sys.exit(0 if ok else 1))

@@ -2,36 +2,21 @@
 
 The same member, data and settings in one process, side by side; ours is `train.run_stage` into a scratch folder,
 timed by its own `train_seconds` (checkpoints and DVCLive included). Writes bench/train.json.
-`python -m benchmarks.train [member]`.
 """
 
-from __future__ import annotations
-
-import argparse
 import copy
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import seeds_learner
+from benchmarks import cli, seeds_learner
 from pipeline import train, vision
-from pipeline.common import write_json
-from pipeline.torch_setup import compute_device
+from pipeline.common import log, write_json
 from pipeline.paddy import DATA_DIR
 from pipeline.params import read_params
+from pipeline.torch_setup import compute_device
 
-RESULT, MAX_OVERHEAD_PCT = Path("bench/train.json"), 10
-LR_WHEN_FIND = 0.01  # both sides train at the same fixed lr; lr_find is not what is timed
-
-
-def seeds_train_seconds(member: vision.MemberConfig, data_dir: Path, bs: int, accum: int, lr: float, workers: int) -> float:
-    """The seeds' train() on the member's settings (benchmarks.seeds_learner, fit_one_cycle): its fit seconds."""
-    learn = seeds_learner(Path(data_dir) / "train_images", member.arch, vision.item_transform(member), member.size,
-                          member.min_scale, bs, accum, bool(member.pretrained), workers)
-    started = time.perf_counter()
-    learn.fit_one_cycle(member.epochs, lr)
-    return time.perf_counter() - started
+MAX_OVERHEAD_PCT, LR_WHEN_FIND = 10, 0.01  # both sides train at the same fixed lr; lr_find is not what is timed
 
 
 def benchmark_params(params: dict, name: str) -> dict:
@@ -44,18 +29,23 @@ def benchmark_params(params: dict, name: str) -> dict:
     return params
 
 
-def run(member_name: str | None = None, data_dir: Path = DATA_DIR, rounds: int = 2) -> dict:
+def run(member: str | None = None, data_dir: Path = DATA_DIR, rounds: int = 2) -> dict:
+    """Alternate the seeds' fit and our stage `rounds` times; each one's best round. Writes bench/train.json."""
     params = read_params()
-    name = member_name or next(iter(vision.load_train_config(params).members))
+    name = member or next(iter(vision.load_train_config(params).members))
     cfg = train.load_stage_config(benchmark_params(params, name), name)
     member, accum = cfg.member, cfg.member.accum
     workers = vision.loader_workers(cfg.num_workers, compute_device())
     n_train = int((~train.split_table(data_dir, cfg.validation)["is_valid"]).sum())
     seeds_times, ours_times = [], []
-    # Alternate the two and keep each one's best round: one run of each is at the mercy of warm-up and of whatever
-    # else the machine is doing (seen here: 1% to 15% apart between two identical rounds).
+    # Best of rounds: one run of each is at the mercy of warm-up and of whatever else the machine is doing (seen
+    # here: 1% to 15% apart between two identical rounds).
     for _ in range(rounds):
-        seeds_times.append(seeds_train_seconds(member, data_dir, cfg.bs, accum, member.lr, workers))
+        learn = seeds_learner(Path(data_dir) / "train_images", member.arch, vision.item_transform(member), member.size,
+                              member.min_scale, cfg.bs, accum, bool(member.pretrained), workers)
+        started = time.perf_counter()
+        learn.fit_one_cycle(member.epochs, member.lr)  # what the seeds' train() times: its fit
+        seeds_times.append(time.perf_counter() - started)
         with tempfile.TemporaryDirectory(prefix="paddy-bench-train.") as scratch:  # the stage's outputs
             ours_times.append(train.run_stage(cfg, data_dir=data_dir, root=Path(scratch))["train_seconds"])
     images, seeds_seconds, ours_seconds = n_train * member.epochs, min(seeds_times), min(ours_times)
@@ -67,18 +57,11 @@ def run(member_name: str | None = None, data_dir: Path = DATA_DIR, rounds: int =
         seeds_seconds=[round(t, 2) for t in seeds_times], ours_seconds=[round(t, 2) for t in ours_times],
         max_overhead_pct=MAX_OVERHEAD_PCT, within_target=overhead_pct <= MAX_OVERHEAD_PCT,
     )
-    write_json(RESULT, result)
+    if not result["within_target"]:
+        log("bench train", f"overhead {overhead_pct}% is above {MAX_OVERHEAD_PCT}%")
+    write_json("bench/train.json", result)
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.splitlines()[0])
-    parser.add_argument("member", nargs="?", help="member under train.members (default: the first)")
-    result = run(parser.parse_args(argv).member)
-    print(result)
-    if not result["within_target"]:
-        print(f"bench train: overhead {result['overhead_pct']}% is above {MAX_OVERHEAD_PCT}%", file=sys.stderr)
-
-
 if __name__ == "__main__":
-    main()
+    cli(run, ("member", dict(nargs="?", help="member under train.members (default: the first)")))

@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from benchmarks.accuracy import with_overrides, write_layout
+from benchmarks.accuracy import table, with_overrides, write_layout
 from pipeline.paddy import CLASSES
 from pipeline.paddy_data import verify_dataset
 
@@ -26,3 +26,14 @@ def test_an_override_of_folds_writes_their_fold_ids_as_make_profile_does():
     changed = with_overrides(params, ["validation.folds=3", "train.member_defaults.lr=0.01"])
     assert changed["validation"]["fold_ids"] == [0, 1, 2] and changed["train"]["member_defaults"]["lr"] == 0.01
     assert params["validation"]["fold_ids"] == []
+
+
+def test_the_table_sets_the_seeds_row_beside_ours_with_the_dag_seconds_on_the_ensemble():
+    rows = {"resnet": {"valid_accuracy": 0.9, "test_accuracy": 0.91, "train_seconds": 10.0},
+            "ensemble": {"valid_accuracy": 0.95, "test_accuracy": 0.96, "train_seconds": None, "dag_seconds": 30.0},
+            "seeds train()": {"valid_accuracy": 0.93, "test_accuracy": 0.94, "train_seconds": 15.0}}
+    lines = table({"rows": rows, "best_member": "resnet", "gain_over_best_member": 0.05}).splitlines()
+    assert lines[0].split() == ["valid_accuracy", "test_accuracy", "seconds"]
+    assert lines[2].split() == ["ensemble", "0.950", "0.960", "30.000"]
+    assert lines[3].split() == ["seeds", "train()", "0.930", "0.940", "15.000"]
+    assert lines[-1].endswith("(resnet): +0.050")

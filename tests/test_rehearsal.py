@@ -16,14 +16,13 @@ import pytest
 from benchmarks.rehearsal import (
     STEPS_PER_EPOCH,
     MemberRun,
-    RehearsalError,
     generated_split,
     memory_comparison,
     probe_accums_for,
     rehearsal_params,
     summary_line,
 )
-from benchmarks import copy_repo, error_line, run_stage
+from benchmarks import WorkspaceError, copy_repo, error_line, run_stage
 from helpers import GIT_IDENTITY
 from pipeline.paddy import CLASSES, validation_mask
 from pipeline.profile import render_params
@@ -78,7 +77,7 @@ def test_probe_measures_only_the_accums_leaving_two_images_per_step():
 
 
 def test_a_batch_too_small_for_every_accum_is_refused_with_the_smallest_usable():
-    with pytest.raises(RehearsalError, match="use --bs 2 or more"):
+    with pytest.raises(WorkspaceError, match="use --bs 2 or more"):
         probe_accums_for([1, 2, 4], 1)
 
 
