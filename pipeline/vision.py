@@ -7,7 +7,6 @@ so both measure and run exactly the same model, item transform, batch size and a
 from __future__ import annotations
 
 import inspect
-import os
 import random
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -39,6 +38,7 @@ from fastai.vision.all import (
 )
 from fastai.torch_core import get_model
 from fastai.vision.learner import TimmBody, create_timm_model
+from fastcore.parallel import num_cpus
 from timm.layers import Format, nhwc_to
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -82,21 +82,17 @@ def load_train_config(params: Mapping[str, Any]) -> TrainConfig:
         try:
             if not timm.is_model(member.arch):
                 raise ValueError(f"arch {member.arch!r} is not a timm model; pick a name from timm.list_models()")
-            if member.progressive and fixed_input_size(member.arch):
+            try:  # whether timm builds the arch for its input size only (vit, swin: position embeddings, windows)
+                fixed_size = bool(timm.models.get_pretrained_cfg_value(member.arch, "fixed_input_size"))
+            except RuntimeError:  # a deprecated name timm has no config under
+                fixed_size = False
+            if member.progressive and fixed_size:
                 raise ValueError(f"progressive: arch {member.arch!r} is built for one input size; set progressive: null")
             for transform, kwargs in member.albumentations.items():
                 check_albumentations_transform(transform, kwargs)
         except ValueError as err:
             raise ParamsError(f"{PARAMS_FILE}: key 'train.members.{name}': {err}") from None
     return config
-
-
-def fixed_input_size(arch: str) -> bool:
-    """Whether timm builds `arch` for its input size only (vit, swin: position embeddings, windows)."""
-    try:
-        return bool(timm.models.get_pretrained_cfg_value(arch, "fixed_input_size"))
-    except RuntimeError:  # a deprecated name timm has no config under
-        return False
 
 
 def batch_size(bs: int, accum: int) -> int:
@@ -210,9 +206,7 @@ def loader_workers(requested: int | Literal["auto"], device: torch.device) -> in
     """
     if requested != "auto":
         return requested
-    if device.type != "cuda":
-        return CPU_AUTO_WORKERS
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return num_cpus() if device.type == "cuda" else CPU_AUTO_WORKERS
 
 
 def member_dataloaders(
@@ -363,10 +357,8 @@ def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precisi
     )
     with_channels_first_body(learn.model)
     precision = precision_for(mixed_precision, torch.cuda.is_available())
-    if precision == "fp16":
-        learn.to_fp16()
-    elif precision == "bf16":
-        learn.to_bf16()
+    if precision != "fp32":
+        getattr(learn, f"to_{precision}")()  # fastai's to_fp16 or to_bf16
     quiet_progress(learn)
     return learn
 
