@@ -296,7 +296,7 @@ class Checkpoints:
         if rank_states is None:
             return
         checkpoint = dict(model=get_model(learn.model).state_dict(), opt=learn.opt.state_dict(), ranks=rank_states)
-        if ema := vision.ema_of(learn):
+        if ema := getattr(learn, "ema_weights", None):
             checkpoint["ema"] = ema.state()
         with atomic_path(self.epoch_file(completed_epochs)) as tmp:
             save_torch(checkpoint, tmp)
@@ -317,7 +317,7 @@ class Checkpoints:
         checkpoint = self.load(completed_epochs, learn.dls.device)
         get_model(learn.model).load_state_dict(checkpoint["model"])
         learn.opt.load_state_dict(checkpoint["opt"])
-        if ema := vision.ema_of(learn):
+        if ema := getattr(learn, "ema_weights", None):
             ema.load_state(checkpoint["ema"])  # the fingerprint has the member's ema: a checkpoint of this run has it
         ranks = checkpoint["ranks"]
         if distributed.rank() < len(ranks):  # a rank the saved run did not have keeps its fresh seed
@@ -458,7 +458,7 @@ def fit_member(
                 images += (phase.epochs - start_epoch) * epoch_images
             first_epoch += phase.epochs
     seconds = time.perf_counter() - started
-    if ema := vision.ema_of(learn):
+    if ema := getattr(learn, "ema_weights", None):
         ema.use_averaged()  # what is predicted with and saved (a checkpoint keeps both)
     peaks = images > 0 and torch.cuda.is_available()  # CUDA's, since the reset above, in GiB as the probe's
     return learn, dict(

@@ -287,20 +287,19 @@ def precision_for(requested: str, cuda: bool) -> str:
 class EmaWeights(Callback):
     """timm's ModelEmaV3 of the weights, with its warmup (the average starts at the weights and its decay grows to
     `decay`), updated after each optimiser step of a fit but lr_find's (whose steps are undone). train checkpoints
-    it (state, load_state), and predicts with and saves it (use_averaged)."""
+    it (state, load_state), and predicts with and saves it (use_averaged): as fastai names callbacks on their learner,
+    `learn.ema_weights`."""
 
     def __init__(self, decay: float):
-        self.decay, self.ema, self.steps, self.skipped = decay, None, 0, False
+        self.decay, self.steps, self.skipped = decay, 0, False
 
-    def averaged(self) -> ModelEmaV3:
-        if self.ema is None:
-            self.ema = ModelEmaV3(get_model(self.learn.model), decay=self.decay, use_warmup=True)
-        return self.ema
+    def after_create(self):  # the average starts at the learner's weights (a resumed run's is loaded: load_state)
+        self.ema = ModelEmaV3(get_model(self.learn.model), decay=self.decay, use_warmup=True)
 
     def before_fit(self):
         self.run = not hasattr(self.learn, "lr_finder")
-        if self.run:  # where the fit put the model (restore made the average on the CPU)
-            self.averaged().module.to(next(get_model(self.learn.model).parameters()).device)
+        if self.run:  # where the fit put the model (the average was made where the learner's model was: the CPU)
+            self.ema.module.to(next(get_model(self.learn.model).parameters()).device)
 
     def before_batch(self):
         self.skipped = False
@@ -311,17 +310,17 @@ class EmaWeights(Callback):
     def after_step(self):
         if not self.skipped:
             self.steps += 1
-            self.averaged().update(get_model(self.learn.model), step=self.steps)
+            self.ema.update(get_model(self.learn.model), step=self.steps)
 
     def state(self) -> dict:
-        return dict(steps=self.steps, weights=self.averaged().module.state_dict())
+        return dict(steps=self.steps, weights=self.ema.module.state_dict())
 
     def load_state(self, state: dict) -> None:
         self.steps = state["steps"]
-        self.averaged().module.load_state_dict(state["weights"])
+        self.ema.module.load_state_dict(state["weights"])
 
     def use_averaged(self) -> None:
-        get_model(self.learn.model).load_state_dict(self.averaged().module.state_dict())
+        get_model(self.learn.model).load_state_dict(self.ema.module.state_dict())
 
 
 class TargetsMixUp(MixUp):
@@ -335,10 +334,6 @@ def trick_callbacks(member: MemberConfig) -> list[Callback]:
     """The member's MixUp or CutMix (fastai's) and EmaWeights, each only when set."""
     tricks = ((member.mixup, TargetsMixUp), (member.cutmix, CutMix), (member.ema, EmaWeights))
     return [cb(setting) for setting, cb in tricks if setting]
-
-
-def ema_of(learn) -> EmaWeights | None:
-    return next((cb for cb in learn.cbs if isinstance(cb, EmaWeights)), None)
 
 
 def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precision: str = "auto"):
