@@ -498,35 +498,25 @@ def train_with_oom_fallback(
 # -- outputs -------------------------------------------------------------------------------------------------------
 
 
-def sharded_disease_probs(learn, items: pd.DataFrame, use_tta: bool) -> np.ndarray | None:
-    """Disease probabilities of `items` (a `path` column; columns in CLASSES order), with fastai's TTA unless told
-    otherwise, each rank predicting its contiguous share, gathered on rank 0 in the items' order (None on the other
-    ranks). Not fastai's distributed get_preds: it pads the last batch and interleaves the ranks' rows."""
-    share = items.iloc[distributed.shard(len(items))]
-    if len(share):
-        predict = learn.tta if use_tta else learn.get_preds
-        probs = vision.disease_probs(predict(dl=distributed.local_dl(learn.dls, share))[0]).float().numpy()
-    else:
-        probs = np.zeros((0, len(CLASSES)), dtype=np.float32)
-    blocks = distributed.gather_to_rank0(probs)
-    return None if blocks is None else np.concatenate(blocks)
-
-
 def prediction_frames(
     learn, table: pd.DataFrame, data_dir: Path, use_tta: bool
 ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """(test, valid) probability tables in the ensemble's contract: image_id[, label], then one column per class;
-    None on the ranks but 0 of a DDP run, which only predict their share."""
+    """(test, valid) probability tables in the ensemble's contract: image_id[, label], then one column per class
+    (disease probabilities, with fastai's TTA unless told otherwise); None on the ranks but 0 of a DDP run. Each rank
+    predicts its contiguous share of the rows, gathered on rank 0 in their order: not fastai's distributed
+    get_preds, which pads the last batch and interleaves the ranks' rows."""
     test_ids = test_image_ids(data_dir)
-    test_items = pd.DataFrame({"path": [test_image_dir(data_dir) / image_id for image_id in test_ids]})
-    test_probs = sharded_disease_probs(learn, test_items, use_tta)
-    valid_rows = table[table["is_valid"]].reset_index(drop=True)
-    valid_probs = sharded_disease_probs(learn, valid_rows[["path"]], use_tta)
-    if test_probs is None:
-        return None
-    test = pd.DataFrame({"image_id": test_ids}).join(pd.DataFrame(test_probs, columns=list(CLASSES)))
-    valid = valid_rows[["image_id", "label"]].join(pd.DataFrame(valid_probs, columns=list(CLASSES)))
-    return test, valid
+    test = pd.DataFrame({"image_id": test_ids, "path": [test_image_dir(data_dir) / image_id for image_id in test_ids]})
+    valid = table[table["is_valid"]].reset_index(drop=True)
+    predict, frames = learn.tta if use_tta else learn.get_preds, []
+    for rows, columns in ((test, ["image_id"]), (valid, ["image_id", "label"])):
+        share, probs = rows.iloc[distributed.shard(len(rows))], np.zeros((0, len(CLASSES)), dtype=np.float32)
+        if len(share):
+            probs = predict(dl=distributed.local_dl(learn.dls, share[["path"]]))[0]
+            probs = vision.disease_probs(probs).float().numpy()
+        if (blocks := distributed.gather_to_rank0(probs)) is not None:
+            frames.append(rows[columns].join(pd.DataFrame(np.concatenate(blocks), columns=list(CLASSES))))
+    return tuple(frames) or None
 
 
 def write_outputs(
