@@ -433,13 +433,6 @@ def fit_member(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started, images, size = time.perf_counter(), 0, first_size
-
-    def resize(phase: Phase) -> None:  # progressive resizing: the phase's loaders (their seed from the random state)
-        nonlocal size
-        if phase.size != size:
-            size = phase.size
-            learn.dls = vision.member_dataloaders(cfg.member, table, process_bs, accum, None, cfg.num_workers, size)
-
     with distributed.distrib_ctx(learn):
         for index, phase in enumerate(phases[resume_phase:], start=resume_phase):
             start_epoch = completed - first_epoch if index == resume_phase else 0
@@ -447,11 +440,15 @@ def fit_member(
             # also with no epoch left (a run killed while predicting). freeze/unfreeze clear the optimiser state and
             # new loaders draw from the random state, so the order matters: at a phase boundary the uninterrupted run
             # did both from the last epoch's state (restore first), inside a phase it goes on with them (restore last).
-            steps = [lambda: resize(phase), learn.freeze if phase.frozen else learn.unfreeze]
-            if index == resume_phase and completed:
-                steps.insert(0 if start_epoch == 0 else len(steps), lambda: checkpoints.restore(learn, completed))
-            for step in steps:
-                step()
+            restore = index == resume_phase and completed
+            if restore and start_epoch == 0:
+                checkpoints.restore(learn, completed)
+            if phase.size != size:  # progressive resizing: the phase's loaders (their seed from the random state)
+                size = phase.size
+                learn.dls = vision.member_dataloaders(cfg.member, table, process_bs, accum, None, cfg.num_workers, size)
+            (learn.freeze if phase.frozen else learn.unfreeze)()
+            if restore and start_epoch:
+                checkpoints.restore(learn, completed)
             if start_epoch < phase.epochs:
                 cbs = epoch_callbacks(checkpoints, live, first_epoch, start_epoch, step_cap)
                 learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=start_epoch, cbs=cbs, **phase.kwargs)
@@ -670,27 +667,20 @@ def run_stage(
     return metrics
 
 
-def read_fold(root: Path, cfg: StageConfig, fold: int, held_out: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """fold@<member>-<fold>'s test and held-out probabilities, checked against the rows `held_out` of that fold, and
-    its model's state_dict."""
-    where, rerun = root / FOLDS_DIR / f"{cfg.name}-{fold}", f"run `dvc repro fold@{cfg.name}-{fold}`"
-    try:
-        test, valid = (pd.read_csv(where / f"{part}.csv", dtype={"image_id": str}) for part in ("test", "valid"))
-        state_dict = torch.load(where / "model.pth", weights_only=True)["state_dict"]
-    except FileNotFoundError as err:
-        raise TrainError(f"{err.filename}: not found; {rerun}") from None
-    if valid["image_id"].tolist() != held_out.tolist():
-        raise TrainError(f"{where}/valid.csv: not the held-out images of fold {fold} of train.csv; {rerun}")
-    return test, valid, state_dict
-
-
 def gather_folds(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path(".")) -> dict:
     """train@<member> with K folds: the member is its K fold models. Its test probabilities are their mean, its
     validation ones every training image's out-of-fold probabilities (in train.csv order), its weights all K models;
     written as a single model's outputs are, with the accuracy on all OOF rows and the spread over the folds."""
-    root = Path(root)
-    table = split_table(data_dir, cfg.validation)
-    folds = [read_fold(root, cfg, k, table.loc[table["fold"] == k, "image_id"]) for k in cfg.validation.fold_ids]
+    root, table, folds = Path(root), split_table(data_dir, cfg.validation), []
+    for k in cfg.validation.fold_ids:  # fold@<member>-<k>'s probabilities, its held-out rows checked, and its weights
+        where, rerun = root / FOLDS_DIR / f"{cfg.name}-{k}", f"run `dvc repro fold@{cfg.name}-{k}`"
+        try:
+            test, valid = (pd.read_csv(where / f"{part}.csv", dtype={"image_id": str}) for part in ("test", "valid"))
+            folds.append((test, valid, torch.load(where / "model.pth", weights_only=True)["state_dict"]))
+        except FileNotFoundError as err:
+            raise TrainError(f"{err.filename}: not found; {rerun}") from None
+        if valid["image_id"].tolist() != table.loc[table["fold"] == k, "image_id"].tolist():
+            raise TrainError(f"{where}/valid.csv: not the held-out images of fold {k} of train.csv; {rerun}")
     tests, valids, fold_models = zip(*folds)
     if any(test["image_id"].tolist() != tests[0]["image_id"].tolist() for test in tests):
         raise TrainError(f"{root / FOLDS_DIR}: the folds of {cfg.name} predicted different test images; rerun them")
