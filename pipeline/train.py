@@ -296,7 +296,7 @@ class Checkpoints:
         if rank_states is None:
             return
         checkpoint = dict(model=get_model(learn.model).state_dict(), opt=learn.opt.state_dict(), ranks=rank_states)
-        if ema := vision.ema_of(learn):
+        if ema := getattr(learn, "ema_weights", None):
             checkpoint["ema"] = ema.state()
         with atomic_path(self.epoch_file(completed_epochs)) as tmp:
             save_torch(checkpoint, tmp)
@@ -317,7 +317,7 @@ class Checkpoints:
         checkpoint = self.load(completed_epochs, learn.dls.device)
         get_model(learn.model).load_state_dict(checkpoint["model"])
         learn.opt.load_state_dict(checkpoint["opt"])
-        if ema := vision.ema_of(learn):
+        if ema := getattr(learn, "ema_weights", None):
             ema.load_state(checkpoint["ema"])  # the fingerprint has the member's ema: a checkpoint of this run has it
         ranks = checkpoint["ranks"]
         if distributed.rank() < len(ranks):  # a rank the saved run did not have keeps its fresh seed
@@ -433,13 +433,6 @@ def fit_member(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started, images, size = time.perf_counter(), 0, first_size
-
-    def resize(phase: Phase) -> None:  # progressive resizing: the phase's loaders (their seed from the random state)
-        nonlocal size
-        if phase.size != size:
-            size = phase.size
-            learn.dls = vision.member_dataloaders(cfg.member, table, process_bs, accum, None, cfg.num_workers, size)
-
     with distributed.distrib_ctx(learn):
         for index, phase in enumerate(phases[resume_phase:], start=resume_phase):
             start_epoch = completed - first_epoch if index == resume_phase else 0
@@ -447,18 +440,22 @@ def fit_member(
             # also with no epoch left (a run killed while predicting). freeze/unfreeze clear the optimiser state and
             # new loaders draw from the random state, so the order matters: at a phase boundary the uninterrupted run
             # did both from the last epoch's state (restore first), inside a phase it goes on with them (restore last).
-            steps = [lambda: resize(phase), learn.freeze if phase.frozen else learn.unfreeze]
-            if index == resume_phase and completed:
-                steps.insert(0 if start_epoch == 0 else len(steps), lambda: checkpoints.restore(learn, completed))
-            for step in steps:
-                step()
+            restore = index == resume_phase and completed
+            if restore and start_epoch == 0:
+                checkpoints.restore(learn, completed)
+            if phase.size != size:  # progressive resizing: the phase's loaders (their seed from the random state)
+                size = phase.size
+                learn.dls = vision.member_dataloaders(cfg.member, table, process_bs, accum, None, cfg.num_workers, size)
+            (learn.freeze if phase.frozen else learn.unfreeze)()
+            if restore and start_epoch:
+                checkpoints.restore(learn, completed)
             if start_epoch < phase.epochs:
                 cbs = epoch_callbacks(checkpoints, live, first_epoch, start_epoch, step_cap)
                 learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=start_epoch, cbs=cbs, **phase.kwargs)
                 images += (phase.epochs - start_epoch) * epoch_images
             first_epoch += phase.epochs
     seconds = time.perf_counter() - started
-    if ema := vision.ema_of(learn):
+    if ema := getattr(learn, "ema_weights", None):
         ema.use_averaged()  # what is predicted with and saved (a checkpoint keeps both)
     peaks = images > 0 and torch.cuda.is_available()  # CUDA's, since the reset above, in GiB as the probe's
     return learn, dict(
@@ -489,8 +486,7 @@ def train_with_oom_fallback(
             log(STAGE, f"{cfg.name}: CUDA out of memory at accum {accum}; retrying with accum {accum * 2}")
         # Outside the except block: its traceback holds the failed attempt's learner, which must go first.
         gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
         retries += 1
         accum *= 2
 
@@ -498,35 +494,25 @@ def train_with_oom_fallback(
 # -- outputs -------------------------------------------------------------------------------------------------------
 
 
-def sharded_disease_probs(learn, items: pd.DataFrame, use_tta: bool) -> np.ndarray | None:
-    """Disease probabilities of `items` (a `path` column; columns in CLASSES order), with fastai's TTA unless told
-    otherwise, each rank predicting its contiguous share, gathered on rank 0 in the items' order (None on the other
-    ranks). Not fastai's distributed get_preds: it pads the last batch and interleaves the ranks' rows."""
-    share = items.iloc[distributed.shard(len(items))]
-    if len(share):
-        predict = learn.tta if use_tta else learn.get_preds
-        probs = vision.disease_probs(predict(dl=distributed.local_dl(learn.dls, share))[0]).float().numpy()
-    else:
-        probs = np.zeros((0, len(CLASSES)), dtype=np.float32)
-    blocks = distributed.gather_to_rank0(probs)
-    return None if blocks is None else np.concatenate(blocks)
-
-
 def prediction_frames(
     learn, table: pd.DataFrame, data_dir: Path, use_tta: bool
 ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """(test, valid) probability tables in the ensemble's contract: image_id[, label], then one column per class;
-    None on the ranks but 0 of a DDP run, which only predict their share."""
+    """(test, valid) probability tables in the ensemble's contract: image_id[, label], then one column per class
+    (disease probabilities, with fastai's TTA unless told otherwise); None on the ranks but 0 of a DDP run. Each rank
+    predicts its contiguous share of the rows, gathered on rank 0 in their order: not fastai's distributed
+    get_preds, which pads the last batch and interleaves the ranks' rows."""
     test_ids = test_image_ids(data_dir)
-    test_items = pd.DataFrame({"path": [test_image_dir(data_dir) / image_id for image_id in test_ids]})
-    test_probs = sharded_disease_probs(learn, test_items, use_tta)
-    valid_rows = table[table["is_valid"]].reset_index(drop=True)
-    valid_probs = sharded_disease_probs(learn, valid_rows[["path"]], use_tta)
-    if test_probs is None:
-        return None
-    test = pd.DataFrame({"image_id": test_ids}).join(pd.DataFrame(test_probs, columns=list(CLASSES)))
-    valid = valid_rows[["image_id", "label"]].join(pd.DataFrame(valid_probs, columns=list(CLASSES)))
-    return test, valid
+    test = pd.DataFrame({"image_id": test_ids, "path": [test_image_dir(data_dir) / image_id for image_id in test_ids]})
+    valid = table[table["is_valid"]].reset_index(drop=True)
+    predict, frames = learn.tta if use_tta else learn.get_preds, []
+    for rows, columns in ((test, ["image_id"]), (valid, ["image_id", "label"])):
+        share, probs = rows.iloc[distributed.shard(len(rows))], np.zeros((0, len(CLASSES)), dtype=np.float32)
+        if len(share):
+            probs = predict(dl=distributed.local_dl(learn.dls, share[["path"]]))[0]
+            probs = vision.disease_probs(probs).float().numpy()
+        if (blocks := distributed.gather_to_rank0(probs)) is not None:
+            frames.append(rows[columns].join(pd.DataFrame(np.concatenate(blocks), columns=list(CLASSES))))
+    return tuple(frames) or None
 
 
 def write_outputs(
@@ -680,27 +666,20 @@ def run_stage(
     return metrics
 
 
-def read_fold(root: Path, cfg: StageConfig, fold: int, held_out: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """fold@<member>-<fold>'s test and held-out probabilities, checked against the rows `held_out` of that fold, and
-    its model's state_dict."""
-    where, rerun = root / FOLDS_DIR / f"{cfg.name}-{fold}", f"run `dvc repro fold@{cfg.name}-{fold}`"
-    try:
-        test, valid = (pd.read_csv(where / f"{part}.csv", dtype={"image_id": str}) for part in ("test", "valid"))
-        state_dict = torch.load(where / "model.pth", weights_only=True)["state_dict"]
-    except FileNotFoundError as err:
-        raise TrainError(f"{err.filename}: not found; {rerun}") from None
-    if valid["image_id"].tolist() != held_out.tolist():
-        raise TrainError(f"{where}/valid.csv: not the held-out images of fold {fold} of train.csv; {rerun}")
-    return test, valid, state_dict
-
-
 def gather_folds(cfg: StageConfig, data_dir: Path = DATA_DIR, root: Path = Path(".")) -> dict:
     """train@<member> with K folds: the member is its K fold models. Its test probabilities are their mean, its
     validation ones every training image's out-of-fold probabilities (in train.csv order), its weights all K models;
     written as a single model's outputs are, with the accuracy on all OOF rows and the spread over the folds."""
-    root = Path(root)
-    table = split_table(data_dir, cfg.validation)
-    folds = [read_fold(root, cfg, k, table.loc[table["fold"] == k, "image_id"]) for k in cfg.validation.fold_ids]
+    root, table, folds = Path(root), split_table(data_dir, cfg.validation), []
+    for k in cfg.validation.fold_ids:  # fold@<member>-<k>'s probabilities, its held-out rows checked, and its weights
+        where, rerun = root / FOLDS_DIR / f"{cfg.name}-{k}", f"run `dvc repro fold@{cfg.name}-{k}`"
+        try:
+            test, valid = (pd.read_csv(where / f"{part}.csv", dtype={"image_id": str}) for part in ("test", "valid"))
+            folds.append((test, valid, torch.load(where / "model.pth", weights_only=True)["state_dict"]))
+        except FileNotFoundError as err:
+            raise TrainError(f"{err.filename}: not found; {rerun}") from None
+        if valid["image_id"].tolist() != table.loc[table["fold"] == k, "image_id"].tolist():
+            raise TrainError(f"{where}/valid.csv: not the held-out images of fold {k} of train.csv; {rerun}")
     tests, valids, fold_models = zip(*folds)
     if any(test["image_id"].tolist() != tests[0]["image_id"].tolist() for test in tests):
         raise TrainError(f"{root / FOLDS_DIR}: the folds of {cfg.name} predicted different test images; rerun them")

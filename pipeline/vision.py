@@ -7,7 +7,6 @@ so both measure and run exactly the same model, item transform, batch size and a
 from __future__ import annotations
 
 import inspect
-import os
 import random
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -39,6 +38,7 @@ from fastai.vision.all import (
 )
 from fastai.torch_core import get_model
 from fastai.vision.learner import TimmBody, create_timm_model
+from fastcore.parallel import num_cpus
 from timm.layers import Format, nhwc_to
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -82,21 +82,17 @@ def load_train_config(params: Mapping[str, Any]) -> TrainConfig:
         try:
             if not timm.is_model(member.arch):
                 raise ValueError(f"arch {member.arch!r} is not a timm model; pick a name from timm.list_models()")
-            if member.progressive and fixed_input_size(member.arch):
+            try:  # whether timm builds the arch for its input size only (vit, swin: position embeddings, windows)
+                fixed_size = bool(timm.models.get_pretrained_cfg_value(member.arch, "fixed_input_size"))
+            except RuntimeError:  # a deprecated name timm has no config under
+                fixed_size = False
+            if member.progressive and fixed_size:
                 raise ValueError(f"progressive: arch {member.arch!r} is built for one input size; set progressive: null")
             for transform, kwargs in member.albumentations.items():
                 check_albumentations_transform(transform, kwargs)
         except ValueError as err:
             raise ParamsError(f"{PARAMS_FILE}: key 'train.members.{name}': {err}") from None
     return config
-
-
-def fixed_input_size(arch: str) -> bool:
-    """Whether timm builds `arch` for its input size only (vit, swin: position embeddings, windows)."""
-    try:
-        return bool(timm.models.get_pretrained_cfg_value(arch, "fixed_input_size"))
-    except RuntimeError:  # a deprecated name timm has no config under
-        return False
 
 
 def batch_size(bs: int, accum: int) -> int:
@@ -210,9 +206,7 @@ def loader_workers(requested: int | Literal["auto"], device: torch.device) -> in
     """
     if requested != "auto":
         return requested
-    if device.type != "cuda":
-        return CPU_AUTO_WORKERS
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return num_cpus() if device.type == "cuda" else CPU_AUTO_WORKERS
 
 
 def member_dataloaders(
@@ -293,20 +287,19 @@ def precision_for(requested: str, cuda: bool) -> str:
 class EmaWeights(Callback):
     """timm's ModelEmaV3 of the weights, with its warmup (the average starts at the weights and its decay grows to
     `decay`), updated after each optimiser step of a fit but lr_find's (whose steps are undone). train checkpoints
-    it (state, load_state), and predicts with and saves it (use_averaged)."""
+    it (state, load_state), and predicts with and saves it (use_averaged): as fastai names callbacks on their learner,
+    `learn.ema_weights`."""
 
     def __init__(self, decay: float):
-        self.decay, self.ema, self.steps, self.skipped = decay, None, 0, False
+        self.decay, self.steps, self.skipped = decay, 0, False
 
-    def averaged(self) -> ModelEmaV3:
-        if self.ema is None:
-            self.ema = ModelEmaV3(get_model(self.learn.model), decay=self.decay, use_warmup=True)
-        return self.ema
+    def after_create(self):  # the average starts at the learner's weights (a resumed run's is loaded: load_state)
+        self.ema = ModelEmaV3(get_model(self.learn.model), decay=self.decay, use_warmup=True)
 
     def before_fit(self):
         self.run = not hasattr(self.learn, "lr_finder")
-        if self.run:  # where the fit put the model (restore made the average on the CPU)
-            self.averaged().module.to(next(get_model(self.learn.model).parameters()).device)
+        if self.run:  # where the fit put the model (the average was made where the learner's model was: the CPU)
+            self.ema.module.to(next(get_model(self.learn.model).parameters()).device)
 
     def before_batch(self):
         self.skipped = False
@@ -317,17 +310,17 @@ class EmaWeights(Callback):
     def after_step(self):
         if not self.skipped:
             self.steps += 1
-            self.averaged().update(get_model(self.learn.model), step=self.steps)
+            self.ema.update(get_model(self.learn.model), step=self.steps)
 
     def state(self) -> dict:
-        return dict(steps=self.steps, weights=self.averaged().module.state_dict())
+        return dict(steps=self.steps, weights=self.ema.module.state_dict())
 
     def load_state(self, state: dict) -> None:
         self.steps = state["steps"]
-        self.averaged().module.load_state_dict(state["weights"])
+        self.ema.module.load_state_dict(state["weights"])
 
     def use_averaged(self) -> None:
-        get_model(self.learn.model).load_state_dict(self.averaged().module.state_dict())
+        get_model(self.learn.model).load_state_dict(self.ema.module.state_dict())
 
 
 class TargetsMixUp(MixUp):
@@ -341,10 +334,6 @@ def trick_callbacks(member: MemberConfig) -> list[Callback]:
     """The member's MixUp or CutMix (fastai's) and EmaWeights, each only when set."""
     tricks = ((member.mixup, TargetsMixUp), (member.cutmix, CutMix), (member.ema, EmaWeights))
     return [cb(setting) for setting, cb in tricks if setting]
-
-
-def ema_of(learn) -> EmaWeights | None:
-    return next((cb for cb in learn.cbs if isinstance(cb, EmaWeights)), None)
 
 
 def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precision: str = "auto"):
@@ -363,10 +352,8 @@ def member_learner(member: MemberConfig, dls, bs: int, accum: int, mixed_precisi
     )
     with_channels_first_body(learn.model)
     precision = precision_for(mixed_precision, torch.cuda.is_available())
-    if precision == "fp16":
-        learn.to_fp16()
-    elif precision == "bf16":
-        learn.to_bf16()
+    if precision != "fp32":
+        getattr(learn, f"to_{precision}")()  # fastai's to_fp16 or to_bf16
     quiet_progress(learn)
     return learn
 
