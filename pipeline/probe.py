@@ -110,20 +110,16 @@ def peak_rss_in_child(fit: Callable[[], None], what: str) -> dict:
 
 
 def _measure_in_child(sender, fit: Callable[[], None]) -> None:
+    # ru_maxrss is in KiB on Linux (bytes on macOS; this project runs on Linux).
     try:
         started = time.perf_counter()
-        baseline = _peak_rss_bytes()
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         fit()
-        peak = _peak_rss_bytes()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         sender.send({"peak_gib": peak / GIB, "baseline_gib": baseline / GIB, "above_baseline_gib": (peak - baseline) / GIB,
                      "seconds": round(time.perf_counter() - started, 2)})
     except Exception:
         sender.send({"failure": traceback.format_exc()})
-
-
-def _peak_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux (bytes on macOS; this project runs on Linux).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def cuda_peak(fit: Callable[[], None]) -> dict:
