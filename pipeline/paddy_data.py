@@ -236,24 +236,21 @@ def download_competition(competition: str, downloads_dir: Path) -> Path:
 
 
 def extract_competition(archive: Path, destination: Path) -> None:
-    """Extract the competition zip so that its train.csv lands at `destination`/train.csv."""
+    """Extract the competition zip so that its train.csv lands at `destination`/train.csv; refuse entries with an
+    absolute path or a `..` (zip-slip), which zipfile would silently strip."""
     unpacked = destination.parent / "unpacked"
     try:
         with zipfile.ZipFile(archive) as bundle:
-            _refuse_escaping_entries(bundle, archive)
+            for name in bundle.namelist():
+                path = PureWindowsPath(name)  # reads both / and \\ as separators, and sees drives (C:) and roots
+                if path.anchor or ".." in path.parts:
+                    raise DataError(f"{archive}: entry {name!r} points outside the folder it is extracted to "
+                                    "(zip-slip); nothing was extracted: this is not the competition's zip, use the "
+                                    "original from Kaggle")
             bundle.extractall(unpacked)
     except zipfile.BadZipFile as err:
         raise DataError(f"{archive}: corrupt zip ({err}); delete it and run the stage again") from None
     os.replace(_layout_root(unpacked, archive), destination)
-
-
-def _refuse_escaping_entries(bundle: zipfile.ZipFile, archive: Path) -> None:
-    """Refuse entries with an absolute path or a `..` (zip-slip), which zipfile would silently strip."""
-    for name in bundle.namelist():
-        path = PureWindowsPath(name)  # reads both / and \\ as separators, and sees drives (C:) and roots
-        if path.anchor or ".." in path.parts:
-            raise DataError(f"{archive}: entry {name!r} points outside the folder it is extracted to (zip-slip); "
-                            "nothing was extracted: this is not the competition's zip, use the original from Kaggle")
 
 
 def _layout_root(folder: Path, origin: Path) -> Path:
