@@ -73,11 +73,7 @@ def measure_peak(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int,
                  precision: str = "auto") -> dict:
     """Peak memory of `probe_fit` at this accum: torch.cuda's in this process on a GPU, else a fresh child's RSS."""
     fit = functools.partial(probe_fit, member, table, bs, accum, seed, epochs, precision)
-    if compute_device().type != "cuda":
-        return peak_rss_in_child(fit, f"accum={accum}")
-    outcome = cuda_peak(fit)
-    log(STAGE, f"GPU processes after accum={accum}:\n{outcome.pop('gpu_processes')}")
-    return outcome
+    return (cuda_peak if compute_device().type == "cuda" else peak_rss_in_child)(fit, f"accum={accum}")
 
 
 def peak_rss_in_child(fit: Callable[[], None], what: str) -> dict:
@@ -122,9 +118,9 @@ def _measure_in_child(sender, fit: Callable[[], None]) -> None:
         sender.send({"failure": traceback.format_exc()})
 
 
-def cuda_peak(fit: Callable[[], None]) -> dict:
+def cuda_peak(fit: Callable[[], None], what: str = "the fit") -> dict:
     """Peak CUDA memory of `fit` from an emptied cache (`peak_gib`: the allocator's peak reserved, what the GPU must
-    have), and the GPU's process list once freed again. Out of memory is recorded as not fitting."""
+    have); the GPU's process list, once freed again, is logged. Out of memory is recorded as not fitting."""
     free_cuda_memory()
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
@@ -138,7 +134,7 @@ def cuda_peak(fit: Callable[[], None]) -> dict:
         outcome = {"peak_gib": reserved / GIB, "peak_reserved_gib": reserved / GIB, "peak_allocated_gib": allocated / GIB,
                    "baseline_gib": baseline / GIB, "above_baseline_gib": (allocated - baseline) / GIB}
     outcome["seconds"] = round(time.perf_counter() - started, 2)
-    outcome["gpu_processes"] = free_cuda_memory()
+    log(STAGE, f"GPU processes after {what}:\n{free_cuda_memory()}")
     return outcome
 
 
