@@ -154,9 +154,12 @@ def probe_member(name: str, member: MemberConfig, table: pd.DataFrame, config: P
     peaks = {}
     for accum in sorted(set(config.accums) | ({member.accum} - {None})):  # a member's own accum is measured too
         log(STAGE, f"{name}: {member.arch}, {batch_size(bs, accum)} images per step (accum={accum}) ...")
-        peaks[accum] = measure(member, probe_table, bs, accum, seed, config.epochs)
-        peaks[accum]["fits"] = peaks[accum]["peak_gib"] is not None and peaks[accum]["peak_gib"] <= config.budget_gib
-        log(STAGE, f"{name}: accum={accum}: {_shown_peak(peaks[accum])}")
+        run = peaks[accum] = measure(member, probe_table, bs, accum, seed, config.epochs)
+        run["fits"] = run["peak_gib"] is not None and run["peak_gib"] <= config.budget_gib
+        shown = (f"did not finish ({run['error']})" if run["peak_gib"] is None else
+                 f"peak {run['peak_gib']:.3f} GiB ({run['above_baseline_gib']:.3f} GiB above baseline), "
+                 f"{'fits' if run['fits'] else 'over budget'}, {run['seconds']} s")
+        log(STAGE, f"{name}: accum={accum}: {shown}")
     chosen = choose_accum({accum: run["peak_gib"] for accum, run in peaks.items()}, config.budget_gib)
     result = {"member": name, "arch": member.arch, "bs": bs, "budget_gib": config.budget_gib,
               "smallest_class": {"label": label, "count": count},
@@ -184,13 +187,6 @@ def check_fits(result: Mapping[str, Any]) -> None:
                      f"at any accum in {list(map(int, result['peaks']))}: {smallest}; add a larger accum to probe.accums, "
                      "lower the member's size/resize or pick a smaller arch, raise probe.budget_gib, or set the member's "
                      "accum explicitly")
-
-
-def _shown_peak(run: Mapping[str, Any]) -> str:
-    if run["peak_gib"] is None:
-        return f"did not finish ({run['error']})"
-    return (f"peak {run['peak_gib']:.3f} GiB ({run['above_baseline_gib']:.3f} GiB above baseline), "
-            f"{'fits' if run['fits'] else 'over budget'}, {run['seconds']} s")
 
 
 def plot_rows(result: Mapping[str, Any]) -> pd.DataFrame:
