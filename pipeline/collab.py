@@ -158,13 +158,9 @@ def trained_collab(learn) -> TrainedCollab:
     model, classes = learn.model, learn.dls.classes
     weights = {name: getattr(model, name).weight.detach().cpu().numpy().copy()
                for name in ("user_factors", "user_bias", "movie_factors", "movie_bias")}
-    return TrainedCollab(
-        user_ids=np.asarray([int(u) for u in classes["user"][1:]]),
-        movie_ids=np.asarray([int(m) for m in classes["movie"][1:]]),
-        user_bias=weights["user_bias"][:, 0], movie_bias=weights["movie_bias"][:, 0],
-        user_factors=weights["user_factors"], movie_factors=weights["movie_factors"],
-        y_range=tuple(float(v) for v in model.y_range),
-    )
+    ids = [np.asarray([int(raw) for raw in classes[name][1:]]) for name in ("user", "movie")]
+    return TrainedCollab(*ids, weights["user_factors"], weights["user_bias"][:, 0], weights["movie_factors"],
+                         weights["movie_bias"][:, 0], tuple(float(v) for v in model.y_range))
 
 
 def save_model(trained: TrainedCollab, path: Path = MODEL_FILE) -> None:

@@ -134,20 +134,22 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def read_csv(path: Path | str, error: type[Exception], fix: str, unique: str | None = None) -> pd.DataFrame:
+def read_csv(path: Path | str, error: type[Exception], fix: str, unique: str | None = None,
+             name: str | None = None) -> pd.DataFrame:
     """The CSV's cells as the strings written there; a file that is empty, binary or ragged, or a value repeated in
-    column `unique`, is `error`: one line naming the file and `fix`."""
+    column `unique`, is `error`: one line naming the file (as `name`, default its path) and `fix`."""
+    name = name or path
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         reason = (str(err).strip().splitlines() or [""])[0][:100]
-        raise error(f"{path}: not a readable CSV ({type(err).__name__}: {reason}); {fix}") from None
+        raise error(f"{name}: not a readable CSV ({type(err).__name__}: {reason}); {fix}") from None
     if not isinstance(table.index, pd.RangeIndex):
         # pandas reads rows one field longer than the header as having an index column: ragged, not an index.
-        raise error(f"{path}: not a readable CSV (rows have more fields than the header); {fix}")
+        raise error(f"{name}: not a readable CSV (rows have more fields than the header); {fix}")
     repeated = table[unique][table[unique].duplicated()] if unique in table.columns else []
     if len(repeated):
-        raise error(f"{path}: {unique} {repeated.iloc[0]!r} appears more than once; {fix}")
+        raise error(f"{name}: {unique} {repeated.iloc[0]!r} appears more than once; {fix}")
     return table
 
 

@@ -56,7 +56,11 @@ def load_config(params: Mapping) -> StageConfig:
     validation = load_section(ValidationConfig, params, "validation")
     if config.fit_weights and validation.full:
         raise ParamsError(FIT_NEEDS_VALIDATION)
-    weights = resolve_weights(member_names(params), config.weights)
+    # The ensemble's members: the keys of params `train.members`, in the order written there.
+    members = params.get("train", {}).get("members") if isinstance(params.get("train"), Mapping) else None
+    if not isinstance(members, Mapping) or not members:
+        raise ParamsError("params.yaml: key 'train.members' must be a non-empty mapping of member name -> config")
+    weights = resolve_weights([str(name) for name in members], config.weights)
     return StageConfig(profile_of(params), weights, config.fit_weights, validation)
 
 
@@ -74,14 +78,6 @@ class MemberPreds:
     test_probs: np.ndarray
     valid_labels: tuple[str, ...]
     valid_probs: np.ndarray
-
-
-def member_names(params: Mapping) -> list[str]:
-    """The ensemble's members: the keys of params `train.members`, in the order written there."""
-    members = params.get("train", {}).get("members") if isinstance(params.get("train"), Mapping) else None
-    if not isinstance(members, Mapping) or not members:
-        raise ParamsError("params.yaml: key 'train.members' must be a non-empty mapping of member name -> config")
-    return [str(name) for name in members]
 
 
 def resolve_weights(members: Sequence[str], weights: Mapping[str, float]) -> dict[str, float]:
@@ -220,7 +216,6 @@ def ensemble(members: Sequence[MemberPreds], sample: pd.DataFrame, weights: Mapp
     test_ids = list(sample["image_id"])
     weight_list = fit_weights([m.valid_probs for m in members], labels, vocab) if fit else [
         weights[m.name] for m in members]
-    used_weights = dict(zip([m.name for m in members], weight_list))
     test_probs = weighted_average([m.test_probs for m in members], weight_list)
     valid_probs = weighted_average([m.valid_probs for m in members], weight_list)
 
@@ -251,8 +246,8 @@ def ensemble(members: Sequence[MemberPreds], sample: pd.DataFrame, weights: Mapp
         "n_test": len(test_ids),
         **({} if folds is None else {"folds": len(np.unique(folds)), "validated_on": "oof"}),
         "members": {
-            m.name: {"valid_accuracy": member_accuracy[m.name], "weight": used_weights[m.name], **spread(m.valid_probs)}
-            for m in members
+            m.name: {"valid_accuracy": member_accuracy[m.name], "weight": weight, **spread(m.valid_probs)}
+            for m, weight in zip(members, weight_list)
         },
         "ensemble": {"valid_accuracy": ensemble_accuracy, **spread(valid_probs)},
         "best_member": best_member,

@@ -6,7 +6,6 @@ import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Mapping
 
 import urllib3
 
@@ -25,9 +24,9 @@ class KaggleError(RuntimeError):
     """A one-line, secret-free account of what the Kaggle client could not do."""
 
 
-def credentials_source(environ: Mapping[str, str] = os.environ, home: Path | None = None) -> str | None:
+def credentials_source() -> str | None:
     """Where the Kaggle client (kaggle 2.2.4 / kagglesdk) would find credentials, or None; never their value."""
-    home = Path.home() if home is None else Path(home)
+    environ, home = os.environ, Path.home()
     if environ.get("KAGGLE_API_TOKEN"):
         return "the KAGGLE_API_TOKEN variable"
     if environ.get("KAGGLE_USERNAME") and environ.get("KAGGLE_KEY"):

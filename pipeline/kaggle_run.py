@@ -175,10 +175,6 @@ def download(api, kernel: str, scratch: Path, paths: list[str]) -> Path:
     return scratch / f"{kernel.split('/')[1]}.log"
 
 
-def read_lock(path: Path) -> dict:
-    return yaml.safe_load(path.read_text()).get("stages", {}) if path.is_file() else {}
-
-
 def swap_in(project: Path, paths: list[str], replaced: Path) -> None:
     """Each path from the downloaded project replaces the workspace's (kept in `replaced`), one rename each."""
     shutil.rmtree(replaced, ignore_errors=True)
@@ -209,7 +205,8 @@ def collect(api, cfg: RunConfig, kernel: str) -> list[str]:
                              f"make kaggle-run again resumes them; {where}")
     # The stages whose lock entry the kernel changed (what it ran or resumed there), and each of their outputs
     # (metrics and plots among them) with its file count if a folder (dvc.lock's nfiles).
-    kernel_lock, pushed_lock = read_lock(project / "dvc.lock"), read_lock(cfg.work / "pushed.lock")
+    kernel_lock, pushed_lock = (yaml.safe_load(lock.read_text()).get("stages", {}) if lock.is_file() else {}
+                                for lock in (project / "dvc.lock", cfg.work / "pushed.lock"))
     stages = [stage for stage, entry in kernel_lock.items() if pushed_lock.get(stage) != entry]
     outs = {out["path"]: out.get("nfiles") for stage in stages for out in kernel_lock[stage].get("outs", [])}
     if outs:

@@ -168,9 +168,9 @@ def validate(data: MovieLens, where: str, expected_counts: dict | None = None) -
         raise MovielensDataError(f"{where} ratings: {int(bad.sum())} rating(s) outside {low}..{high} (first: row {row}, "
                                  f"{ratings['rating'].iloc[row]!r}); fix or drop those rows")
     ratings["rating"] = rating.astype("float32")
-    if movies["movie"].duplicated().any():
-        dup = movies.loc[movies["movie"].duplicated(), "movie"].iloc[0]
-        raise MovielensDataError(f"{where} movies: movie id {dup} appears twice; keep one title per id")
+    repeated = movies["movie"][movies["movie"].duplicated()]
+    if len(repeated):
+        raise MovielensDataError(f"{where} movies: movie id {repeated.iloc[0]} appears twice; keep one title per id")
     untitled = sorted(set(ratings["movie"]) - set(movies["movie"]))
     if untitled:
         raise MovielensDataError(f"{where}: {len(untitled)} rated movie id(s) have no title (first: {untitled[0]}); "

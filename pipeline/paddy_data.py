@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline import kaggle_client
-from pipeline.common import atomic_path, banner, file_sha256, log, stage_main, write_json
+from pipeline.common import atomic_path, banner, file_sha256, log, read_csv, stage_main, write_json
 from pipeline.paddy import (CLASSES, COMPETITION, DATA_DIR, SUBMISSION_COLUMNS, TRAIN_COLUMNS, VARIETIES,
                             sample_submission_csv, smallest_class, source_json, test_image_dir, train_csv)
 from pipeline.params import Check, ParamsError, PositiveInt, load_section, profile_of, read_params, seed_of
@@ -224,24 +224,21 @@ def download_competition(competition: str, downloads_dir: Path) -> Path:
 
 
 def extract_competition(archive: Path, destination: Path) -> None:
-    """Extract the competition zip so that its train.csv lands at `destination`/train.csv."""
+    """Extract the competition zip so that its train.csv lands at `destination`/train.csv; refuse entries with an
+    absolute path or a `..` (zip-slip), which zipfile would silently strip."""
     unpacked = destination.parent / "unpacked"
     try:
         with zipfile.ZipFile(archive) as bundle:
-            _refuse_escaping_entries(bundle, archive)
+            for name in bundle.namelist():
+                path = PureWindowsPath(name)  # reads both / and \\ as separators, and sees drives (C:) and roots
+                if path.anchor or ".." in path.parts:
+                    raise DataError(f"{archive}: entry {name!r} points outside the folder it is extracted to "
+                                    "(zip-slip); nothing was extracted: this is not the competition's zip, use the "
+                                    "original from Kaggle")
             bundle.extractall(unpacked)
     except zipfile.BadZipFile as err:
         raise DataError(f"{archive}: corrupt zip ({err}); delete it and run the stage again") from None
     os.replace(_layout_root(unpacked, archive), destination)
-
-
-def _refuse_escaping_entries(bundle: zipfile.ZipFile, archive: Path) -> None:
-    """Refuse entries with an absolute path or a `..` (zip-slip), which zipfile would silently strip."""
-    for name in bundle.namelist():
-        path = PureWindowsPath(name)  # reads both / and \\ as separators, and sees drives (C:) and roots
-        if path.anchor or ".." in path.parts:
-            raise DataError(f"{archive}: entry {name!r} points outside the folder it is extracted to (zip-slip); "
-                            "nothing was extracted: this is not the competition's zip, use the original from Kaggle")
 
 
 def _layout_root(folder: Path, origin: Path) -> Path:
@@ -298,20 +295,13 @@ def _read_table(path: Path, columns: tuple[str, ...], where: str) -> pd.DataFram
     name = f"{where}: {path.name}"
     if not path.is_file():
         raise DataError(f"{name} is missing; the data is incomplete, expected {LAYOUT}")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{name}: not a readable CSV ({type(err).__name__}); restore it from the competition "
-                        "zip") from None
+    table = read_csv(path, DataError, "restore it from the competition zip (one row per image)", "image_id", name)
     missing = [column for column in columns if column not in table.columns]
     if missing:
         raise DataError(f"{name}: missing column {missing[0]!r} (has {', '.join(table.columns)}); it must have "
                         f"{', '.join(columns)}")
     if table.empty:
         raise DataError(f"{name}: no rows; restore it from the competition zip")
-    repeated = table["image_id"][table["image_id"].duplicated()]
-    if len(repeated):
-        raise DataError(f"{name}: image_id {repeated.iloc[0]!r} appears more than once; keep one row per image")
     return table
 
 
@@ -332,8 +322,7 @@ def _bad_rows(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
 
 
 def _stray_train_images(train: pd.DataFrame, data_dir: Path) -> list[BadFile]:
-    rows = zip(train["label"], train["image_id"])
-    listed = {f"train_images/{label}/{image_id}" for label, image_id in rows if label in CLASSES}
+    listed = {f"train_images/{label}/{iid}" for label, iid in zip(train["label"], train["image_id"]) if label in CLASSES}
     bad = []
     for file in sorted(path.relative_to(data_dir) for path in (data_dir / "train_images").rglob("*") if path.is_file()):
         if file.as_posix() not in listed:

@@ -73,11 +73,7 @@ def measure_peak(member: MemberConfig, table: pd.DataFrame, bs: int, accum: int,
                  precision: str = "auto") -> dict:
     """Peak memory of `probe_fit` at this accum: torch.cuda's in this process on a GPU, else a fresh child's RSS."""
     fit = functools.partial(probe_fit, member, table, bs, accum, seed, epochs, precision)
-    if compute_device().type != "cuda":
-        return peak_rss_in_child(fit, f"accum={accum}")
-    outcome = cuda_peak(fit)
-    log(STAGE, f"GPU processes after accum={accum}:\n{outcome.pop('gpu_processes')}")
-    return outcome
+    return (cuda_peak if compute_device().type == "cuda" else peak_rss_in_child)(fit, f"accum={accum}")
 
 
 def peak_rss_in_child(fit: Callable[[], None], what: str) -> dict:
@@ -110,25 +106,21 @@ def peak_rss_in_child(fit: Callable[[], None], what: str) -> dict:
 
 
 def _measure_in_child(sender, fit: Callable[[], None]) -> None:
+    # ru_maxrss is in KiB on Linux (bytes on macOS; this project runs on Linux).
     try:
         started = time.perf_counter()
-        baseline = _peak_rss_bytes()
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         fit()
-        peak = _peak_rss_bytes()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         sender.send({"peak_gib": peak / GIB, "baseline_gib": baseline / GIB, "above_baseline_gib": (peak - baseline) / GIB,
                      "seconds": round(time.perf_counter() - started, 2)})
     except Exception:
         sender.send({"failure": traceback.format_exc()})
 
 
-def _peak_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux (bytes on macOS; this project runs on Linux).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def cuda_peak(fit: Callable[[], None]) -> dict:
+def cuda_peak(fit: Callable[[], None], what: str = "the fit") -> dict:
     """Peak CUDA memory of `fit` from an emptied cache (`peak_gib`: the allocator's peak reserved, what the GPU must
-    have), and the GPU's process list once freed again. Out of memory is recorded as not fitting."""
+    have); the GPU's process list, once freed again, is logged. Out of memory is recorded as not fitting."""
     free_cuda_memory()
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
@@ -142,7 +134,7 @@ def cuda_peak(fit: Callable[[], None]) -> dict:
         outcome = {"peak_gib": reserved / GIB, "peak_reserved_gib": reserved / GIB, "peak_allocated_gib": allocated / GIB,
                    "baseline_gib": baseline / GIB, "above_baseline_gib": (allocated - baseline) / GIB}
     outcome["seconds"] = round(time.perf_counter() - started, 2)
-    outcome["gpu_processes"] = free_cuda_memory()
+    log(STAGE, f"GPU processes after {what}:\n{free_cuda_memory()}")
     return outcome
 
 
@@ -162,9 +154,12 @@ def probe_member(name: str, member: MemberConfig, table: pd.DataFrame, config: P
     peaks = {}
     for accum in sorted(set(config.accums) | ({member.accum} - {None})):  # a member's own accum is measured too
         log(STAGE, f"{name}: {member.arch}, {batch_size(bs, accum)} images per step (accum={accum}) ...")
-        peaks[accum] = measure(member, probe_table, bs, accum, seed, config.epochs)
-        peaks[accum]["fits"] = peaks[accum]["peak_gib"] is not None and peaks[accum]["peak_gib"] <= config.budget_gib
-        log(STAGE, f"{name}: accum={accum}: {_shown_peak(peaks[accum])}")
+        run = peaks[accum] = measure(member, probe_table, bs, accum, seed, config.epochs)
+        run["fits"] = run["peak_gib"] is not None and run["peak_gib"] <= config.budget_gib
+        shown = (f"did not finish ({run['error']})" if run["peak_gib"] is None else
+                 f"peak {run['peak_gib']:.3f} GiB ({run['above_baseline_gib']:.3f} GiB above baseline), "
+                 f"{'fits' if run['fits'] else 'over budget'}, {run['seconds']} s")
+        log(STAGE, f"{name}: accum={accum}: {shown}")
     chosen = choose_accum({accum: run["peak_gib"] for accum, run in peaks.items()}, config.budget_gib)
     result = {"member": name, "arch": member.arch, "bs": bs, "budget_gib": config.budget_gib,
               "smallest_class": {"label": label, "count": count},
@@ -192,13 +187,6 @@ def check_fits(result: Mapping[str, Any]) -> None:
                      f"at any accum in {list(map(int, result['peaks']))}: {smallest}; add a larger accum to probe.accums, "
                      "lower the member's size/resize or pick a smaller arch, raise probe.budget_gib, or set the member's "
                      "accum explicitly")
-
-
-def _shown_peak(run: Mapping[str, Any]) -> str:
-    if run["peak_gib"] is None:
-        return f"did not finish ({run['error']})"
-    return (f"peak {run['peak_gib']:.3f} GiB ({run['above_baseline_gib']:.3f} GiB above baseline), "
-            f"{'fits' if run['fits'] else 'over budget'}, {run['seconds']} s")
 
 
 def plot_rows(result: Mapping[str, Any]) -> pd.DataFrame:

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Mapping
 
-import pandas as pd
-
 from pipeline.common import atomic_path, file_sha256, log, read_json, stage_main, write_json
-from pipeline.paddy import DATA_DIR, SMALL_DATA_DIR, sample_submission_csv, source_json, train_csv
+from pipeline.paddy import (DATA_DIR, SMALL_DATA_DIR, read_train_table, sample_submission_csv, source_json,
+                            test_image_ids, train_csv)
 from pipeline.params import Check, ParamsError, load_section, read_params
 
 STAGE = "small_images"
@@ -51,9 +50,8 @@ def write_small_images(source: Path, destination: Path, max_size: int, workers: 
     """Resize every image listed in `source`'s tables into `destination`; return its SOURCE record (the source's,
     with the resized images' hash: what train resumes on)."""
     source, destination = Path(source), Path(destination)
-    train = pd.read_csv(train_csv(source), dtype=str)
-    listed = [Path("train_images") / label / image_id for label, image_id in zip(train["label"], train["image_id"])]
-    listed += [Path("test_images") / iid for iid in pd.read_csv(sample_submission_csv(source), dtype=str)["image_id"]]
+    listed = [path.relative_to(source) for path in read_train_table(source)["path"]]
+    listed += [Path("test_images") / iid for iid in test_image_ids(source)]
     with atomic_path(destination) as staging:
         resize_image_folders(source, staging, max_size, workers)
         manifest = hashlib.sha256()
