@@ -142,7 +142,7 @@ def run_stage(workdir: Path, stage: str | None, log_file: Path, kill_when: Calla
             process.wait()
     read_new_lines(final=True)
     seconds = round(time.perf_counter() - started, 1)
-    error = None if killed or process.returncode == 0 else error_line([line for _, line in stamped],
+    error = None if killed or process.returncode == 0 else error_line(log_file.read_text().splitlines(),
                                                                       process.returncode)
     log("bench", f"{stage_name}: {seconds} s, {'killed' if killed else 'ok' if error is None else 'failed: ' + error}")
     return StageRun(seconds, error, killed, stage_times(stamped, seconds))
