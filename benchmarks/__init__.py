@@ -6,6 +6,7 @@ Each module has `run() -> dict` and uses the pipeline's public functions only; b
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import pandas as pd
 import yaml
@@ -92,35 +93,59 @@ def error_line(lines: Sequence[str], returncode: int) -> str:
     return textwrap.shorten((own or dvc or [f"exited with code {returncode}"])[-1], 300)
 
 
+RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
+
+
+def stage_times(timed_lines: Iterable[tuple[float, str]], finished_at: float) -> dict[str, float]:
+    """Seconds per stage from (time seen, line) pairs of `dvc repro` output: DVC runs stages one after another and
+    announces each with "Running stage '<name>'", so a stage lasts from its announcement to the next one (or the end)."""
+    starts = [(seen, match.group(1)) for seen, line in timed_lines if (match := RUNNING_STAGE.search(line))]
+    ends = [seen for seen, _ in starts[1:]] + [finished_at]
+    return {name: round(end - start, 2) for (start, name), end in zip(starts, ends)}
+
+
 class StageRun(NamedTuple):
     seconds: float
     error: str | None  # None when it passed (or was killed as asked)
     killed: bool = False
+    stages: dict[str, float] = {}  # each stage DVC ran and its seconds (stage_times, to the poll's 0.2 s)
 
 
-def run_stage(workdir: Path, stage: str, log_file: Path, kill_when: Callable[[], bool] | None = None,
-              options: Sequence[str] = ("--single-item",)) -> StageRun:
-    """`dvc repro <options> <stage>` in workdir, its output into log_file; SIGKILL to it once `kill_when()`.
-    In a session of its own: the kill (or the rehearsal's interruption) reaches DVC, the stage and its workers only."""
-    log("bench", f"{stage}: running, log in {log_file}")
-    started, killed = time.perf_counter(), False
+def run_stage(workdir: Path, stage: str | None, log_file: Path, kill_when: Callable[[], bool] | None = None,
+              options: Sequence[str] = ("--single-item",), echo: bool = False) -> StageRun:
+    """`dvc repro <options> <stage>` (no stage: the whole DAG) in workdir, its output into log_file (and onto
+    stdout when `echo`), each line stamped when the poll first sees it; SIGKILL to it once `kill_when()`. In a
+    session of its own: the kill (or the rehearsal's interruption) reaches DVC, the stage and its workers only."""
+    stage_name = stage or "dvc repro"
+    log("bench", f"{stage_name}: running, log in {log_file}")
+    started, killed, stamped = time.perf_counter(), False, []
+
+    def read_new_lines(final: bool = False):  # while it runs, complete lines only: the last may be half written
+        *new, last = log_file.read_text(errors="replace").split("\n")[len(stamped):]
+        new += [last] if final and last else []
+        stamped.extend((time.perf_counter() - started, line) for line in new)
+        if echo:
+            print("".join(f"  | {line}\n" for line in new), end="", flush=True)
+
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as output:
-        process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", *options, stage], cwd=workdir,
-                                   env=stage_env(workdir), stdout=output, stderr=subprocess.STDOUT,
+        process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", *options, *filter(None, [stage])],
+                                   cwd=workdir, env=stage_env(workdir), stdout=output, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
             while process.poll() is None and not (killed := kill_when is not None and kill_when()):
                 time.sleep(0.2)
+                read_new_lines()
         finally:  # the kill asked for, or an exception here (the rehearsal interrupted)
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    read_new_lines(final=True)
     seconds = round(time.perf_counter() - started, 1)
     error = None if killed or process.returncode == 0 else error_line(log_file.read_text().splitlines(),
                                                                       process.returncode)
-    log("bench", f"{stage}: {seconds} s, {'killed' if killed else 'ok' if error is None else 'failed: ' + error}")
-    return StageRun(seconds, error, killed)
+    log("bench", f"{stage_name}: {seconds} s, {'killed' if killed else 'ok' if error is None else 'failed: ' + error}")
+    return StageRun(seconds, error, killed, stage_times(stamped, seconds))
 
 
 def seeds_learner(folder: Path, arch: str, item_tfms, size: int, min_scale: float, bs: int, accum: int = 1,

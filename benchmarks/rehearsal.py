@@ -162,22 +162,20 @@ def rehearse(members: list[str] | None, bs: int | None, keep: bool) -> bool:
     try:  # the upstream stages, each member (the first killed and resumed), the ensemble when every member passed
         make_workspace(workdir, params, f"# The rehearsal's params: the {PROFILE} profile with its overrides.\n")
         stages = {}
-        for stage in UPSTREAM:
-            seconds, error, _ = run_stage(workdir, stage, logs / f"{stage}.log")
-            stages[stage], failed = {"seconds": seconds, "error": error}, error and f"{stage}: {error}"
-            if failed:
-                break
+
+        def timed(stage: str) -> str | None:  # the stage run into `stages`; its error's line, named, or None
+            seconds, error, *_ = run_stage(workdir, stage, logs / f"{stage}.log")
+            stages[stage] = {"seconds": seconds, "error": error}
+            return error and f"{stage}: {error}"
+
+        failed = next(filter(None, map(timed, UPSTREAM)), None)  # map is lazy: none runs after a failed one
         runs = [MemberRun(name, error=failed) if failed else
                 rehearse_member(workdir, name, logs, kill=name == chosen[0]) for name in chosen]
-        if not any(run.error for run in runs):
-            seconds, error, _ = run_stage(workdir, "ensemble", logs / "ensemble.log")
-            error = error and f"ensemble: {error}"
+        if not any(run.error for run in runs) and not timed("ensemble"):
             try:  # and its submission checked as `make submit` does
-                if error is None:
-                    check_submission(workdir / SUBMISSION_FILE, workdir / "data/paddy")
+                check_submission(workdir / SUBMISSION_FILE, workdir / "data/paddy")
             except SubmissionError as err:
-                error = str(err)
-            stages["ensemble"] = {"seconds": seconds, "error": error}
+                stages["ensemble"]["error"] = str(err)
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)

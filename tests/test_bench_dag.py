@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from benchmarks.dag import run, stage_times
+from benchmarks import stage_times
+from benchmarks.dag import run
 
 from helpers import GIT_IDENTITY
 
