@@ -43,7 +43,7 @@ help:
 	@echo "               every stage end to end, probe, architecture families, train, tricks (OLDEST_VENV=$(OLDEST_VENV))"
 	@echo "make bench     benchmarks: training throughput, DataLoader vs step rate, collab vs collab_learner, demo DAG time, DDP 1 vs 2 processes, accuracy vs the seeds on real digit scans"
 	@echo "make rehearsal the competition profile's DAG on generated 480x640 photos in a scratch workspace: run it"
-	@echo "               before spending GPU hours (ARGS=\"--members a,b --bs 16 --precision bf16 --keep\")"
+	@echo "               before spending GPU hours (ARGS=\"--members a,b --bs 16 --keep\")"
 	@echo "make submit    upload submissions/submission.csv to Kaggle (refuses synthetic or stale outputs)"
 	@echo "               make submit ARGS=--force re-uploads a file that was submitted before"
 	@echo "make kaggle-run   train on Kaggle's GPUs with your Kaggle token: push this commit as a private GPU kernel,"
