@@ -77,7 +77,7 @@ def demo_dag(source: Path, truth: Mapping[str, str], overrides: Sequence[str], w
     validation and test accuracy and seconds; the workspace's dvc log in workdir/repro.log."""
     params = with_overrides(render_params("demo"), [f"data.source={source}", *overrides])
     make_workspace(workdir, params, header=f"# bench accuracy: the demo profile with {list(overrides)}\n")
-    seconds, error, _ = run_stage(workdir, "ensemble", workdir / "repro.log", options=())
+    seconds, error, *_ = run_stage(workdir, "ensemble", workdir / "repro.log", options=())
     if error:
         raise WorkspaceError(f"dvc repro failed in {workdir}: {error}")
     ensemble = read_json(workdir / "metrics/ensemble.json")
