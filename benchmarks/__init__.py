@@ -118,17 +118,18 @@ def run_stage(workdir: Path, stage: str | None, log_file: Path, kill_when: Calla
     session of its own: the kill (or the rehearsal's interruption) reaches DVC, the stage and its workers only."""
     stage_name = stage or "dvc repro"
     log("bench", f"{stage_name}: running, log in {log_file}")
-    started, killed, stamped = time.perf_counter(), False, []
+    started, killed, stamped, partial = time.perf_counter(), False, [], [""]
 
-    def read_new_lines(final: bool = False):  # while it runs, complete lines only: the last may be half written
-        *new, last = log_file.read_text(errors="replace").split("\n")[len(stamped):]
-        new += [last] if final and last else []
+    def read_new_lines(final: bool = False):  # what was appended since the last poll, not the whole log again
+        *new, partial[0] = (partial[0] + reader.read()).split("\n")  # the last line may be half written
+        if final and partial[0]:
+            new.append(partial[0])
         stamped.extend((time.perf_counter() - started, line) for line in new)
         if echo:
             print("".join(f"  | {line}\n" for line in new), end="", flush=True)
 
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as output:
+    with open(log_file, "w") as output, open(log_file, errors="replace") as reader:
         process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", *options, *filter(None, [stage])],
                                    cwd=workdir, env=stage_env(workdir), stdout=output, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -140,7 +141,7 @@ def run_stage(workdir: Path, stage: str | None, log_file: Path, kill_when: Calla
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    read_new_lines(final=True)
+        read_new_lines(final=True)
     seconds = round(time.perf_counter() - started, 1)
     error = None if killed or process.returncode == 0 else error_line(log_file.read_text().splitlines(),
                                                                       process.returncode)
