@@ -92,14 +92,6 @@ def collab_dataloaders(ratings: pd.DataFrame, splits, bs: int, seed: int):
                          y_block=TransformBlock(), splits=[list(split) for split in splits]).dataloaders(bs=bs)
 
 
-def make_learner(dls, config: CollabConfig, cbs=()):
-    """Learner around our DotProductBias, MSE loss, RMSE per epoch."""
-    model = DotProductBias(len(dls.classes["user"]), len(dls.classes["movie"]), config.n_factors, tuple(config.y_range))
-    learn = Learner(dls, model, loss_func=MSELossFlat(), metrics=rmse, cbs=list(cbs))
-    quiet_progress(learn)
-    return learn
-
-
 def fit(learn, config: CollabConfig) -> float:
     """fit_one_cycle(epochs, lr, wd) as the seeds; returns the seconds it took."""
     start = time.perf_counter()
@@ -126,9 +118,12 @@ def torch_threads() -> int:
 
 
 def train_and_evaluate(ratings: pd.DataFrame, splits, config: CollabConfig, cbs=()) -> tuple[object, dict]:
-    """Train on `splits[0]`, score on `splits[1]`: (learner, {mse, rmse, train_seconds})."""
+    """Our DotProductBias trained on `splits[0]` (MSE loss), scored on `splits[1]`: (learner, {mse, rmse,
+    train_seconds})."""
     dls = collab_dataloaders(ratings, splits, config.bs, config.seed)
-    learn = make_learner(dls, config, cbs)
+    model = DotProductBias(len(dls.classes["user"]), len(dls.classes["movie"]), config.n_factors, tuple(config.y_range))
+    learn = Learner(dls, model, loss_func=MSELossFlat(), metrics=rmse, cbs=list(cbs))
+    quiet_progress(learn)
     seconds = fit(learn, config)
     return learn, {**validation_errors(learn), "train_seconds": seconds}
 
@@ -192,11 +187,8 @@ def predict(trained: TrainedCollab, users, movies) -> pd.DataFrame:
     movie_bias = np.where(known_movie, trained.movie_bias[movie_rows], trained.movie_bias[1:].mean())
     low, high = trained.y_range
     rating = low + (high - low) / (1 + np.exp(-(dot + user_bias + movie_bias)))
-    basis = np.select(
-        [both, known_movie, known_user],
-        ["factors+biases", "movie bias (unknown user)", "user bias (unknown movie)"],
-        "mean biases (unknown user and movie)",
-    )
+    cases = ["factors+biases", "movie bias (unknown user)", "user bias (unknown movie)"]
+    basis = np.select([both, known_movie, known_user], cases, "mean biases (unknown user and movie)")
     return pd.DataFrame({"user": users, "movie": movies, "rating": rating, "basis": basis})
 
 
