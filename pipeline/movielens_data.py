@@ -103,13 +103,11 @@ def read_local(path: Path) -> MovieLens:
         if not zipfile.is_zipfile(path):
             raise MovielensDataError(f"{path}: not a zip file; {LOCAL_LAYOUTS}")
         return read_recbole_wheel(path) if path.suffix == ".whl" else read_grouplens_zip(path)
-    if (path / "u.data").is_file() and (path / "u.item").is_file():
-        files = [path / "u.data", path / "u.item"]
-        return _grouplens(*[(file.read_bytes(), file) for file in files], f"grouplens:{path}")
-    if (path / "ratings.csv").is_file() and (path / "movies.csv").is_file():
-        files = [path / "ratings.csv", path / "movies.csv"]
-        ratings, movies = (_read_table(file.read_bytes(), file, header=0) for file in files)
-        return MovieLens(ratings, movies, f"local:{path}")
+    grouplens, ours = [path / "u.data", path / "u.item"], [path / "ratings.csv", path / "movies.csv"]
+    if all(file.is_file() for file in grouplens):
+        return _grouplens(*[(file.read_bytes(), file) for file in grouplens], f"grouplens:{path}")
+    if all(file.is_file() for file in ours):
+        return MovieLens(*[_read_table(file.read_bytes(), file, header=0) for file in ours], f"local:{path}")
     raise MovielensDataError(f"{path}: holds neither u.data and u.item nor ratings.csv and movies.csv; {LOCAL_LAYOUTS}")
 
 
@@ -137,7 +135,7 @@ def _member_ending(archive: zipfile.ZipFile, suffix: str, path: Path) -> str:
 def _read_table(raw: bytes, where, **read_csv_args) -> pd.DataFrame:
     try:
         return pd.read_csv(io.BytesIO(raw), header=read_csv_args.pop("header", None), **read_csv_args)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+    except ValueError as err:  # pandas' ParserError and EmptyDataError, and UnicodeDecodeError, are ValueErrors
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise MovielensDataError(f"{where}: cannot be parsed ({message}); check the file's format") from None
 
@@ -162,7 +160,7 @@ def validate(data: MovieLens, where: str, expected_counts: dict | None = None) -
     movies["movie"] = _integer_column(movies["movie"], f"{where} movies", "movie")
     rating = pd.to_numeric(ratings["rating"], errors="coerce")
     low, high = RATING_RANGE
-    bad = rating.isna() | (rating < low) | (rating > high)
+    bad = ~rating.between(low, high)  # NaN, from a rating that is not a number, is not between
     if bad.any():
         row = bad.to_numpy().nonzero()[0][0]
         raise MovielensDataError(f"{where} ratings: {int(bad.sum())} rating(s) outside {low}..{high} (first: row {row}, "
