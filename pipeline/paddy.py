@@ -91,10 +91,8 @@ class ValidationConfig:
     def __post_init__(self):
         expected = fold_ids_for(self.folds, self.full)
         if list(self.fold_ids) != expected:
-            raise FieldError(
-                "fold_ids", f"is {list(self.fold_ids)}; folds {self.folds} with full {str(self.full).lower()} needs "
-                f"{expected} (`make profile` writes it)"
-            )
+            raise FieldError("fold_ids", f"is {list(self.fold_ids)}; folds {self.folds} with full "
+                             f"{str(self.full).lower()} needs {expected} (`make profile` writes it)")
 
     @property
     def cross_validated(self) -> bool:

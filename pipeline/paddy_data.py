@@ -125,12 +125,9 @@ def prepare_data(config: DataConfig, seed: int, data_dir: Path, downloads_dir: P
         origin = {"source": "kaggle", "competition": COMPETITION, "in_place": str(mounted)}
         fill, where = functools.partial(link_in_place, mounted), str(mounted)
     else:
-        if config.source == "kaggle":
-            archive = download_competition(COMPETITION, downloads_dir)
-            origin = {"source": "kaggle", "competition": COMPETITION}
-        else:
-            archive = _local_source(config.source, data_dir)
-            origin = {"source": config.source}
+        kaggle = config.source == "kaggle"
+        archive = download_competition(COMPETITION, downloads_dir) if kaggle else _local_source(config.source, data_dir)
+        origin = {"source": "kaggle", "competition": COMPETITION} if kaggle else {"source": config.source}
         log(STAGE, f"data source: {origin['source']}" + ("" if origin["source"] == str(archive) else f" ({archive})"))
         where = str(archive)
         if archive.is_dir():
@@ -257,7 +254,6 @@ def verify_dataset(data_dir: Path, skip_bad_images: bool = False, origin: str | 
     Errors read `origin: file` (default `data_dir`). A bad file is a one-line DataError unless `skip_bad_images` and
     it is skippable (training files only: the submission needs every test image); skipped ones leave the data.
     """
-    data_dir = Path(data_dir)
     where = origin or str(data_dir)
     train = _read_table(train_csv(data_dir), TRAIN_COLUMNS, where)
     submission = _read_table(sample_submission_csv(data_dir), SUBMISSION_COLUMNS, where)

@@ -20,7 +20,6 @@ from pipeline.paddy import (DATA_DIR, SMALL_DATA_DIR, read_train_table, sample_s
 from pipeline.params import Check, ParamsError, load_section, read_params
 
 STAGE = "small_images"
-IMAGE_FOLDERS = ("train_images", "test_images")
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ def resize_image_folders(source: Path, destination: Path, max_size: int, workers
     # fastai imports torch: imported here so that check_params, which loads this stage's config, stays light.
     from fastai.vision.utils import resize_images
 
-    for folder in IMAGE_FOLDERS:
+    for folder in ("train_images", "test_images"):
         resize_images(Path(source) / folder, dest=Path(destination) / folder, max_size=max_size, recurse=True,
                       max_workers=min(4, os.cpu_count() or 1) if workers is None else workers)
 
@@ -49,7 +48,6 @@ def resize_image_folders(source: Path, destination: Path, max_size: int, workers
 def write_small_images(source: Path, destination: Path, max_size: int, workers: int | None = None) -> dict:
     """Resize every image listed in `source`'s tables into `destination`; return its SOURCE record (the source's,
     with the resized images' hash: what train resumes on)."""
-    source, destination = Path(source), Path(destination)
     listed = [path.relative_to(source) for path in read_train_table(source)["path"]]
     listed += [Path("test_images") / iid for iid in test_image_ids(source)]
     with atomic_path(destination) as staging:

@@ -8,8 +8,6 @@ the label, for the seeds' multi-target model. One seed, byte-identical files.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
@@ -27,7 +25,6 @@ FIRST_TRAIN_ID = 100001
 FIRST_TEST_ID = 200001
 
 Rgb = tuple[int, int, int]
-Painter = Callable[[Image.Image, np.random.Generator], Image.Image]
 
 
 def write_synthetic_dataset(
@@ -40,9 +37,6 @@ def write_synthetic_dataset(
     test_labels = rng.choice(CLASSES, size=n_test)
     test_ids = [f"{FIRST_TEST_ID + i}.jpg" for i in range(n_test)]
 
-    for label in CLASSES:
-        (data_dir / "train_images" / label).mkdir(parents=True, exist_ok=True)
-    test_image_dir(data_dir).mkdir(parents=True, exist_ok=True)
     # Each image draws from its own stream (seed, split, index), so one image never shifts another's pixels.
     for index, row in enumerate(train.itertuples(index=False)):
         image = draw_image(row.label, row.variety, image_size, np.random.default_rng((seed, 0, index)))
@@ -83,6 +77,7 @@ def _age_for(label: str, rng: np.random.Generator) -> int:
 
 
 def _save_jpeg(image: Image.Image, path: Path, index: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     # Varying quality varies file sizes as real phone photos do; it is a function of the index, so deterministic.
     image.save(path, format="JPEG", quality=80 + (index * 7) % 16)
 
@@ -231,7 +226,7 @@ def _paint_tungro(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.composite(tint, image, mask)
 
 
-PAINTERS: dict[str, Painter] = dict(zip(CLASSES, (
+PAINTERS = dict(zip(CLASSES, (
     _paint_leaf_blight, _paint_leaf_streak, _paint_panicle_blight, _paint_blast, _paint_brown_spot, _paint_dead_heart,
     _paint_downy_mildew, _paint_hispa, _paint_normal, _paint_tungro)))
 
