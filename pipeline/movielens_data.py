@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import tempfile
 import urllib.request
 import zipfile
 from dataclasses import asdict, dataclass
@@ -210,22 +209,19 @@ def fetch_grouplens(downloads: Path, timeout_s: float) -> Path:
 
 
 def fetch_recbole_wheel(downloads: Path) -> Path:
-    """The recbole wheel from PyPI (without its dependencies), cached in `downloads`."""
-    cached = sorted(downloads.glob("recbole-*.whl"))
-    if cached:
-        return cached[-1]
-    log(STAGE, "fetching the recbole wheel from PyPI (pip download --no-deps) for its copy of ml-100k")
-    with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "recbole", "-d", tmp]
-        result = subprocess.run(command, capture_output=True, text=True)
-        wheels = sorted(Path(tmp).glob("recbole-*.whl"))
-        if result.returncode != 0 or not wheels:
-            reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise MovielensDataError(f"pip download recbole failed ({reason}); set movielens.source to a local ml-100k "
-                                     "zip or folder")
-        with atomic_path(downloads / wheels[0].name) as staged:
-            staged.write_bytes(wheels[0].read_bytes())
-    return downloads / wheels[0].name
+    """The recbole wheel from PyPI (without its dependencies), cached in `downloads`/recbole/."""
+    folder = downloads / "recbole"
+    if not any(folder.glob("recbole-*.whl")):
+        log(STAGE, "fetching the recbole wheel from PyPI (pip download --no-deps) for its copy of ml-100k")
+        with atomic_path(folder) as staging:  # renamed into place only once pip has delivered a wheel
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "recbole", "-d",
+                       str(staging)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0 or not any(staging.glob("recbole-*.whl")):
+                reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+                raise MovielensDataError(f"pip download recbole failed ({reason}); set movielens.source to a local "
+                                         "ml-100k zip or folder")
+    return sorted(folder.glob("recbole-*.whl"))[-1]
 
 
 def load(config: MovielensConfig, downloads: Path = DOWNLOADS_DIR) -> MovieLens:
