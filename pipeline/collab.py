@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from dvclive import Live
 from dvclive.fastai import DVCLiveCallback
 from fastai.collab import TabularCollab
 from fastai.data.block import TransformBlock
@@ -269,9 +268,9 @@ def main() -> None:
     set_threads(config.threads)
     log(STAGE, f"{len(ratings)} ratings; DotProductBias n_factors={config.n_factors}, bs={config.bs}, "
         f"fit_one_cycle({config.epochs}, {config.lr}, wd={config.wd})")
-    live = Live(dir=str(DVCLIVE_DIR), dvcyaml=False, save_dvc_exp=False)
     splits = random_split(len(ratings), config.valid_pct, config.seed)
-    learn, errors = train_and_evaluate(ratings, splits, config, cbs=[DVCLiveCallback(live=live)])
+    live = DVCLiveCallback(dir=str(DVCLIVE_DIR), dvcyaml=False, save_dvc_exp=False)  # its own Live, ended after fit
+    learn, errors = train_and_evaluate(ratings, splits, config, cbs=[live])
     trained = trained_collab(learn)
     save_model(trained)
     write_reports(learn, trained, ratings, movies, config.report_min_ratings)
