@@ -117,8 +117,7 @@ def torch_threads() -> int:
 
 
 def train_and_evaluate(ratings: pd.DataFrame, splits, config: CollabConfig, cbs=()) -> tuple[object, dict]:
-    """Our DotProductBias trained on `splits[0]` (MSE loss), scored on `splits[1]`: (learner, {mse, rmse,
-    train_seconds})."""
+    """DotProductBias (MSE loss) trained on `splits[0]`, scored on `splits[1]`: (learner, {mse, rmse, train_seconds})."""
     dls = collab_dataloaders(ratings, splits, config.bs, config.seed)
     model = DotProductBias(len(dls.classes["user"]), len(dls.classes["movie"]), config.n_factors, tuple(config.y_range))
     learn = Learner(dls, model, loss_func=MSELossFlat(), metrics=rmse, cbs=list(cbs))

@@ -166,7 +166,7 @@ def _local_source(source: str, data_dir: Path) -> Path:
     if not path.exists():
         raise DataError(f"data.source {source!r}: no such file or folder; use kaggle, synthetic, or the path of the "
                         "competition zip or of its extracted folder")
-    if path.resolve() == data_dir.resolve() or data_dir.resolve() in path.resolve().parents:
+    if path.resolve().is_relative_to(data_dir.resolve()):
         raise DataError(f"data.source {source!r} is inside {data_dir}, this stage's output; copy it elsewhere first")
     if path.is_file() and not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not a zip file; point data.source at the competition zip or its extracted folder")

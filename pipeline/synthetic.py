@@ -102,8 +102,7 @@ def _leaf_background(variety: str, size: tuple[int, int], rng: np.random.Generat
         x, half = rng.uniform(-0.1, 1.1) * width, rng.uniform(0.05, 0.12) * width
         lean = tilt + rng.normal(0, 0.1 * width)
         shade = _jitter(green, rng, 18)
-        blade = [(x - half, height), (x + half, height), (x + lean + half / 3, 0), (x + lean - half / 3, 0)]
-        draw.polygon(blade, shade)
+        draw.polygon([(x - half, height), (x + half, height), (x + lean + half / 3, 0), (x + lean - half / 3, 0)], shade)
         draw.line([(x, height), (x + lean, 0)], fill=_jitter(shade, rng, 10, offset=-15), width=1)
     return image
 
