@@ -131,9 +131,9 @@ def _member_ending(archive: zipfile.ZipFile, suffix: str, path: Path) -> str:
     return names[0]
 
 
-def _read_table(raw: bytes, where, **read_csv_args) -> pd.DataFrame:
+def _read_table(raw: bytes, where, header: int | None = None, **read_csv_args) -> pd.DataFrame:
     try:
-        return pd.read_csv(io.BytesIO(raw), header=read_csv_args.pop("header", None), **read_csv_args)
+        return pd.read_csv(io.BytesIO(raw), header=header, **read_csv_args)
     except ValueError as err:  # pandas' ParserError and EmptyDataError, and UnicodeDecodeError, are ValueErrors
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise MovielensDataError(f"{where}: cannot be parsed ({message}); check the file's format") from None
