@@ -99,11 +99,8 @@ def fit(learn, config: CollabConfig) -> float:
 
 
 def validation_errors(learn) -> dict:
-    """MSE and RMSE of the model's predictions on the validation set."""
-    # inner=True: an outer get_preds replays before_fit, which empties the Recorder that the training-curves report
-    # draws afterwards (reports/collab/training_curves.png had no lines).
-    preds, targets = learn.get_preds(ds_idx=1, inner=True)
-    mse = float(((preds.view(-1) - targets.view(-1)) ** 2).mean())
+    """MSE and RMSE on the validation set: the last epoch's valid_loss, as fastai's Recorder holds it (MSELossFlat)."""
+    mse = float(learn.recorder.values[-1][1])
     return {"mse": mse, "rmse": mse**0.5}
 
 
