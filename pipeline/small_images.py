@@ -61,7 +61,7 @@ def write_small_images(source: Path, destination: Path, max_size: int, workers: 
         for table in (train_csv(source), sample_submission_csv(source)):
             shutil.copy2(table, staging / table.name)
         record = read_json(source_json(source))
-        record["checksums"] = record["checksums"] | {"images": manifest.hexdigest()}
+        record["checksums"]["images"] = manifest.hexdigest()
         record["resized"] = {"from": str(source), "max_size": max_size}
         write_json(source_json(staging), record)
     return record
