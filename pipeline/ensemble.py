@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Annotated, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,7 @@ from scipy.optimize import minimize
 
 from pipeline.common import atomic_path, log, read_csv, stage_main, write_json
 from pipeline.paddy import CLASSES, DATA_DIR, ValidationConfig, sample_submission_csv, train_csv, validation_rows
-from pipeline.params import ParamsError, load_section, profile_of, read_params
+from pipeline.params import Check, ParamsError, load_section, profile_of, read_params
 from pipeline.submission import (SubmissionError, build_submission, read_sample_submission, validate_submission,
                                  write_submission_csv)
 
@@ -28,17 +28,13 @@ FIT_NEEDS_VALIDATION = ("params.yaml: key 'ensemble.fit_weights' needs a validat
                         "true; set one of them to false")
 # Rows of TTA probabilities sum to 1 up to the rounding of the CSV they were written to.
 PROB_SUM_TOLERANCE = 1e-3
+Weight = Annotated[float, Check(lambda weight: weight >= 0, "use a weight >= 0")]
 
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    weights: dict[str, float] = field(default_factory=dict)  # members not listed weigh 1
+    weights: dict[str, Weight] = field(default_factory=dict)  # members not listed weigh 1
     fit_weights: bool = False
-
-    def __post_init__(self):
-        negative = [name for name, weight in self.weights.items() if not weight >= 0]
-        if negative:
-            raise ValueError(f"weight of '{negative[0]}' is {self.weights[negative[0]]}; weights must be >= 0")
 
 
 @dataclass(frozen=True)

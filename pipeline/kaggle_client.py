@@ -25,24 +25,23 @@ class KaggleError(RuntimeError):
 
 
 def credentials_source() -> str | None:
-    """Where the Kaggle client (kaggle 2.2.4 / kagglesdk) would find credentials, or None; never their value."""
+    """Where the Kaggle client (kaggle 2.2.4) would find credentials, in its order, or None; never their value."""
+    from kagglesdk import KaggleCredentials, get_access_token_from_env  # here: importing it takes a quarter second
+
+    token, source = get_access_token_from_env()  # a notebook's token, KAGGLE_API_TOKEN, ~/.kaggle/access_token(.txt)
+    if token:
+        names = {"KAGGLE_API_TOKEN": "the KAGGLE_API_TOKEN variable", "access_token": "~/.kaggle/access_token(.txt)"}
+        return names.get(source, "the Kaggle notebook's token")
     environ, home = os.environ, Path.home()
-    if environ.get("KAGGLE_API_TOKEN"):
-        return "the KAGGLE_API_TOKEN variable"
     if environ.get("KAGGLE_USERNAME") and environ.get("KAGGLE_KEY"):
         return "the KAGGLE_USERNAME and KAGGLE_KEY variables"
-    # The client reads a notebook's token only inside a Kaggle notebook (kagglesdk's is_in_kaggle_notebook).
-    in_notebook = environ.get("KAGGLE_KERNEL_RUN_TYPE") is not None and environ.get("KAGGLE_DATA_PROXY_URL")
-    if in_notebook and environ.get("KAGGLE_API_V1_TOKEN") and Path(environ["KAGGLE_API_V1_TOKEN"]).is_file():
-        return "the Kaggle notebook's token"
-    for name in ("access_token", "access_token.txt", "credentials.json"):
-        if (home / ".kaggle" / name).is_file():
-            return f"~/.kaggle/{name}"
-    # The client's own search for kaggle.json: $KAGGLE_CONFIG_DIR, else ~/.kaggle, else the XDG config folder.
+    # Where the client looks for kaggle.json when imported (which authenticates): $KAGGLE_CONFIG_DIR, ~/.kaggle, XDG's.
     xdg_dir = Path(environ.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"
     default_dir = home / ".kaggle" if (home / ".kaggle").exists() else xdg_dir
     kaggle_json = Path(environ.get("KAGGLE_CONFIG_DIR") or default_dir) / "kaggle.json"
-    return str(kaggle_json) if kaggle_json.is_file() else None
+    oauth = Path(KaggleCredentials.DEFAULT_CREDENTIALS_FILE).expanduser()
+    found = [path for path in (kaggle_json, oauth) if path.is_file()]  # the client's order: kaggle.json first
+    return str(found[0]) if found else None
 
 
 def authenticated_api():

@@ -147,11 +147,11 @@ def switch_profile(name: str | None = None, params_file: Path = PARAMS_FILE, loc
         local = _leaves(_load_file(local_file)) if local_file.is_file() else {}
         rendered = _leaves(render_params(origin, local_file))
         # Only what params.yaml holds: a key it lacks is one the profiles gained since it was written (a `git pull`).
-        # A value params.local.yaml sets is the user's declared one: it wins over what params.yaml holds there.
-        # Compared as JSON: `1`, `1.0`, `true` differ.
+        # A value params.local.yaml sets is the user's declared one: it wins over what params.yaml holds there (at that
+        # key, inside it or around it). Compared as JSON: `1`, `1.0`, `true` differ.
         edits = [".".join(map(str, path)) for path, value in _leaves(values).items()
                  if (path not in rendered or _json(value) != _json(rendered[path])) and path != FOLD_IDS
-                 and not any(_overlap(path, own) for own in local)]
+                 and not any(path[: len(own)] == own or own[: len(path)] == path for own in local)]
     name = name or origin
     if name is None:
         raise ProfileError(f"{params_file} {problem}; name the profile to write: one of {', '.join(PROFILES)}")
@@ -197,10 +197,6 @@ def _json(value: Any) -> str:
 
 def _digest(values: Any) -> str:
     return hashlib.sha256(_json(values).encode()).hexdigest()[:16]
-
-
-def _overlap(a: tuple, b: tuple) -> bool:  # one path is the other or lies inside it
-    return a[: len(b)] == b or b[: len(a)] == a
 
 
 @stage_main("profile", ProfileError)

@@ -102,15 +102,12 @@ def append_log(log_file: Path, time: str, sha256: str, message: str) -> None:
 
 
 def git_revision(repo_dir: Path = Path(".")) -> str:
-    """Short HEAD hash, with `-dirty` when tracked files differ from it."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True, check=True).stdout.strip()
-
+    """Short HEAD hash, with `-dirty` when tracked files differ from it (no tag names: every tag excluded)."""
     try:
-        revision, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--exclude=*"], cwd=repo_dir,
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError):
         raise SubmitRefused("git: cannot read the revision; submit from a git checkout with at least one commit") from None
-    return revision + ("-dirty" if dirty else "")
 
 
 def submission_message(revision: str, metrics: dict) -> str:

@@ -138,6 +138,12 @@ def test_a_weight_for_a_member_that_is_not_trained_is_an_error():
         resolve_weights(["alpha", "beta"], {"gamma": 1})
 
 
+@pytest.mark.parametrize("weight", [-1, float("nan")])
+def test_a_negative_weight_is_an_error_naming_its_key(weight):
+    with pytest.raises(ParamsError, match=r"^params.yaml: key 'ensemble.weights.beta' is (-1|nan); use a weight >= 0"):
+        ensemble_stage.load_config(params_for(weights={"beta": weight}))
+
+
 def test_all_zero_weights_are_an_error():
     with pytest.raises(ParamsError, match="every weight is 0"):
         resolve_weights(["alpha", "beta"], {"alpha": 0, "beta": 0})
