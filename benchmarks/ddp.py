@@ -6,7 +6,6 @@ CPU it shows that DDP trains the same optimiser steps to a comparable accuracy a
 not a speed-up (docs/benchmarks.md). Writes bench/ddp.json.
 """
 
-import copy
 import os
 import subprocess
 import sys
@@ -25,14 +24,9 @@ RUN_FIELDS = ("processes", "process_step_images", "optimizer_steps", "train_seco
               "predict_seconds", "valid_accuracy")
 
 
-def timed_train(directory: Path, params: dict, data_dir: Path, member: str, devices: int, threads: int,
-                epochs: int | None) -> dict:
-    """`python -m pipeline.train member` in a project folder running only `member` on `data_dir`, with `devices`
-    processes of `threads` threads each: wall seconds and what the stage recorded."""
-    params = copy.deepcopy(params)
-    chosen = params["train"]["members"][member]
-    chosen |= dict(accum=chosen.get("accum") or 1) | ({} if epochs is None else dict(epochs=epochs))
-    params["train"] |= dict(devices=devices, members={member: chosen})
+def timed_train(directory: Path, params: dict, data_dir: Path, member: str, threads: int) -> dict:
+    """`python -m pipeline.train member` in a project folder of `params` on `data_dir`, each of its processes with
+    `threads` threads: wall seconds and what the stage recorded."""
     (directory / "data").mkdir(parents=True)
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (directory / "data" / "paddy").symlink_to(data_dir)
@@ -48,11 +42,14 @@ def run(member: str | None = None, epochs: int | None = None) -> dict:
     """The three runs (module docstring) and the two-process run's gains over each one-process run."""
     params, cores = read_params(), os.cpu_count() or 1
     member = member or next(iter(params["train"]["members"]))
+    chosen = params["train"]["members"][member]
+    chosen |= dict(accum=chosen.get("accum") or 1) | ({} if epochs is None else dict(epochs=epochs))
+    params["train"]["members"] = {member: chosen}
     with tempfile.TemporaryDirectory() as scratch:
-        data_dir, synthetic = Path(scratch) / "paddy", params["data"]["synthetic"]
-        write_synthetic_dataset(data_dir, train_per_class=synthetic["train_per_class"], n_test=synthetic["n_test"],
-                                image_size=tuple(synthetic["image_size"]), seed=params["seed"])
-        runs = {name: timed_train(Path(scratch) / name, params, data_dir, member, processes, max(1, threads), epochs)
+        data_dir = Path(scratch) / "paddy"
+        write_synthetic_dataset(data_dir, **params["data"]["synthetic"], seed=params["seed"])
+        runs = {name: timed_train(Path(scratch) / name, params | {"train": params["train"] | {"devices": processes}},
+                                  data_dir, member, max(1, threads))
                 for name, processes, threads in (("one_process_all_threads", 1, cores),
                                                  ("one_process_one_thread", 1, 1), ("two_processes", 2, cores // 2))}
     two = runs["two_processes"]
@@ -64,8 +61,7 @@ def run(member: str | None = None, epochs: int | None = None) -> dict:
         same_optimizer_steps=one["optimizer_steps"] == two["optimizer_steps"],
         accuracy_difference=round(two["valid_accuracy"] - one["valid_accuracy"], 4),
     ) for name, one in runs.items() if name != "two_processes"}
-    epochs = epochs or params["train"]["members"][member]["epochs"]
-    result = dict(member=member, cores=cores, epochs=epochs, runs=runs, **comparisons)
+    result = dict(member=member, cores=cores, epochs=chosen["epochs"], runs=runs, **comparisons)
     write_json("bench/ddp.json", result)
     return result
 
