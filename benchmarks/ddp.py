@@ -24,20 +24,6 @@ RUN_FIELDS = ("processes", "process_step_images", "optimizer_steps", "train_seco
               "predict_seconds", "valid_accuracy")
 
 
-def timed_train(directory: Path, params: dict, data_dir: Path, member: str, threads: int) -> dict:
-    """`python -m pipeline.train member` in a project folder of `params` on `data_dir`, each of its processes with
-    `threads` threads: wall seconds and what the stage recorded."""
-    (directory / "data").mkdir(parents=True)
-    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (directory / "data" / "paddy").symlink_to(data_dir)
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(threads))
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.train", member], cwd=directory, env=env, check=True)
-    wall = time.perf_counter() - started
-    metrics = read_json(directory / "metrics" / "train" / f"{member}.json")
-    return dict(wall_seconds=round(wall, 1), threads_per_process=threads, **{key: metrics[key] for key in RUN_FIELDS})
-
-
 def run(member: str | None = None, epochs: int | None = None) -> dict:
     """The three runs (module docstring) and the two-process run's gains over each one-process run."""
     params, cores = read_params(), os.cpu_count() or 1
@@ -45,13 +31,23 @@ def run(member: str | None = None, epochs: int | None = None) -> dict:
     chosen = params["train"]["members"][member]
     chosen |= dict(accum=chosen.get("accum") or 1) | ({} if epochs is None else dict(epochs=epochs))
     params["train"]["members"] = {member: chosen}
+    runs = {}
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = Path(scratch) / "paddy"
         write_synthetic_dataset(data_dir, **params["data"]["synthetic"], seed=params["seed"])
-        runs = {name: timed_train(Path(scratch) / name, params | {"train": params["train"] | {"devices": processes}},
-                                  data_dir, member, max(1, threads))
-                for name, processes, threads in (("one_process_all_threads", 1, cores),
-                                                 ("one_process_one_thread", 1, 1), ("two_processes", 2, cores // 2))}
+        for name, processes, threads in (("one_process_all_threads", 1, cores), ("one_process_one_thread", 1, 1),
+                                         ("two_processes", 2, max(1, cores // 2))):
+            # The stage's own command in a project folder of its own, on the shared data, `threads` threads a process
+            project, run_params = Path(scratch) / name, params | {"train": params["train"] | {"devices": processes}}
+            (project / "data").mkdir(parents=True)
+            (project / "data" / "paddy").symlink_to(data_dir)
+            (project / "params.yaml").write_text(yaml.safe_dump(run_params, sort_keys=False))
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "pipeline.train", member], cwd=project, check=True,
+                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(threads)))
+            runs[name] = dict(wall_seconds=round(time.perf_counter() - started, 1), threads_per_process=threads)
+            metrics = read_json(project / "metrics" / "train" / f"{member}.json")
+            runs[name] |= {key: metrics[key] for key in RUN_FIELDS}
     two = runs["two_processes"]
     # Each ratio is the two-process run's gain over a one-process run (above 1: faster with two processes).
     comparisons = {f"vs_{name}": dict(

@@ -39,17 +39,6 @@ def bench_members() -> dict[str, tuple[vision.MemberConfig, vision.TrainConfig]]
             for name, member in members.items()}
 
 
-def real_size_table(data_dir: Path, training_rows: int):
-    """`training_rows` rows repeating DISTINCT_IMAGES generated 480x640 JPEGs, then one validation row."""
-    if not (data_dir / "train.csv").is_file():
-        per_class = DISTINCT_IMAGES // 10 + 1  # the smallest class gets half, so a few spare
-        write_synthetic_dataset(data_dir, train_per_class=per_class, n_test=1, image_size=PHOTO_SIZE, seed=0)
-    images = read_train_table(data_dir).head(DISTINCT_IMAGES)
-    table = images.sample(training_rows + 1, replace=True, random_state=0, ignore_index=True)
-    table["is_valid"] = table.index == training_rows
-    return table
-
-
 def pre_resized(table, data_dir: Path):
     """`table` reading the same images resized once (longest side SMALL_MAX_SIZE), as a member with `images: small`."""
     small_dir = data_dir.with_name(data_dir.name + "_small")
@@ -123,20 +112,26 @@ def run(worker_settings=(0, "auto"), names: list[str] | None = None, images=("fu
     """Every member in `names` (default: bench_members()), each `worker_settings`; `small` in `images`: also the
     loader on the pre-resized images, and small / full per setting. Writes and returns bench/loader.json's content."""
     device, members, results = compute_device(), bench_members(), {}
+    counts = {str(w): vision.loader_workers(w, device) for w in worker_settings}
     with tempfile.TemporaryDirectory(prefix="paddy-bench-loader.") as scratch:
+        data_dir = Path(scratch) / "paddy"  # the smallest class gets half of train_per_class: a few spare
+        write_synthetic_dataset(data_dir, train_per_class=DISTINCT_IMAGES // 10 + 1, n_test=1, image_size=PHOTO_SIZE,
+                                seed=0)
+        photos = read_train_table(data_dir).head(DISTINCT_IMAGES)
         for name in names or members:
             member, train = members[name]
             accum = member.accum or 1
             bs = vision.batch_size(train.bs, accum)
-            counts = {str(w): vision.loader_workers(w, device) for w in worker_settings}
             step_bs = CPU_STEP_BATCH if device.type == "cpu" and name == COMPETITION_MEMBER else bs
             rows = max(bs * (1 + timed_batches(max(counts.values()), bs)), step_bs * sum(STEPS[device.type]))
-            table = real_size_table(Path(scratch) / "paddy", rows)
+            # `rows` training rows repeating the photos, then one validation row
+            table = photos.sample(rows + 1, replace=True, random_state=0, ignore_index=True)
+            table["is_valid"] = table.index == rows
             log(STAGE, f"{name}: {member.arch}, {bs} images per batch, on {device}")
             loaders = {w: {"workers": count, "images_per_second": loader_rate(member, table, train.bs, accum, count,
                                                                              device)} for w, count in counts.items()}
             if "small" in images:  # the same settings on the pre-resized images, and small / full per setting
-                small_table = pre_resized(table, Path(scratch) / "paddy")
+                small_table = pre_resized(table, data_dir)
                 for w, count in counts.items():
                     rate = loader_rate(member, small_table, train.bs, accum, count, device)
                     loaders[w].update(small_images_per_second=rate,
