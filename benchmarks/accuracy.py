@@ -82,8 +82,8 @@ def demo_dag(source: Path, truth: Mapping[str, str], overrides: Sequence[str], w
     rows["ensemble"] = {"valid_accuracy": ensemble["ensemble"]["valid_accuracy"],
                         "test_accuracy": accuracy(submitted("submissions/submission.csv"), truth),
                         "train_seconds": None, "dag_seconds": seconds}
-    return {"rows": rows, "best_member": ensemble["best_member"], "gain_over_best_member":
-            ensemble["gain_over_best_member"], "weights_fitted_on": ensemble.get("weights_fitted_on")}
+    return {"rows": rows} | {key: ensemble.get(key) for key in ("best_member", "gain_over_best_member",
+                                                                "weights_fitted_on")}
 
 
 def seeds_train(data_dir: Path, truth: Mapping[str, str]) -> dict:

@@ -2,8 +2,7 @@
 
 `python -m pipeline.train <member>` in a scratch project on the demo's synthetic data: one process with all the
 CPU's threads, one with one thread, and `train.devices: 2` with half the threads each (what the launcher sets). On a
-CPU it shows that DDP trains the same optimiser steps to a comparable accuracy and what the second process costs,
-not a speed-up (docs/benchmarks.md). Writes bench/ddp.json.
+CPU it shows the same optimiser steps, a comparable accuracy and the second process's cost, not a speed-up.
 """
 
 import os
@@ -25,7 +24,7 @@ RUN_FIELDS = ("processes", "process_step_images", "optimizer_steps", "train_seco
 
 
 def run(member: str | None = None, epochs: int | None = None) -> dict:
-    """The three runs (module docstring) and the two-process run's gains over each one-process run."""
+    """The three runs (module docstring) and the gains of two processes over each one-process run: bench/ddp.json."""
     params, cores = read_params(), os.cpu_count() or 1
     member = member or next(iter(params["train"]["members"]))
     chosen = params["train"]["members"][member]

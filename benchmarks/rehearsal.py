@@ -55,9 +55,8 @@ def generated_split(bs: int, n_classes: int = len(CLASSES)) -> tuple[int, float]
 
 
 def rehearsal_params(profile: Mapping[str, Any], members: Sequence[str], bs: int) -> dict:
-    """The profile's params with the rehearsal's cuts (docs/benchmarks.md): only `members`, in the profile's order
-    (an unknown one, or none, is a WorkspaceError), their ensemble weights, and `bs`; every other setting is the
-    profile's."""
+    """The profile's params with the rehearsal's cuts (docs/benchmarks.md): only `members` (an unknown one, or none,
+    is a WorkspaceError) in the profile's order, their ensemble weights, `bs`; every other setting the profile's."""
     params, available = copy.deepcopy(dict(profile)), list(profile["train"]["members"])
     if unknown := [name for name in members if name not in available] or ([] if members else ["(none)"]):
         raise WorkspaceError(f"unknown member {unknown[0]!r}; the {PROFILE} profile has: {', '.join(available)}")
