@@ -88,13 +88,11 @@ def error_line(lines: Sequence[str], returncode: int) -> str:
     return textwrap.shorten((own or dvc or [f"exited with code {returncode}"])[-1], 300)
 
 
-RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
-
-
 def stage_times(timed_lines: Iterable[tuple[float, str]], finished_at: float) -> dict[str, float]:
     """Seconds per stage from (time seen, line) pairs of `dvc repro` output: DVC runs stages one after another and
-    announces each with "Running stage '<name>'", so a stage lasts from its announcement to the next one (or the end)."""
-    starts = [(seen, match.group(1)) for seen, line in timed_lines if (match := RUNNING_STAGE.search(line))]
+    announces each with "Running stage '<name>'", so a stage lasts from its announcement to the next (or the end)."""
+    starts = [(seen, match.group(1)) for seen, line in timed_lines
+              if (match := re.search(r"Running stage '([^']+)'", line))]
     ends = [seen for seen, _ in starts[1:]] + [finished_at]
     return {name: round(end - start, 2) for (start, name), end in zip(starts, ends)}
 
