@@ -1,8 +1,7 @@
 """Benchmark: accuracy on real images: the demo profile's DAG next to the seeds' plain fastai `train()`, same data.
 
-scikit-learn's load_digits (1,797 real 8x8 scans) in the competition's layout, TEST_PCT held out with its labels;
-(a) `dvc repro ensemble` with the demo profile (plus `--set` overrides) in a scratch workspace, (b) the seeds'
-train() (SEEDS) on the same images. Accuracy and wall times in bench/accuracy.json; ablations: docs/benchmarks.md.
+scikit-learn's load_digits in the competition's layout, TEST_PCT held out with its labels: `dvc repro ensemble` in a
+scratch workspace, then the seeds' train() (SEEDS). Writes bench/accuracy.json; the ablations: docs/benchmarks.md.
 """
 
 import shutil

@@ -1,7 +1,7 @@
 """Benchmark: our DotProductBias (params.yaml `collab`) against fastai's collab_learner, same split, same run.
 
-The reference is the seeds' setup (REFERENCE); both on the same seeded 80/20 split of data/movielens and torch threads,
-timed the same way (fit_one_cycle only). `--cv K` adds our model's K-fold CV RMSE. Writes bench/collab.json.
+The seeds' setup (REFERENCE) and ours on one seeded 80/20 split of data/movielens, same torch threads, fit_one_cycle
+timed. Writes bench/collab.json.
 """
 
 import platform

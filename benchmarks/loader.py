@@ -114,7 +114,7 @@ def run(worker_settings=(0, "auto"), names: list[str] | None = None, images=("fu
     device, members, results = compute_device(), bench_members(), {}
     counts = {str(w): vision.loader_workers(w, device) for w in worker_settings}
     with tempfile.TemporaryDirectory(prefix="paddy-bench-loader.") as scratch:
-        data_dir = Path(scratch) / "paddy"  # the smallest class gets half of train_per_class: a few spare
+        data_dir = Path(scratch) / "paddy"  # below: DISTINCT_IMAGES and a few spare (the smallest class gets half)
         write_synthetic_dataset(data_dir, train_per_class=DISTINCT_IMAGES // 10 + 1, n_test=1, image_size=PHOTO_SIZE,
                                 seed=0)
         photos = read_train_table(data_dir).head(DISTINCT_IMAGES)

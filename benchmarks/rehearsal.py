@@ -180,8 +180,7 @@ def rehearse(members: list[str] | None, bs: int | None, keep: bool) -> bool:
             shutil.rmtree(workdir, ignore_errors=True)
     total, ensemble = round(time.perf_counter() - started, 1), stages.get("ensemble")
     ok = ensemble is not None and ensemble["error"] is None  # there is an ensemble only when every member passed
-    for run in runs:
-        print(summary_line(run, max(len(run.name) for run in runs)))
+    print("\n".join(summary_line(run, max(len(run.name) for run in runs)) for run in runs))
     print("ensemble: skipped (a member failed)" if ensemble is None else f"ensemble: {ensemble['seconds']:.1f} s, "
           + (f"error: {ensemble['error']}" if ensemble["error"] else "submission.csv valid, not uploaded (synthetic)"))
     print(f"rehearsal: {'ok' if ok else 'FAILED'} in {total / 60:.1f} min on {device} -> {RESULT_FILE}")
