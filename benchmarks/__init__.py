@@ -31,9 +31,8 @@ class WorkspaceError(RuntimeError):
 
 
 def cli(run: Callable[..., Any], *options: tuple, show: Callable[[Any], Any] | None = None, errors=()) -> None:
-    """A benchmark's command line: argparse's options, each (*flags, settings), passed to run() by their dest, and
-    what it returns shown (default: a line a figure, nested keys joined by dots); `errors`, a full disk and an
-    interrupt end it with one line (pipeline's stage_main)."""
+    """A benchmark's command line: argparse's (*flags, settings) passed to run() by dest, its result shown (default:
+    a line a figure); `errors`, a full disk and an interrupt end it with one line (pipeline's stage_main)."""
     show = show or (lambda result: print(pd.json_normalize(result).T.to_string(header=False)))
     module = sys.modules[run.__module__]
     name = module.__spec__.name.removesuffix(".__main__")
@@ -66,11 +65,8 @@ def copy_repo(repo: Path, workdir: Path) -> int:
 
 
 def make_workspace(workdir: Path, params: Mapping[str, Any], header: str) -> None:
-    """A git + DVC repository in workdir: a copy of this one, `params` as its params.yaml under `header`, one commit.
-
-    Rather than `dvc exp run --temp -S`: a temporary experiment caches its outputs (large members' weights) in the
-    user's DVC cache, and is deleted when its run is killed, so the rehearsal's resume could not be checked.
-    """
+    """A git + DVC repository in workdir: a copy of this one, `params` as its params.yaml under `header`, one commit
+    (why not `dvc exp run --temp`: docs/benchmarks.md)."""
     copy_repo(REPO_ROOT, workdir)
     (workdir / PARAMS_FILE).write_text(header + yaml.safe_dump(dict(params), sort_keys=False))
     commit = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"]
@@ -84,22 +80,19 @@ def make_workspace(workdir: Path, params: Mapping[str, Any], header: str) -> Non
 
 
 def error_line(lines: Sequence[str], returncode: int) -> str:
-    """Why a stage failed, in one line: the last line the stage printed (a traceback's exception, or the stage's
-    own one-line refusal) rather than its `[stage]` progress lines; else DVC's error (a process killed by the
-    kernel prints nothing of its own); else the exit code."""
+    """Why a stage failed, in one line: the last line it printed (a traceback's exception, its own refusal), not its
+    `[stage]` progress; else DVC's error (a process the kernel killed prints nothing); else the exit code."""
     stripped = [line.strip() for line in lines if line.strip() and not line.startswith("[")]
     own = [line for line in stripped if not line.startswith("ERROR: ")]
     dvc = [line.removeprefix("ERROR: ") for line in stripped if line.startswith("ERROR: ")]
     return textwrap.shorten((own or dvc or [f"exited with code {returncode}"])[-1], 300)
 
 
-RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
-
-
 def stage_times(timed_lines: Iterable[tuple[float, str]], finished_at: float) -> dict[str, float]:
     """Seconds per stage from (time seen, line) pairs of `dvc repro` output: DVC runs stages one after another and
-    announces each with "Running stage '<name>'", so a stage lasts from its announcement to the next one (or the end)."""
-    starts = [(seen, match.group(1)) for seen, line in timed_lines if (match := RUNNING_STAGE.search(line))]
+    announces each with "Running stage '<name>'", so a stage lasts from its announcement to the next (or the end)."""
+    starts = [(seen, match.group(1)) for seen, line in timed_lines
+              if (match := re.search(r"Running stage '([^']+)'", line))]
     ends = [seen for seen, _ in starts[1:]] + [finished_at]
     return {name: round(end - start, 2) for (start, name), end in zip(starts, ends)}
 

@@ -1,8 +1,7 @@
 """Benchmark: accuracy on real images: the demo profile's DAG next to the seeds' plain fastai `train()`, same data.
 
-scikit-learn's load_digits (1,797 real 8x8 scans) in the competition's layout, TEST_PCT held out with its labels;
-(a) `dvc repro ensemble` with the demo profile (plus `--set` overrides) in a scratch workspace, (b) the seeds'
-train() (SEEDS) on the same images. Accuracy and wall times in bench/accuracy.json; ablations: docs/benchmarks.md.
+scikit-learn's load_digits in the competition's layout, TEST_PCT held out with its labels: `dvc repro ensemble` in a
+scratch workspace, then the seeds' train() (SEEDS). Writes bench/accuracy.json; the ablations: docs/benchmarks.md.
 """
 
 import shutil
@@ -23,45 +22,38 @@ from pipeline.params import fold_ids_for
 from pipeline.profile import render_params
 
 RESULT_FILE = Path("bench/accuracy.json")
-TEST_PCT = 0.2
-SEED = 42
+TEST_PCT, SEED = 0.2, 42
 IMAGE_SIDE = 64  # 8x8 scans upsampled (bilinear): the demo members' resize sizes are 96-128
 SEEDS = {"arch": "resnet18", "epochs": 12, "lr": 0.01, "bs": 64, "resize": 96, "size": 64}  # valid_pct 0.2
 
 
 def write_layout(folder: Path, images: np.ndarray, digits: np.ndarray, test_pct: float = TEST_PCT,
-                 side: int = IMAGE_SIDE, seed: int = SEED) -> dict[str, str]:
+                 side: int = IMAGE_SIDE) -> dict[str, str]:
     """The competition's layout in `folder` from grey `images` (values 0-16, as load_digits') and their `digits`:
     train_images/<label>/<id>.png, train.csv (a seeded random variety and age: the digits have neither),
     test_images/<id>.png and sample_submission.csv. Returns the held-out test truth, image_id -> label."""
     from sklearn.model_selection import train_test_split
 
-    rng = np.random.default_rng(seed)
-    labels = np.array(CLASSES)[digits]
-    ids = np.array([f"{100001 + index}.png" for index in range(len(images))])
-    train_rows, test_rows = train_test_split(np.arange(len(images)), test_size=test_pct, stratify=digits,
-                                             random_state=seed)
-    held_out = set(test_rows)
-    for row in range(len(images)):
-        pixels = (np.asarray(images[row], dtype=float) * 255 / 16).clip(0, 255).astype(np.uint8)
-        image = Image.fromarray(pixels).resize((side, side), Image.BILINEAR).convert("RGB")
-        path = folder / ("test_images" if row in held_out else f"train_images/{labels[row]}") / ids[row]
+    table = pd.DataFrame({"image_id": [f"{100001 + index}.png" for index in range(len(images))],
+                          "label": np.array(CLASSES)[digits], "pixels": list(images)})
+    train, test = train_test_split(table, test_size=test_pct, stratify=digits, random_state=SEED)
+    for row in table.itertuples():
+        image = Image.fromarray((np.asarray(row.pixels, dtype=float) * 255 / 16).clip(0, 255).astype(np.uint8))
+        path = folder / ("test_images" if row.Index in test.index else f"train_images/{row.label}") / row.image_id
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-    pd.DataFrame({"image_id": ids[train_rows], "label": labels[train_rows],
-                  "variety": rng.choice(VARIETIES, len(train_rows)), "age": rng.integers(45, 82, len(train_rows))}
-                 )[list(TRAIN_COLUMNS)].to_csv(folder / "train.csv", index=False)
-    test_ids = sorted(ids[test_rows])
-    pd.DataFrame({"image_id": test_ids, "label": CLASSES[0]})[list(SUBMISSION_COLUMNS)].to_csv(
+        image.resize((side, side), Image.BILINEAR).convert("RGB").save(path)
+    rng = np.random.default_rng(SEED)
+    train.assign(variety=rng.choice(VARIETIES, len(train)), age=rng.integers(45, 82, len(train)))[
+        list(TRAIN_COLUMNS)].to_csv(folder / "train.csv", index=False)
+    test.sort_values("image_id").assign(label=CLASSES[0])[list(SUBMISSION_COLUMNS)].to_csv(
         folder / "sample_submission.csv", index=False)
-    return dict(zip(ids[test_rows], labels[test_rows]))
+    return dict(zip(test["image_id"], test["label"]))
 
 
 def with_overrides(params: Mapping[str, Any], overrides: Sequence[str]) -> dict:
     """`params` with each `dotted.key=value` (the value read as YAML) set, as `dvc exp run -S` would."""
-    for override in overrides:
-        if "=" not in override:
-            raise SystemExit(f"bench accuracy: --set {override!r}: use key=value, e.g. train.member_defaults.lr=0.01")
+    if malformed := [override for override in overrides if "=" not in override]:
+        raise SystemExit(f"bench accuracy: --set {malformed[0]!r}: use key=value, e.g. train.member_defaults.lr=0.01")
     params = OmegaConf.to_container(OmegaConf.merge(dict(params), OmegaConf.from_dotlist(list(overrides))))
     validation = params["validation"]  # `make profile` writes fold_ids from folds; a --set of folds must too
     validation["fold_ids"] = fold_ids_for(validation["folds"], validation["full"])
@@ -89,8 +81,8 @@ def demo_dag(source: Path, truth: Mapping[str, str], overrides: Sequence[str], w
     rows["ensemble"] = {"valid_accuracy": ensemble["ensemble"]["valid_accuracy"],
                         "test_accuracy": accuracy(submitted("submissions/submission.csv"), truth),
                         "train_seconds": None, "dag_seconds": seconds}
-    return {"rows": rows, "best_member": ensemble["best_member"], "gain_over_best_member":
-            ensemble["gain_over_best_member"], "weights_fitted_on": ensemble.get("weights_fitted_on")}
+    return {"rows": rows} | {key: ensemble.get(key) for key in ("best_member", "gain_over_best_member",
+                                                                "weights_fitted_on")}
 
 
 def seeds_train(data_dir: Path, truth: Mapping[str, str]) -> dict:

@@ -2,11 +2,9 @@
 
 `python -m pipeline.train <member>` in a scratch project on the demo's synthetic data: one process with all the
 CPU's threads, one with one thread, and `train.devices: 2` with half the threads each (what the launcher sets). On a
-CPU it shows that DDP trains the same optimiser steps to a comparable accuracy and what the second process costs,
-not a speed-up (docs/benchmarks.md). Writes bench/ddp.json.
+CPU it shows the same optimiser steps, a comparable accuracy and the second process's cost, not a speed-up.
 """
 
-import copy
 import os
 import subprocess
 import sys
@@ -25,36 +23,30 @@ RUN_FIELDS = ("processes", "process_step_images", "optimizer_steps", "train_seco
               "predict_seconds", "valid_accuracy")
 
 
-def timed_train(directory: Path, params: dict, data_dir: Path, member: str, devices: int, threads: int,
-                epochs: int | None) -> dict:
-    """`python -m pipeline.train member` in a project folder running only `member` on `data_dir`, with `devices`
-    processes of `threads` threads each: wall seconds and what the stage recorded."""
-    params = copy.deepcopy(params)
-    chosen = params["train"]["members"][member]
-    chosen |= dict(accum=chosen.get("accum") or 1) | ({} if epochs is None else dict(epochs=epochs))
-    params["train"] |= dict(devices=devices, members={member: chosen})
-    (directory / "data").mkdir(parents=True)
-    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (directory / "data" / "paddy").symlink_to(data_dir)
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(threads))
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.train", member], cwd=directory, env=env, check=True)
-    wall = time.perf_counter() - started
-    metrics = read_json(directory / "metrics" / "train" / f"{member}.json")
-    return dict(wall_seconds=round(wall, 1), threads_per_process=threads, **{key: metrics[key] for key in RUN_FIELDS})
-
-
 def run(member: str | None = None, epochs: int | None = None) -> dict:
-    """The three runs (module docstring) and the two-process run's gains over each one-process run."""
+    """The three runs (module docstring) and the gains of two processes over each one-process run: bench/ddp.json."""
     params, cores = read_params(), os.cpu_count() or 1
     member = member or next(iter(params["train"]["members"]))
+    chosen = params["train"]["members"][member]
+    chosen |= dict(accum=chosen.get("accum") or 1) | ({} if epochs is None else dict(epochs=epochs))
+    params["train"]["members"] = {member: chosen}
+    runs = {}
     with tempfile.TemporaryDirectory() as scratch:
-        data_dir, synthetic = Path(scratch) / "paddy", params["data"]["synthetic"]
-        write_synthetic_dataset(data_dir, train_per_class=synthetic["train_per_class"], n_test=synthetic["n_test"],
-                                image_size=tuple(synthetic["image_size"]), seed=params["seed"])
-        runs = {name: timed_train(Path(scratch) / name, params, data_dir, member, processes, max(1, threads), epochs)
-                for name, processes, threads in (("one_process_all_threads", 1, cores),
-                                                 ("one_process_one_thread", 1, 1), ("two_processes", 2, cores // 2))}
+        data_dir = Path(scratch) / "paddy"
+        write_synthetic_dataset(data_dir, **params["data"]["synthetic"], seed=params["seed"])
+        for name, processes, threads in (("one_process_all_threads", 1, cores), ("one_process_one_thread", 1, 1),
+                                         ("two_processes", 2, max(1, cores // 2))):
+            # The stage's own command in a project folder of its own, on the shared data, `threads` threads a process
+            project, run_params = Path(scratch) / name, params | {"train": params["train"] | {"devices": processes}}
+            (project / "data").mkdir(parents=True)
+            (project / "data" / "paddy").symlink_to(data_dir)
+            (project / "params.yaml").write_text(yaml.safe_dump(run_params, sort_keys=False))
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "pipeline.train", member], cwd=project, check=True,
+                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(threads)))
+            runs[name] = dict(wall_seconds=round(time.perf_counter() - started, 1), threads_per_process=threads)
+            metrics = read_json(project / "metrics" / "train" / f"{member}.json")
+            runs[name] |= {key: metrics[key] for key in RUN_FIELDS}
     two = runs["two_processes"]
     # Each ratio is the two-process run's gain over a one-process run (above 1: faster with two processes).
     comparisons = {f"vs_{name}": dict(
@@ -64,8 +56,7 @@ def run(member: str | None = None, epochs: int | None = None) -> dict:
         same_optimizer_steps=one["optimizer_steps"] == two["optimizer_steps"],
         accuracy_difference=round(two["valid_accuracy"] - one["valid_accuracy"], 4),
     ) for name, one in runs.items() if name != "two_processes"}
-    epochs = epochs or params["train"]["members"][member]["epochs"]
-    result = dict(member=member, cores=cores, epochs=epochs, runs=runs, **comparisons)
+    result = dict(member=member, cores=cores, epochs=chosen["epochs"], runs=runs, **comparisons)
     write_json("bench/ddp.json", result)
     return result
 

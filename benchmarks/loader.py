@@ -2,8 +2,7 @@
 
 Every demo member and one competition member (random init) on generated 480x640 JPEGs, on this machine's device:
 the training DataLoader per worker setting (`--images full small`: also on small_images' pre-resized images), the
-training step alone, and per image the ms of decoding, item and batch transforms. Goal on a GPU: loader (auto
-workers) >= 1.2x the step. Writes bench/loader.json; figures and their reading: docs/benchmarks.md.
+training step alone, and per image the ms of decoding, item and batch transforms. Writes bench/loader.json.
 """
 
 import tempfile
@@ -25,30 +24,19 @@ from pipeline.torch_setup import compute_device
 
 STAGE = "bench loader"
 DISTINCT_IMAGES = 64  # generated once; the table repeats them (decoding costs the same, generating does not)
-COMPETITION_MEMBER, TARGET_RATIO = "convnext_large_640", 1.2
+COMPETITION_MEMBER, TARGET_RATIO = "convnext_large_640", 1.2  # the goal on a GPU: loader (auto workers) / step
 TIMED_ROUNDS, MIN_TIMED_IMAGES = 3, 128  # loader batches timed: every worker delivers several, and enough images
 STEPS = {"cuda": (2, 5), "cpu": (1, 1)}  # training steps (untimed warm-up, timed) per device type
 CPU_STEP_BATCH = 4  # on CPU, the competition member's step on its real batch takes minutes: timed on a small one
 SMALL_MAX_SIZE = 256  # small_images.max_size in the profiles: the seeds' resize_images(max_size=256)
 
 
-def bench_members() -> dict[str, tuple[vision.MemberConfig, vision.TrainConfig, str]]:
-    """Every demo member and one competition member: (member, random init; its profile's train settings; profile)."""
+def bench_members() -> dict[str, tuple[vision.MemberConfig, vision.TrainConfig]]:
+    """Every demo member and one competition member: (member, random init; its profile's train settings)."""
     demo, competition = (vision.load_train_config(render_params(name)) for name in ("demo", "competition"))
-    members = {name: (member, demo, "demo") for name, member in demo.members.items()}
-    members[COMPETITION_MEMBER] = (competition.member(COMPETITION_MEMBER), competition, "competition")
-    return {name: (replace(member, pretrained=False), *rest) for name, (member, *rest) in members.items()}
-
-
-def real_size_table(data_dir: Path, training_rows: int):
-    """`training_rows` rows repeating DISTINCT_IMAGES generated 480x640 JPEGs, then one validation row."""
-    if not (data_dir / "train.csv").is_file():
-        per_class = DISTINCT_IMAGES // 10 + 1  # the smallest class gets half, so a few spare
-        write_synthetic_dataset(data_dir, train_per_class=per_class, n_test=1, image_size=PHOTO_SIZE, seed=0)
-    images = read_train_table(data_dir).head(DISTINCT_IMAGES)
-    table = images.sample(training_rows + 1, replace=True, random_state=0, ignore_index=True)
-    table["is_valid"] = table.index == training_rows
-    return table
+    members = {**demo.members, COMPETITION_MEMBER: competition.member(COMPETITION_MEMBER)}
+    return {name: (replace(member, pretrained=False), competition if name == COMPETITION_MEMBER else demo)
+            for name, member in members.items()}
 
 
 def pre_resized(table, data_dir: Path):
@@ -96,55 +84,54 @@ def breakdown_ms(member, table, bs: int, accum: int, device) -> dict:
             for name, start, end in zip(("decode", "item", "batch"), stamps, stamps[1:])}
 
 
-class StepTimer(Callback):
-    """Times each training batch from its arrival (before_batch) to its end (after_batch), then stops the fit."""
+def step_rate(member, table, precision: str, device, step_bs: int) -> dict:
+    """Images/s of the member's training step on batches of `step_bs` in train's precision, after the warm-up: each
+    batch timed from its arrival (before_batch) to its end (after_batch), then the fit stopped."""
+    warmup, timed = STEPS[device.type]
+    starts, ends, images = [], [], []
 
-    order = 100  # after every other callback's before_batch (mixed precision, gradient accumulation)
-
-    def __init__(self, steps: int):
-        self.steps, self.seconds, self.images = steps, [], []
-
-    def before_batch(self):
-        self.started = clock(self.dls.device)
-
-    def after_batch(self):
-        self.seconds.append(clock(self.dls.device) - self.started)
-        self.images.append(len(self.xb[0]))
-        if len(self.seconds) == self.steps:
+    def batch_done(cb):
+        ends.append(clock(device))
+        images.append(len(cb.xb[0]))
+        if len(ends) == warmup + timed:
             raise CancelFitException()
 
-
-def step_rate(member, table, precision: str, device, step_bs: int) -> dict:
-    """Images/s of the member's training step on batches of `step_bs` in train's precision, after the warm-up."""
-    warmup, timed = STEPS[device.type]
+    timer = Callback(before_batch=lambda cb: starts.append(clock(device)), after_batch=batch_done)
+    timer.order = 100  # after every other callback's before_batch (mixed precision, gradient accumulation)
     # accum = 1 at the step's own batch: GradientAccumulation only skips optimiser steps, which would then be missing
     # from the timed ones.
     rows = table.iloc[list(range(step_bs * (warmup + timed))) + [len(table) - 1]]  # and the validation row
     dls = vision.member_dataloaders(member, rows.reset_index(drop=True), step_bs, 1, seed=0)
-    timer = StepTimer(warmup + timed)
     vision.member_learner(member, dls, step_bs, 1, mixed_precision=precision).fit(1, 1e-4, cbs=[timer])
+    seconds = sum(end - start for start, end in list(zip(starts, ends))[warmup:])
     return dict(batch=step_bs, precision=vision.precision_for(precision, device.type == "cuda"),
-                images_per_second=round(sum(timer.images[warmup:]) / sum(timer.seconds[warmup:]), 1))
+                images_per_second=round(sum(images[warmup:]) / seconds, 1))
 
 
 def run(worker_settings=(0, "auto"), names: list[str] | None = None, images=("full",)) -> dict:
     """Every member in `names` (default: bench_members()), each `worker_settings`; `small` in `images`: also the
     loader on the pre-resized images, and small / full per setting. Writes and returns bench/loader.json's content."""
     device, members, results = compute_device(), bench_members(), {}
+    counts = {str(w): vision.loader_workers(w, device) for w in worker_settings}
     with tempfile.TemporaryDirectory(prefix="paddy-bench-loader.") as scratch:
+        data_dir = Path(scratch) / "paddy"  # below: DISTINCT_IMAGES and a few spare (the smallest class gets half)
+        write_synthetic_dataset(data_dir, train_per_class=DISTINCT_IMAGES // 10 + 1, n_test=1, image_size=PHOTO_SIZE,
+                                seed=0)
+        photos = read_train_table(data_dir).head(DISTINCT_IMAGES)
         for name in names or members:
-            member, train, profile = members[name]
+            member, train = members[name]
             accum = member.accum or 1
             bs = vision.batch_size(train.bs, accum)
-            counts = {str(w): vision.loader_workers(w, device) for w in worker_settings}
-            step_bs = CPU_STEP_BATCH if device.type == "cpu" and profile == "competition" else bs
+            step_bs = CPU_STEP_BATCH if device.type == "cpu" and name == COMPETITION_MEMBER else bs
             rows = max(bs * (1 + timed_batches(max(counts.values()), bs)), step_bs * sum(STEPS[device.type]))
-            table = real_size_table(Path(scratch) / "paddy", rows)
+            # `rows` training rows repeating the photos, then one validation row
+            table = photos.sample(rows + 1, replace=True, random_state=0, ignore_index=True)
+            table["is_valid"] = table.index == rows
             log(STAGE, f"{name}: {member.arch}, {bs} images per batch, on {device}")
             loaders = {w: {"workers": count, "images_per_second": loader_rate(member, table, train.bs, accum, count,
                                                                              device)} for w, count in counts.items()}
             if "small" in images:  # the same settings on the pre-resized images, and small / full per setting
-                small_table = pre_resized(table, Path(scratch) / "paddy")
+                small_table = pre_resized(table, data_dir)
                 for w, count in counts.items():
                     rate = loader_rate(member, small_table, train.bs, accum, count, device)
                     loaders[w].update(small_images_per_second=rate,

@@ -55,9 +55,8 @@ def generated_split(bs: int, n_classes: int = len(CLASSES)) -> tuple[int, float]
 
 
 def rehearsal_params(profile: Mapping[str, Any], members: Sequence[str], bs: int) -> dict:
-    """The profile's params with the rehearsal's cuts (docs/benchmarks.md): only `members`, in the profile's order
-    (an unknown one, or none, is a WorkspaceError), their ensemble weights, and `bs`; every other setting is the
-    profile's."""
+    """The profile's params with the rehearsal's cuts (docs/benchmarks.md): only `members` (an unknown one, or none,
+    is a WorkspaceError) in the profile's order, their ensemble weights, `bs`; every other setting the profile's."""
     params, available = copy.deepcopy(dict(profile)), list(profile["train"]["members"])
     if unknown := [name for name in members if name not in available] or ([] if members else ["(none)"]):
         raise WorkspaceError(f"unknown member {unknown[0]!r}; the {PROFILE} profile has: {', '.join(available)}")
@@ -181,8 +180,7 @@ def rehearse(members: list[str] | None, bs: int | None, keep: bool) -> bool:
             shutil.rmtree(workdir, ignore_errors=True)
     total, ensemble = round(time.perf_counter() - started, 1), stages.get("ensemble")
     ok = ensemble is not None and ensemble["error"] is None  # there is an ensemble only when every member passed
-    for run in runs:
-        print(summary_line(run, max(len(run.name) for run in runs)))
+    print("\n".join(summary_line(run, max(len(run.name) for run in runs)) for run in runs))
     print("ensemble: skipped (a member failed)" if ensemble is None else f"ensemble: {ensemble['seconds']:.1f} s, "
           + (f"error: {ensemble['error']}" if ensemble["error"] else "submission.csv valid, not uploaded (synthetic)"))
     print(f"rehearsal: {'ok' if ok else 'FAILED'} in {total / 60:.1f} min on {device} -> {RESULT_FILE}")

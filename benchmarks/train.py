@@ -4,7 +4,6 @@ The same member, data and settings in one process, side by side; ours is `train.
 timed by its own `train_seconds` (checkpoints and DVCLive included). Writes bench/train.json.
 """
 
-import copy
 import tempfile
 import time
 from pathlib import Path
@@ -19,21 +18,17 @@ from pipeline.torch_setup import compute_device
 MAX_OVERHEAD_PCT, LR_WHEN_FIND = 10, 0.01  # both sides train at the same fixed lr; lr_find is not what is timed
 
 
-def benchmark_params(params: dict, name: str) -> dict:
-    """params.yaml as the stage reads it, with the member on the seeds' schedule: a fixed accum and lr, one cycle."""
-    member = vision.load_train_config(params).member(name)  # its own keys and train.member_defaults, merged
-    params = copy.deepcopy(params)
-    params["train"]["members"][name].update(
-        accum=member.accum or 1, lr=LR_WHEN_FIND if member.lr == "find" else member.lr, schedule="fit_one_cycle")
-    params["train"]["tta"] = False  # predictions are not timed; skipping TTA only makes the bench shorter
-    return params
-
-
 def run(member: str | None = None, data_dir: Path = DATA_DIR, rounds: int = 2) -> dict:
     """Alternate the seeds' fit and our stage `rounds` times; each one's best round. Writes bench/train.json."""
     params = read_params()
-    name = member or next(iter(vision.load_train_config(params).members))
-    cfg = train.load_stage_config(benchmark_params(params, name), name)
+    config = vision.load_train_config(params)
+    name = member or next(iter(config.members))
+    merged = config.member(name)  # its own keys and train.member_defaults
+    # The member on the seeds' schedule: a fixed accum and lr, one cycle; TTA's predictions are not timed.
+    params["train"]["members"][name].update(
+        accum=merged.accum or 1, lr=LR_WHEN_FIND if merged.lr == "find" else merged.lr, schedule="fit_one_cycle")
+    params["train"]["tta"] = False
+    cfg = train.load_stage_config(params, name)
     member, accum = cfg.member, cfg.member.accum
     workers = vision.loader_workers(cfg.num_workers, compute_device())
     n_train = int((~train.split_table(data_dir, cfg.validation)["is_valid"]).sum())
