@@ -83,7 +83,9 @@ def peak_rss_in_child(fit: Callable[[], None], what: str) -> dict:
     child killed by the kernel (out of memory) did not fit; any other failure fails the probe.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["fastai.vision.all", "timm", "pipeline.probe"])
+    # Not pipeline.probe itself: a child of `python -m pipeline.probe` runs it again as __mp_main__, and runpy warns
+    # when it is already imported. Its heavy imports are what the preload saves.
+    context.set_forkserver_preload(["pipeline.vision", "fastai.vision.all", "timm"])
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_measure_in_child, args=(sender, fit))
     try:

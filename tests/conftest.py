@@ -54,5 +54,5 @@ def demo_run(tmp_path_factory) -> DemoRun:
     steps.append(run(repo, "dvc", "repro"))
     run(repo, "git", "add", "--all")
     run(repo, "git", "commit", "--quiet", "-m", "demo DAG run: dvc.lock, metrics, plots")
-    ran = stages_run("".join(step.stdout for step in steps))
-    return DemoRun(repo=repo, before_probes=before_probes, before_training=before_training, ran=ran)
+    log = "".join(step.stdout for step in steps)
+    return DemoRun(repo=repo, before_probes=before_probes, before_training=before_training, ran=stages_run(log), log=log)

@@ -74,6 +74,7 @@ class DemoRun:
     before_probes: Path  # a copy taken when the data, small images and collab were built, nothing of a member yet
     before_training: Path  # a copy taken when everything but the members' training and the ensemble was built
     ran: list[str]  # the stages DVC ran, in order
+    log: str  # what `dvc repro` and its stages printed, stdout and stderr
 
 
 def run(repo: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
